@@ -1,0 +1,119 @@
+"""Per-architecture bindings: where a model family keeps its layers and how to call one on routed tokens.
+
+A binding describes a family; it does not copy its modelling code. The core wraps each frozen
+Hugging Face layer as a black box and asks the binding only for what differs between families: the
+path to the layer list, the pooled token, the default LoRA targets and head, and how to rebuild the
+per-token arguments of a layer call (attention mask, positions) for the selected tokens.
+
+Adding a family is one short file in this folder that subclasses :class:`Binding` and decorates it
+with :func:`register_binding` (see the README section "Adding an architecture").
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..routing import Selection
+
+_REGISTRY: dict[str, type[Binding]] = {}
+
+
+class Binding:
+    """How CoDA plugs into one model family. Subclass it, set the class attributes, and register it.
+
+    Class attributes:
+        model_types: the Hugging Face ``config.model_type`` values this binding serves.
+        layers_path: dotted path, from ``model.base_model``, to the ``nn.ModuleList`` of layers to route.
+        padding_mask_argument: name of the backbone's ``forward`` argument holding the 2D padding mask
+            ``[batch, seq]`` (1 = token, 0 = padding), or None if the family has none.
+        pooled_token: position of the token a classifier head reads, or None.
+        default_lora_targets: module names peft LoRA targets by default.
+        default_modules_to_save: the task-head modules trained with the adapter.
+    """
+
+    model_types: tuple[str, ...] = ()
+    layers_path: str = ""
+    padding_mask_argument: str | None = "attention_mask"
+    pooled_token: int | None = None
+    default_lora_targets: tuple[str, ...] = ()
+    default_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self.backbone = model.base_model
+        self.check_supported()
+        self._backbone_signature = inspect.signature(self.backbone.forward)
+
+    def check_supported(self) -> None:
+        """Raise ``ValueError`` for variants of the family that routing cannot serve."""
+
+    def layers(self) -> nn.ModuleList:
+        module = self.backbone
+        for name in self.layers_path.split("."):
+            module = getattr(module, name)
+        return module
+
+    def padding_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Bool padding mask ``[batch, seq]`` (True = token) from the backbone's forward arguments, or None."""
+        if self.padding_mask_argument is None:
+            return None
+        bound = self._backbone_signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get(self.padding_mask_argument)
+        if mask is None:
+            return None
+        if mask.dim() != 2:
+            raise ValueError(
+                f"{self.padding_mask_argument} must be a 2D padding mask [batch, seq] for a CoDA model, got shape "
+                f"{tuple(mask.shape)}"
+            )
+        return mask.bool()
+
+    def routed_layer_arguments(
+        self, selected_states: torch.Tensor, selection: Selection, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """The ``(args, kwargs)`` to call a frozen layer on ``selected_states`` ``[batch, k_max, hidden]``.
+
+        ``args``/``kwargs`` are what the model passed to the layer for the full sequence.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def layer_hidden_states(output: Any) -> torch.Tensor:
+        """The hidden states ``[batch, seq, hidden]`` in a layer's output (a tensor or a tuple)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    @staticmethod
+    def replace_hidden_states(output: Any, hidden_states: torch.Tensor) -> Any:
+        """A layer output of the same structure as ``output`` holding ``hidden_states``."""
+        return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+
+
+def register_binding(cls: type[Binding]) -> type[Binding]:
+    """Class decorator: make ``cls`` the binding of each of its ``model_types``."""
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def binding_for(model: nn.Module) -> Binding:
+    """The binding for a Hugging Face model, or a ``ValueError`` listing the supported families."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"unsupported architecture: model_type={model_type!r} ({type(model).__name__}); supported model "
+            f"types are {supported_model_types()}. To add one, see the README section 'Adding an architecture'."
+        )
+    return _REGISTRY[model_type](model)
+
+
+from . import bert  # noqa: E402,F401  (registers the built-in bindings)

@@ -1,0 +1,370 @@
+"""Wrap a pretrained Hugging Face model as a CoDA model; save and load the adapter alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .adapters import BottleneckAdapter
+from .bindings import Binding, binding_for
+from .config import CodaConfig
+from .layer import ConditionalLayer, RoutingState
+from .routing import Router
+
+CONFIG_NAME = "coda_config.json"
+WEIGHTS_NAME = "coda_model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CodaModel(nn.Module):
+    """A pretrained model whose layers run on router-selected tokens, with adapters on every token.
+
+    Call it exactly like the wrapped model: same arguments, same outputs. Only the routers, adapters,
+    LoRA (if any) and the task head are trainable; everything pretrained stays frozen.
+    Build one with :func:`get_coda_model` or :meth:`CodaModel.from_pretrained`.
+    """
+
+    def __init__(self, model: nn.Module, config: CodaConfig) -> None:
+        super().__init__()
+        self.coda_config = config
+        self.binding = binding_for(model)
+        self.routing_state = RoutingState()
+        self.layer_indices = _layer_indices(config, self.binding)
+        self.model = model
+        self._original_layers: dict[int, nn.Module] = {}
+        self._hooks: list[Any] = []
+        _freeze(model)
+        if config.lora_rank > 0:
+            _inject_lora(model, config, self.binding, self.layer_indices)
+        self._wrap_layers()
+        self._mark_trainable_modules()
+        self._install_hooks()
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    def routing_trace(self) -> dict[int, torch.Tensor]:
+        """For the last forward: per routed layer index, a LongTensor ``[batch, k_max]`` of the positions
+        the frozen layer processed, ascending, ``-1`` where an example had fewer than ``k_max``."""
+        return {index: selection.trace() for index, selection in sorted(self.routing_state.selections.items())}
+
+    def conditional_layers(self) -> dict[int, ConditionalLayer]:
+        layers = self.binding.layers()
+        return {index: layers[index] for index in self.layer_indices}
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that make up the adapter: every trainable parameter, keyed by its name in ``model``."""
+        return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    # -- save / load ----------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``coda_config.json`` and ``coda_model.safetensors`` (trainable weights only)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.contiguous().cpu() for name, t in self.trainable_state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        document = {
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "base_model": _base_model_signature(self.model),
+            "coda_config": self.coda_config.to_dict(),
+        }
+        text = json.dumps(document, indent=2) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, adapter_directory: str | os.PathLike) -> CodaModel:
+        """Wrap ``base_model`` with the adapter saved in ``adapter_directory``.
+
+        The files are read and checked against ``base_model`` before it is touched; if the weights do
+        not fit, the base model is restored and a ``ValueError`` names the file and the problem.
+        """
+        directory = Path(adapter_directory)
+        config = read_coda_config(directory, base_model)
+        tensors = _read_weights(directory / WEIGHTS_NAME)
+        coda_model = cls(base_model, config)
+        try:
+            coda_model.load_trainable_state_dict(tensors, source=directory / WEIGHTS_NAME)
+        except ValueError:
+            coda_model.unload()
+            raise
+        return coda_model
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor], *, source: str | os.PathLike = "") -> None:
+        """Copy ``tensors`` into the trainable parameters; every name and shape must match exactly."""
+        expected = dict(self.model.named_parameters())
+        expected = {name: p for name, p in expected.items() if p.requires_grad}
+        where = f"{source}: " if source else ""
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{where}the adapter weights do not fit this model: missing {_first_few(missing)}, "
+                f"unexpected {_first_few(unexpected)}"
+            )
+        for name, tensor in tensors.items():
+            param = expected[name]
+            if tensor.shape != param.shape:
+                raise ValueError(
+                    f"{where}{name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                )
+            if not tensor.is_floating_point():
+                raise ValueError(f"{where}{name} has dtype {tensor.dtype}, expected a floating-point tensor")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{where}{name} holds NaN or inf values")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                expected[name].copy_(tensor)
+
+    def unload(self) -> nn.Module:
+        """Remove routing and adapters and give back the base model with its original layers.
+
+        LoRA layers injected by ``lora_rank`` stay (use peft's tools to merge or remove them).
+        """
+        layers = self.binding.layers()
+        for index, original in self._original_layers.items():
+            layers[index] = original
+        for hook in self._hooks:
+            hook.remove()
+        self._original_layers, self._hooks = {}, []
+        return self.model
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _wrap_layers(self) -> None:
+        config, layers = self.coda_config, self.binding.layers()
+        hidden_size = self.model.config.hidden_size
+        for index in self.layer_indices:
+            original = layers[index]
+            dtype = next(original.parameters()).dtype
+            router = Router(
+                hidden_size,
+                reduction=config.reduction,
+                kind=config.router,
+                epsilon=config.epsilon,
+                method=config.soft_topk_method,
+                iters=config.soft_topk_iters,
+                epsilon_init=config.epsilon_init,
+                epsilon_decay=config.epsilon_decay,
+            )
+            adapter = BottleneckAdapter(
+                hidden_size, config.bottleneck, scaling=config.scaling, activation=config.activation, dtype=dtype
+            )
+            layers[index] = ConditionalLayer(
+                original,
+                layer_index=index,
+                router=router.to(next(original.parameters()).device),
+                adapter=adapter.to(next(original.parameters()).device),
+                adapter_placement=config.adapter,
+                binding=self.binding,
+                state=self.routing_state,
+                keep_pooled_token=config.keep_pooled_token,
+            )
+            self._original_layers[index] = original
+        if config.router == "random":
+            for layer in self.conditional_layers().values():
+                layer.router.weight.requires_grad_(False)
+
+    def _mark_trainable_modules(self) -> None:
+        names = self.coda_config.modules_to_save
+        names = list(self.binding.default_modules_to_save) if names is None else names
+        found = {name: False for name in names}
+        for module_name, module in self.model.named_modules():
+            for name in names:
+                if module_name == name or module_name.endswith("." + name):
+                    module.requires_grad_(True)
+                    found[name] = True
+        explicit = self.coda_config.modules_to_save is not None
+        missing = [name for name, hit in found.items() if not hit]
+        if explicit and missing:
+            raise ValueError(f"modules_to_save names {missing}, which {type(self.model).__name__} does not have")
+
+    def _install_hooks(self) -> None:
+        """Read the padding mask from the backbone's inputs, whatever entry point the caller uses."""
+        backbone, state, binding = self.binding.backbone, self.routing_state, self.binding
+
+        def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            wants_hidden = kwargs.get("output_hidden_states", module.config.output_hidden_states)
+            state.start_forward(binding.padding_mask(args, kwargs), record_layer_io=bool(wants_hidden))
+
+        def after_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if state.record_layer_io and getattr(output, "hidden_states", None) is not None:
+                output.hidden_states = _full_length_hidden_states(output.hidden_states, state.layer_io)
+            state.record_layer_io, state.layer_io = False, {}
+            return output
+
+        self._hooks.append(backbone.register_forward_pre_hook(before_forward, with_kwargs=True))
+        self._hooks.append(backbone.register_forward_hook(after_forward, with_kwargs=True))
+
+
+def get_coda_model(model: nn.Module, config: CodaConfig | None = None) -> CodaModel:
+    """Turn a pretrained Hugging Face model into a :class:`CodaModel` (in place: ``model`` becomes part of it).
+
+    Args:
+        model: a supported ``…Model`` or ``…ForSequenceClassification`` (see ``supported_model_types()``).
+        config: the CoDA settings; the defaults are ``CodaConfig()`` (r = 3, parallel adapters).
+    """
+    if config is None:
+        config = CodaConfig()
+    if not isinstance(config, CodaConfig):
+        raise ValueError(f"config must be a CodaConfig, got {type(config).__name__}")
+    if isinstance(model, CodaModel):
+        raise ValueError("model is already a CodaModel; call get_coda_model on the base model")
+    if type(model).__module__.startswith("peft"):
+        raise ValueError(
+            "model is a peft model; pass the base Hugging Face model and set CodaConfig(lora_rank=...) to add LoRA"
+        )
+    return CodaModel(model, config)
+
+
+def read_coda_config(directory: str | os.PathLike, base_model: nn.Module | None = None) -> CodaConfig:
+    """Read and check ``coda_config.json``; if ``base_model`` is given, check the adapter was made for it."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{path}: no CoDA adapter config here (expected {CONFIG_NAME} from save_pretrained)")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    for key in ("format_version", "base_model", "coda_config"):
+        if key not in document:
+            raise ValueError(f"{path}: missing field {key!r}")
+    if document["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {document['format_version']!r} is not supported (this library reads "
+            f"{FORMAT_VERSION})"
+        )
+    try:
+        config = CodaConfig.from_dict(document["coda_config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: invalid coda_config: {error}") from None
+    if base_model is not None:
+        _check_base_model(path, document["base_model"], _base_model_signature(base_model))
+    return config
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _layer_indices(config: CodaConfig, binding: Binding) -> list[int]:
+    num_layers = len(binding.layers())
+    if config.layers is None:
+        return list(range(num_layers))
+    out_of_range = [i for i in config.layers if i >= num_layers]
+    if out_of_range:
+        raise ValueError(f"layers {out_of_range} do not exist: the model has layers 0..{num_layers - 1}")
+    return list(config.layers)
+
+
+def _freeze(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def _inject_lora(model: nn.Module, config: CodaConfig, binding: Binding, layer_indices: list[int]) -> None:
+    """Put peft LoRA on the frozen layers' projections; in a routed layer it then sees the selected tokens."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = config.lora_target_modules or list(binding.default_lora_targets)
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        layers_to_transform=layer_indices,
+    )
+    inject_adapter_in_model(lora_config, model)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+
+
+def _base_model_signature(model: nn.Module) -> dict[str, Any]:
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "name_or_path": getattr(config, "_name_or_path", ""),
+    }
+
+
+def _first_few(names: list[str], count: int = 5) -> str:
+    return str(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def _check_base_model(path: Path, saved: dict[str, Any], actual: dict[str, Any]) -> None:
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        if saved.get(key) != actual[key]:
+            raise ValueError(
+                f"{path}: this adapter was made for a base model with {key}={saved.get(key)!r}, but the given "
+                f"model has {key}={actual[key]!r}"
+            )
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing adapter weights file (expected {WEIGHTS_NAME} from save_pretrained)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({error})") from None
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(temporary))
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _full_length_hidden_states(
+    hidden_states: tuple[torch.Tensor, ...], layer_io: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, ...]:
+    """Hugging Face records a routed layer's inner call (selected tokens only); put back the full sequence.
+
+    ``hidden_states[0]`` is the first layer's input, ``hidden_states[i + 1]`` layer ``i``'s output.
+    """
+    states = list(hidden_states)
+    for index, (layer_input, layer_output) in layer_io.items():
+        if index == 0:
+            states[0] = layer_input
+        states[index + 1] = layer_output
+    return tuple(states)

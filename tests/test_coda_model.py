@@ -1,0 +1,263 @@
+"""CodaModel on the BERT family: equivalences with independent dense computations, invariants, training."""
+
+import copy
+
+import pytest
+import torch
+from transformers.masking_utils import create_bidirectional_mask
+
+from coda_adapters import CodaConfig, get_coda_model
+from conftest import TINY_FAMILIES, random_ids, randomize_trainable, tiny_model
+
+FAMILIES = list(TINY_FAMILIES)
+ATTENTION = ["eager", "sdpa"]
+
+
+def hand_adapter(adapter, x):
+    """The bottleneck adapter written out: scaling * (relu(x Wd^T + bd) Wu^T + bu)."""
+    hidden = torch.relu(x @ adapter.down.weight.T + adapter.down.bias)
+    return adapter.scaling * (hidden @ adapter.up.weight.T + adapter.up.bias)
+
+
+def dense_with_hand_adapters(dense_model, coda_model, placement="parallel"):
+    """Hook the adapters, computed by hand from the CoDA model's weights, onto every layer of a dense copy."""
+    adapters = {i: layer.adapter for i, layer in coda_model.conditional_layers().items()}
+    layers = dense_model.base_model.encoder.layer
+
+    def make_hook(adapter):
+        def hook(module, args, output):
+            return output + hand_adapter(adapter, args[0] if placement == "parallel" else output)
+
+        return hook
+
+    for index, adapter in adapters.items():
+        layers[index].register_forward_hook(make_hook(adapter))
+    return dense_model
+
+
+def padded_batch(lengths, seq, seed=1):
+    ids = random_ids(len(lengths), seq, seed=seed)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("placement", ["parallel", "series"])
+def test_reduction_one_equals_dense_model_with_hand_computed_adapters(family, attn, placement):
+    dense = tiny_model(family, attn=attn)
+    coda = get_coda_model(copy.deepcopy(dense), CodaConfig(reduction=1, bottleneck=8, adapter=placement))
+    randomize_trainable(coda)
+    dense_with_hand_adapters(dense, coda, placement)
+    ids, mask = padded_batch([12, 7, 12], 12)
+    with torch.no_grad():
+        got = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    assert (got - want)[valid].abs().max() <= 1e-5
+
+
+def test_reduction_one_equals_dense_parallel_adapter_on_minilm(minilm, minilm_tokenizer):
+    dense, plain = copy.deepcopy(minilm), copy.deepcopy(minilm)
+    coda = get_coda_model(minilm, CodaConfig(reduction=1))
+    randomize_trainable(coda, std=0.05)
+    dense_with_hand_adapters(dense, coda)
+    batch = minilm_tokenizer(
+        ["A man is eating food.", "Conditional adapters make fine-tuned transformers fast at inference time."],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        got = coda(**batch).last_hidden_state
+        want = dense(**batch).last_hidden_state
+        frozen = plain(**batch).last_hidden_state
+    valid = batch["attention_mask"].bool()
+    assert (got - want)[valid].abs().max() <= 1e-5
+    assert (want - frozen)[valid].abs().max() > 1e-2  # the adapters do matter
+
+
+def test_fresh_adapters_at_reduction_one_equal_the_frozen_base_model(minilm, minilm_tokenizer):
+    base = copy.deepcopy(minilm)
+    coda = get_coda_model(minilm, CodaConfig(reduction=1))
+    batch = minilm_tokenizer(["The cat sat on the mat.", "A short one."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got, want = coda(**batch).last_hidden_state, base(**batch).last_hidden_state
+    assert (got - want)[batch["attention_mask"].bool()].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_padding_invariance_at_reduction_three(family, attn):
+    coda = get_coda_model(tiny_model(family, attn=attn), CodaConfig(reduction=3, bottleneck=8))
+    randomize_trainable(coda)
+    ids, mask = padded_batch([7, 16, 11], 16)
+    with torch.no_grad():
+        batched = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+        batched_trace = coda.routing_trace()
+        alone = coda(input_ids=ids[:1, :7], attention_mask=mask[:1, :7]).last_hidden_state
+        alone_trace = coda.routing_trace()
+    assert (batched[0, :7] - alone[0]).abs().max() <= 1e-4
+    for layer, positions in batched_trace.items():
+        kept = positions[0][positions[0] >= 0]
+        assert torch.equal(kept, alone_trace[layer][0])
+        for row, length in enumerate([7, 16, 11]):
+            assert (positions[row] < length).all()  # padding is never selected
+
+
+def test_padding_invariance_on_minilm(minilm, minilm_tokenizer):
+    coda = get_coda_model(minilm, CodaConfig(reduction=3))
+    randomize_trainable(coda, std=0.05)
+    texts = ["Short text here.", "A much longer sentence that forces padding onto the first example in the batch."]
+    batch = minilm_tokenizer(texts, padding=True, return_tensors="pt")
+    alone = minilm_tokenizer(texts[:1], return_tensors="pt")
+    with torch.no_grad():
+        together = coda(**batch).last_hidden_state
+        single = coda(**alone).last_hidden_state
+    length = alone["input_ids"].shape[1]
+    assert (together[0, :length] - single[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_routed_layer_computes_the_frozen_layer_on_the_selected_tokens_only(attn):
+    """Layer 0 output = x + λ (F(x_sel) - x_sel) + A(x), with F run densely on the selected tokens by hand."""
+    base = tiny_model("bert", attn=attn)
+    frozen_layer = copy.deepcopy(base.encoder.layer[0])
+    coda = get_coda_model(base, CodaConfig(reduction=3, bottleneck=8, epsilon=0.5))
+    randomize_trainable(coda)
+    ids, mask = padded_batch([15, 9], 15)
+    with torch.no_grad():
+        out = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        x, y = out.hidden_states[0], out.hidden_states[1]
+        selection = coda.routing_state.selections[0]
+        layer0 = coda.conditional_layers()[0]
+        for row in range(2):
+            positions = selection.index[row][selection.slot_mask[row]]
+            x_sel = x[row : row + 1, positions]
+            dense_mask = create_bidirectional_mask(base.config, x_sel, torch.ones(1, len(positions)))
+            f_sel = frozen_layer(x_sel, dense_mask)
+            lam = selection.weights[row][selection.slot_mask[row]]
+            want = x[row] + hand_adapter(layer0.adapter, x[row])
+            want[positions] += lam[:, None] * (f_sel[0] - x_sel[0])
+            length = int(mask[row].sum())
+            assert (y[row, :length] - want[:length]).abs().max() <= 1e-5
+
+
+def test_output_hidden_states_have_full_length_for_every_layer():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=4, bottleneck=8))
+    ids, mask = padded_batch([12, 12], 12)
+    with torch.no_grad():
+        out = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+    assert all(h.shape == (2, 12, 32) for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_routing_trace_lists_sorted_positions_padded_with_minus_one():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, bottleneck=8))
+    ids, mask = padded_batch([12, 4], 12)
+    with torch.no_grad():
+        coda(input_ids=ids, attention_mask=mask)
+    trace = coda.routing_trace()
+    assert sorted(trace) == [0, 1]
+    for positions in trace.values():
+        assert positions.dtype == torch.long and positions.shape == (2, 4)
+        assert positions[0, 0] == 0 and positions[1, 0] == 0  # [CLS] kept
+        assert (positions[1, 2:] == -1).all() and (positions[1, :2] >= 0).all()
+
+
+def test_keep_pooled_token_false_lets_the_router_drop_cls():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=4, keep_pooled_token=False))
+    router = coda.conditional_layers()[0].router
+    with torch.no_grad():
+        router.weight.copy_(-coda.model.embeddings.word_embeddings.weight[5])  # any fixed direction
+        ids = random_ids(16, 12)
+        coda(input_ids=ids)
+    assert (coda.routing_trace()[0][:, 0] != 0).any()
+
+
+def test_only_routers_adapters_and_head_train():
+    coda = get_coda_model(tiny_model("bert", head=True), CodaConfig(reduction=3, bottleneck=8))
+    trainable = {name for name, p in coda.named_parameters() if p.requires_grad}
+    assert all(".router." in n or ".adapter." in n or "classifier" in n for n in trainable)
+    assert {n.split(".")[-2] for n in trainable} == {"router", "down", "up", "classifier"}
+    randomize_trainable(coda)
+    coda.train()
+    ids, mask = padded_batch([12, 8, 10], 12)
+    coda(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert all(p.grad is None for p in coda.parameters() if not p.requires_grad)
+    assert all(p.grad is not None for p in coda.parameters() if p.requires_grad)
+
+
+def test_every_router_gets_a_gradient_from_a_token_level_loss():
+    # (with a [CLS]-pooled head, the last layer's router gets none: only [CLS], always kept, is read)
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, bottleneck=8, epsilon=1.0))
+    randomize_trainable(coda)
+    ids, mask = padded_batch([12, 8, 10], 12)
+    hidden = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+    (hidden * torch.randn_like(hidden)).sum().backward()
+    for layer in coda.conditional_layers().values():
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_random_router_has_no_trainable_weight_and_changes_its_choice():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, router="random"))
+    assert not any(".router." in n for n, p in coda.named_parameters() if p.requires_grad)
+    ids = random_ids(4, 30)
+    traces = []
+    with torch.no_grad():
+        for _ in range(2):
+            coda(input_ids=ids)
+            traces.append(coda.routing_trace()[0])
+    assert not torch.equal(traces[0], traces[1])
+
+
+def test_layers_option_converts_only_those_layers():
+    coda = get_coda_model(tiny_model("bert", num_hidden_layers=3), CodaConfig(layers=[1]))
+    assert list(coda.conditional_layers()) == [1]
+    with torch.no_grad():
+        coda(input_ids=random_ids(2, 9))
+    assert list(coda.routing_trace()) == [1]
+
+
+def test_lora_from_peft_composes_and_acts_on_the_selected_tokens():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, lora_rank=4))
+    lora_names = [n for n, p in coda.named_parameters() if "lora_" in n]
+    assert lora_names and all(p.requires_grad for n, p in coda.named_parameters() if "lora_" in n)
+    assert any("layer.0.layer.attention.self.query.lora_A" in n for n in lora_names)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        before = coda(input_ids=ids).last_hidden_state
+        for name, p in coda.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        after = coda(input_ids=ids).last_hidden_state
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_forward_returns_what_the_base_model_returns():
+    base = tiny_model("bert", head=True)
+    coda = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=2))
+    ids = random_ids(2, 10)
+    out, ref = coda(input_ids=ids), base(input_ids=ids)
+    assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
+    assert coda.config is coda.model.config  # attributes of the base model are reachable
+
+
+@pytest.mark.slow
+def test_reduction_three_is_faster_than_dense_at_512_tokens(minilm_path):
+    """A sanity check only, timed side by side and interleaved; `coda bench` is the real benchmark."""
+    import time
+
+    from transformers import AutoModel
+
+    models = {r: get_coda_model(AutoModel.from_pretrained(minilm_path).eval(), CodaConfig(reduction=r)) for r in (1, 3)}
+    ids = random_ids(4, 512, vocab=30000)
+    times = {1: [], 3: []}
+    with torch.inference_mode():
+        for _ in range(4):
+            for r, model in models.items():
+                start = time.perf_counter()
+                model(input_ids=ids)
+                times[r].append(time.perf_counter() - start)
+    best = {r: min(t[1:]) for r, t in times.items()}
+    assert best[3] < best[1], best

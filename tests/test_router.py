@@ -1,0 +1,88 @@
+"""The router: how many tokens, which ones, and in what order."""
+
+import pytest
+import torch
+
+from coda_adapters import Router
+from coda_adapters.routing import num_selected_tokens
+
+
+def padded_mask(lengths, n):
+    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_k_is_ceil_of_valid_tokens_over_reduction():
+    valid = padded_mask([10, 9, 3, 1], 10)
+    assert num_selected_tokens(valid, 3).tolist() == [4, 3, 1, 1]
+    assert num_selected_tokens(valid, 1).tolist() == [10, 9, 3, 1]
+    assert num_selected_tokens(padded_mask([12], 12), 4).tolist() == [3]
+    assert num_selected_tokens(padded_mask([512], 512), 3).tolist() == [171]
+
+
+def test_row_without_valid_token_is_an_error():
+    with pytest.raises(ValueError, match="row 1 has no valid token"):
+        num_selected_tokens(padded_mask([3, 0], 4), 2)
+
+
+@pytest.mark.parametrize("kind", ["learned", "random"])
+def test_selection_is_sorted_unique_never_padding_and_keeps_forced(kind):
+    torch.manual_seed(0)
+    router = Router(16, reduction=3, kind=kind)
+    lengths = [20, 13, 5, 2]
+    valid = padded_mask(lengths, 20)
+    forced = torch.zeros_like(valid)
+    forced[:, 0] = True
+    selection = router(torch.randn(4, 20, 16), valid, forced)
+    for row, length in enumerate(lengths):
+        k = -(-length // 3)
+        positions = selection.index[row][selection.slot_mask[row]].tolist()
+        assert len(positions) == k == int(selection.num_selected[row])
+        assert positions == sorted(set(positions))
+        assert all(p < length for p in positions)
+        assert positions[0] == 0
+        trace = selection.trace()[row].tolist()
+        assert trace == positions + [-1] * (selection.index.shape[1] - k)
+    assert torch.equal(
+        selection.weights[~selection.slot_mask], torch.zeros_like(selection.weights[~selection.slot_mask])
+    )
+
+
+def test_learned_router_picks_the_highest_scores_and_weights_them_by_soft_top_k():
+    router = Router(4, reduction=2, epsilon=0.05)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    hidden = torch.zeros(1, 6, 4)
+    hidden[0, :, 0] = torch.tensor([0.1, 3.0, -1.0, 2.0, 2.9, 0.0])
+    selection = router(hidden, torch.ones(1, 6, dtype=torch.bool), None)
+    assert selection.index.tolist() == [[1, 3, 4]]
+    assert (selection.weights > 0.5).all()
+    torch.testing.assert_close(selection.weights.sum(), torch.tensor(3.0), atol=1e-4, rtol=0)
+
+
+def test_forced_token_gets_weight_one_even_with_the_lowest_score():
+    router = Router(4, reduction=3)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    hidden = torch.zeros(1, 9, 4)
+    hidden[0, :, 0] = torch.arange(9.0)
+    forced = torch.zeros(1, 9, dtype=torch.bool)
+    forced[0, 0] = True
+    selection = router(hidden, torch.ones(1, 9, dtype=torch.bool), forced)
+    assert selection.index.tolist() == [[0, 7, 8]]
+    assert selection.weights[0, 0] == 1.0
+
+
+def test_non_finite_router_scores_are_an_error():
+    router = Router(4, reduction=2)
+    hidden = torch.randn(1, 6, 4)
+    hidden[0, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match="router scores are not finite"):
+        router(hidden, torch.ones(1, 6, dtype=torch.bool), None)
+
+
+def test_router_gradient_flows_through_the_soft_top_k():
+    router = Router(8, reduction=2, epsilon=1.0)
+    hidden = torch.randn(2, 10, 8)
+    selection = router(hidden, torch.ones(2, 10, dtype=torch.bool), None)
+    (selection.weights * torch.randn(2, 5)).sum().backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
