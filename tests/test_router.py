@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coda_adapters import Router
-from coda_adapters.routing import num_selected_tokens
+from coda_adapters.routing import num_selected_tokens, token_budget
 
 
 def padded_mask(lengths, n):
@@ -27,12 +27,10 @@ def test_row_without_valid_token_is_an_error():
 @pytest.mark.parametrize("kind", ["learned", "random"])
 def test_selection_is_sorted_unique_never_padding_and_keeps_forced(kind):
     torch.manual_seed(0)
-    router = Router(16, reduction=3, kind=kind)
+    router = Router(16, kind=kind)
     lengths = [20, 13, 5, 2]
-    valid = padded_mask(lengths, 20)
-    forced = torch.zeros_like(valid)
-    forced[:, 0] = True
-    selection = router(torch.randn(4, 20, 16), valid, forced)
+    budget = token_budget(padded_mask(lengths, 20), (4, 20), reduction=3, forced_position=0)
+    selection = router(torch.randn(4, 20, 16), budget)
     for row, length in enumerate(lengths):
         k = -(-length // 3)
         positions = selection.index[row][selection.slot_mask[row]].tolist()
@@ -48,41 +46,63 @@ def test_selection_is_sorted_unique_never_padding_and_keeps_forced(kind):
 
 
 def test_learned_router_picks_the_highest_scores_and_weights_them_by_soft_top_k():
-    router = Router(4, reduction=2, epsilon=0.05)
+    router = Router(4, epsilon=0.05)
     with torch.no_grad():
         router.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
     hidden = torch.zeros(1, 6, 4)
     hidden[0, :, 0] = torch.tensor([0.1, 3.0, -1.0, 2.0, 2.9, 0.0])
-    selection = router(hidden, torch.ones(1, 6, dtype=torch.bool), None)
+    selection = router(hidden, token_budget(None, (1, 6), reduction=2, forced_position=None))
     assert selection.index.tolist() == [[1, 3, 4]]
     assert (selection.weights > 0.5).all()
     torch.testing.assert_close(selection.weights.sum(), torch.tensor(3.0), atol=1e-4, rtol=0)
 
 
 def test_forced_token_gets_weight_one_even_with_the_lowest_score():
-    router = Router(4, reduction=3)
+    router = Router(4)
     with torch.no_grad():
         router.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
     hidden = torch.zeros(1, 9, 4)
     hidden[0, :, 0] = torch.arange(9.0)
-    forced = torch.zeros(1, 9, dtype=torch.bool)
-    forced[0, 0] = True
-    selection = router(hidden, torch.ones(1, 9, dtype=torch.bool), forced)
+    selection = router(hidden, token_budget(None, (1, 9), reduction=3, forced_position=0))
     assert selection.index.tolist() == [[0, 7, 8]]
     assert selection.weights[0, 0] == 1.0
 
 
 def test_non_finite_router_scores_are_an_error():
-    router = Router(4, reduction=2)
+    router = Router(4)
     hidden = torch.randn(1, 6, 4)
     hidden[0, 2, 1] = float("inf")
     with pytest.raises(ValueError, match="router scores are not finite"):
-        router(hidden, torch.ones(1, 6, dtype=torch.bool), None)
+        router(hidden, token_budget(None, (1, 6), reduction=2, forced_position=None))
 
 
 def test_router_gradient_flows_through_the_soft_top_k():
-    router = Router(8, reduction=2, epsilon=1.0)
+    router = Router(8, epsilon=1.0)
     hidden = torch.randn(2, 10, 8)
-    selection = router(hidden, torch.ones(2, 10, dtype=torch.bool), None)
+    selection = router(hidden, token_budget(None, (2, 10), reduction=2, forced_position=None))
     (selection.weights * torch.randn(2, 5)).sum().backward()
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["exact", "coordinate_descent"])
+def test_router_weights_are_the_soft_top_k_solution_at_the_selected_positions(method):
+    """The router's fused top-k path agrees with the public soft_topk on the same problem."""
+    from coda_adapters import soft_topk
+
+    torch.manual_seed(1)
+    router = Router(8, epsilon=0.3, method=method)
+    lengths = [30, 22, 9]
+    valid = padded_mask(lengths, 30)
+    budget = token_budget(valid, (3, 30), reduction=3, forced_position=0)
+    hidden = torch.randn(3, 30, 8)
+    selection = router(hidden, budget)
+    scores = router.scores(hidden)
+    free = valid & ~budget.forced
+    lam = soft_topk(scores, budget.num_selected - 1, mask=free, epsilon=0.3, method=method) + budget.forced
+    want = lam.gather(-1, selection.index) * selection.slot_mask
+    torch.testing.assert_close(selection.weights, want, atol=1e-5, rtol=0)
+    hard = scores.masked_fill(~free, float("-inf"))
+    for row, length in enumerate(lengths):
+        k = -(-length // 3)
+        best = set(hard[row].topk(k - 1).indices.tolist()) | {0}
+        assert set(selection.index[row][selection.slot_mask[row]].tolist()) == best

@@ -35,4 +35,5 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.up(self.activation(self.down(hidden_states))) * self.scaling
+        output = self.up(self.activation(self.down(hidden_states)))
+        return output if self.scaling == 1 else output * self.scaling

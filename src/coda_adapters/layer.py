@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import BottleneckAdapter
-from .routing import Router, Selection
+from .routing import Router, Selection, TokenBudget, token_budget
 
 if TYPE_CHECKING:
     from .bindings import Binding
@@ -27,24 +27,43 @@ if TYPE_CHECKING:
 
 @dataclass
 class RoutingState:
-    """What the routed layers of one model share during a forward.
+    """What the routed layers of one model share.
 
-    ``padding_mask`` is set from the backbone's inputs before every forward (True = token,
-    ``[batch, seq]``, None when there is no padding). ``selections`` keeps each layer's last
-    :class:`~coda_adapters.routing.Selection`, for :meth:`CodaModel.routing_trace`. When the caller
-    asks for hidden states, ``layer_io`` keeps each routed layer's full-length input and output.
+    ``reduction`` and ``forced_position`` (the pooled token, or None) are settings. Before every
+    forward, the backbone's inputs give ``padding_mask`` (bool ``[batch, seq]``, True = token, None
+    when there is no padding); the :class:`~coda_adapters.routing.TokenBudget` derived from it is
+    computed once and shared by all layers. ``selections`` keeps each layer's last selection for
+    :meth:`CodaModel.routing_trace`; ``layer_io`` keeps full-length layer inputs and outputs when the
+    caller asks for hidden states.
     """
 
+    reduction: float
+    forced_position: int | None
     padding_mask: torch.Tensor | None = None
+    budget: TokenBudget | None = None
     selections: dict[int, Selection] = field(default_factory=dict)
     record_layer_io: bool = False
     layer_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def start_forward(self, padding_mask: torch.Tensor | None, record_layer_io: bool) -> None:
         self.padding_mask = padding_mask
+        self.budget = None
         self.selections = {}
         self.record_layer_io = record_layer_io
         self.layer_io = {}
+
+    def token_budget(self, hidden_states: torch.Tensor) -> TokenBudget:
+        shape = tuple(hidden_states.shape[:2])
+        if self.budget is None or tuple(self.budget.valid.shape) != shape:
+            mask = self.padding_mask
+            if mask is not None and tuple(mask.shape) != shape:
+                raise ValueError(
+                    f"the padding mask has shape {tuple(mask.shape)} but the layers got hidden states for "
+                    f"[batch, seq]={shape}"
+                )
+            mask = None if mask is None else mask.to(hidden_states.device)
+            self.budget = token_budget(mask, shape, self.reduction, self.forced_position)
+        return self.budget
 
 
 class ConditionalLayer(nn.Module):
@@ -63,7 +82,6 @@ class ConditionalLayer(nn.Module):
         adapter_placement: str,
         binding: Binding,
         state: RoutingState,
-        keep_pooled_token: bool,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -71,61 +89,80 @@ class ConditionalLayer(nn.Module):
         self.adapter = adapter
         self.layer_index = layer_index
         self.adapter_placement = adapter_placement
-        self.keep_pooled_token = keep_pooled_token
         # plain attributes, not submodules: they are shared by every layer and hold no weights
         object.__setattr__(self, "binding", binding)
         object.__setattr__(self, "state", state)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        valid = self._valid_tokens(hidden_states)
-        selection = self.router(hidden_states, valid, self._forced_tokens(valid))
-        self.state.selections[self.layer_index] = selection
-
-        selected = gather_tokens(hidden_states, selection.index)
-        layer_args, layer_kwargs = self.binding.routed_layer_arguments(selected, selection, args, kwargs)
-        layer_output = self.layer(selected, *layer_args, **layer_kwargs)
-        selected_output = self.binding.layer_hidden_states(layer_output)
-
-        update = (selected_output - selected) * selection.weights.unsqueeze(-1).to(selected.dtype)
-        mixed = scatter_add_tokens(hidden_states, selection.index, update)
-        if self.adapter_placement == "parallel":
-            output = mixed + self.adapter(hidden_states)
+        budget = self.state.token_budget(hidden_states)
+        if budget.dense:
+            layer_output, output = self._dense_forward(hidden_states, budget, args, kwargs)
         else:
-            output = mixed + self.adapter(mixed)
-
+            layer_output, output = self._routed_forward(hidden_states, budget, args, kwargs)
         if self.state.record_layer_io:
             self.state.layer_io[self.layer_index] = (hidden_states, output)
         return self.binding.replace_hidden_states(layer_output, output)
 
-    def _valid_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, seq = hidden_states.shape[:2]
-        mask = self.state.padding_mask
-        if mask is None:
-            return torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device)
-        if mask.shape != (batch, seq):
-            raise ValueError(
-                f"the padding mask has shape {tuple(mask.shape)} but layer {self.layer_index} got hidden states "
-                f"for [batch, seq]=({batch}, {seq})"
-            )
-        return mask.to(hidden_states.device)
+    def _routed_forward(
+        self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict
+    ) -> tuple[Any, torch.Tensor]:
+        selection = self.router(hidden_states, budget)
+        self.state.selections[self.layer_index] = selection
+        flat_index = flatten_index(selection.index, hidden_states.shape[1])
 
-    def _forced_tokens(self, valid: torch.Tensor) -> torch.Tensor | None:
-        position = self.binding.pooled_token
-        if not self.keep_pooled_token or position is None:
-            return None
-        forced = torch.zeros_like(valid)
-        forced[:, position] = True
-        return forced
+        selected = gather_tokens(hidden_states, flat_index)
+        layer_args, layer_kwargs = self.binding.routed_layer_arguments(selected, selection, args, kwargs)
+        layer_output = self.layer(selected, *layer_args, **layer_kwargs)
+        update = self.binding.layer_hidden_states(layer_output) - selected
+        update = update * selection.weights.unsqueeze(-1).to(update.dtype)
+
+        if self.adapter_placement == "parallel":
+            output = hidden_states + self.adapter(hidden_states)
+            add_tokens_(output, flat_index, update)
+        else:
+            mixed = add_tokens_(hidden_states.clone(), flat_index, update)
+            output = mixed + self.adapter(mixed)
+        return layer_output, output
+
+    def _dense_forward(
+        self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict
+    ) -> tuple[Any, torch.Tensor]:
+        """Every token is selected with λ = 1: the layer is exactly ``F(x) + A(x)``, the dense baseline."""
+        self.state.selections[self.layer_index] = dense_selection(budget)
+        layer_output = self.layer(hidden_states, *args, **kwargs)
+        full = self.binding.layer_hidden_states(layer_output)
+        adapter_input = hidden_states if self.adapter_placement == "parallel" else full
+        return layer_output, full + self.adapter(adapter_input)
 
 
-def gather_tokens(hidden_states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` ``[batch, k]`` of ``hidden_states`` ``[batch, n, hidden]`` -> ``[batch, k, hidden]``."""
-    return hidden_states.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+def dense_selection(budget: TokenBudget) -> Selection:
+    """The :class:`Selection` that keeps every valid token, with λ = 1."""
+    valid, k = budget.valid, budget.num_selected
+    n = valid.shape[1]
+    positions = torch.arange(n, device=valid.device)
+    index = torch.where(valid, positions, n).sort(dim=-1).values
+    slot_mask = positions < k[:, None]
+    index = index.masked_fill(~slot_mask, 0)
+    return Selection(index, slot_mask, slot_mask.float(), k, all_filled=budget.uniform)
 
 
-def scatter_add_tokens(hidden_states: torch.Tensor, index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``hidden_states`` with ``update`` ``[batch, k, hidden]`` added at rows ``index`` ``[batch, k]``.
+def flatten_index(index: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions ``[batch, k]`` as row numbers ``[batch * k]`` of the flattened ``[batch * seq, hidden]``."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(-1) * seq_len
+    return (index + offsets).reshape(-1)
 
-    Indices within a row are distinct except for empty slots, whose update is zero.
+
+def gather_tokens(hidden_states: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows ``flat_index`` of ``hidden_states`` ``[batch, n, hidden]`` -> ``[batch, k, hidden]``."""
+    batch, _, hidden = hidden_states.shape
+    return hidden_states.reshape(-1, hidden).index_select(0, flat_index).view(batch, -1, hidden)
+
+
+def add_tokens_(hidden_states: torch.Tensor, flat_index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """In place: add ``update`` ``[batch, k, hidden]`` at rows ``flat_index`` of ``hidden_states``.
+
+    Positions within an example are distinct, except empty slots, whose update is zero.
     """
-    return hidden_states.scatter_add(1, index.unsqueeze(-1).expand_as(update), update)
+    hidden = hidden_states.shape[-1]
+    hidden_states.view(-1, hidden).index_add_(0, flat_index, update.reshape(-1, hidden))
+    return hidden_states

@@ -36,7 +36,8 @@ class CodaModel(nn.Module):
         super().__init__()
         self.coda_config = config
         self.binding = binding_for(model)
-        self.routing_state = RoutingState()
+        pooled = self.binding.pooled_token if config.keep_pooled_token else None
+        self.routing_state = RoutingState(reduction=config.reduction, forced_position=pooled)
         self.layer_indices = _layer_indices(config, self.binding)
         self.model = model
         self._original_layers: dict[int, nn.Module] = {}
@@ -167,7 +168,6 @@ class CodaModel(nn.Module):
             dtype = next(original.parameters()).dtype
             router = Router(
                 hidden_size,
-                reduction=config.reduction,
                 kind=config.router,
                 epsilon=config.epsilon,
                 method=config.soft_topk_method,
@@ -186,7 +186,6 @@ class CodaModel(nn.Module):
                 adapter_placement=config.adapter,
                 binding=self.binding,
                 state=self.routing_state,
-                keep_pooled_token=config.keep_pooled_token,
             )
             self._original_layers[index] = original
         if config.router == "random":

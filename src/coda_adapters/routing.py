@@ -98,44 +98,87 @@ def _validate_soft_topk_inputs(
     return scores.to(compute_dtype), k, mask
 
 
-def _soft_topk_exact(scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Closed-form solution ``λ_i = min(1, exp((s_i - τ)/ε))``.
+class _Threshold(NamedTuple):
+    """The exact solution of one soft top-k problem, in the form the callers need.
 
-    If the ``j`` largest scores are capped at 1, the others must sum to ``k - j``, which fixes
-    ``τ_j = ε (logsumexp_{i>j}(s_i/ε) - log(k - j))``. The right ``j`` is the smallest one for which
-    the ``(j+1)``-th score is not above ``τ_j`` (its λ is then <= 1). All candidates come from one
-    reverse cumulative log-sum-exp over the sorted scores; no iteration.
+    ``λ_i = 1`` for the ``num_capped`` best-ranked tokens, else ``exp(min(0, (s_i - reference)/ε - log_tau))``.
+    """
+
+    top_index: torch.Tensor  # [batch, k_max] positions, best first
+    in_top: torch.Tensor  # [batch, k_max] bool, slot < k
+    num_capped: torch.Tensor  # [batch]
+    reference: torch.Tensor  # [batch, 1] detached score the exponents are taken relative to
+    log_tau: torch.Tensor  # [batch, 1] (τ - reference)/ε, differentiable
+
+    def weights(self, scores: torch.Tensor, epsilon: float, capped: torch.Tensor) -> torch.Tensor:
+        """λ for ``scores`` (any shape broadcasting with ``[batch, 1]``), given which of them are capped."""
+        exponent = torch.clamp((scores - self.reference) / epsilon - self.log_tau, max=0.0)
+        return torch.where(capped, 1.0, torch.exp(exponent))
+
+
+def _rank_top_k(
+    scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k_max = max(k)`` best positions per row, forced ones first: ``(ranking values, index, in_top)``."""
+    ranking = scores.detach().masked_fill(~valid, float("-inf"))
+    if forced is not None:
+        ranking = ranking.masked_fill(forced, float("inf"))
+    top_values, top_index = ranking.topk(int(k.max()), dim=-1)
+    in_top = torch.arange(top_index.shape[-1], device=scores.device) < k[:, None]
+    return top_values, top_index, in_top
+
+
+def _exact_threshold(
+    scores: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    epsilon: float,
+    forced: torch.Tensor | None = None,
+) -> _Threshold:
+    """Solve the soft top-k LP exactly; ``forced`` tokens (bool ``[batch, n]``) are held at λ = 1.
+
+    The solution is ``λ_i = min(1, exp((s_i - τ)/ε))``. If the ``j`` best tokens are capped at 1, the
+    others must sum to ``k - j``, so ``τ_j = ε (logsumexp_{i>j}(s_i/ε) - log(k - j))``; the right ``j`` is
+    the smallest for which the ``(j+1)``-th score is not above ``τ_j``. Since ``j < k``, only the top
+    ``k`` scores need sorting (one ``topk``, which also gives the hard selection) plus the log-sum-exp
+    of all the others; a reverse cumulative log-sum-exp gives every candidate ``τ_j`` at once.
     """
     with torch.no_grad():
-        uncapped = _uncapped_tokens(scores.detach(), k, mask, epsilon)
-    # Second pass, with gradient: τ from the uncapped scores only, shifted by their maximum so that the
-    # exponents near the threshold are computed without cancellation even at tiny ε.
-    z = torch.where(uncapped, scores / epsilon, float("-inf"))
-    z_max = z.max(dim=-1, keepdim=True).values.detach()
-    z_max = torch.where(torch.isfinite(z_max), z_max, 0.0)
-    num_capped = mask.sum(dim=-1) - uncapped.sum(dim=-1)
+        top_values, top_index, in_top = _rank_top_k(scores, k, valid, forced)
+        slot = torch.arange(top_index.shape[-1], device=scores.device)
+        num_forced = forced.sum(dim=-1, keepdim=True) if forced is not None else 0
+        free = in_top & (slot >= num_forced)  # top-k slots the LP may leave below 1
+        z = scores.detach().masked_fill(~valid, float("-inf")) / epsilon
+        z_top = top_values / epsilon
+        z_rest = z.scatter(-1, top_index, torch.where(in_top, float("-inf"), z_top))
+        free_tail = torch.where(free, z_top, float("-inf")).flip(-1).logcumsumexp(dim=-1).flip(-1)
+        tail = torch.logaddexp(free_tail, z_rest.logsumexp(dim=-1, keepdim=True))
+        log_tau_candidates = tail - torch.log((k[:, None] - slot).clamp(min=1).to(scores.dtype))
+        consistent = free & (z_top <= log_tau_candidates)
+        first = torch.where(consistent, slot, top_index.shape[-1]).min(dim=-1).values
+        # rows with k = n_valid have every valid token at 1, exactly; rows with k all forced likewise
+        num_capped = torch.where(k >= valid.sum(dim=-1), k, torch.minimum(first, k))
+        capped = torch.zeros_like(valid).scatter(-1, top_index, slot < num_capped[:, None])
+        uncapped = valid & ~capped
+        reference = scores.detach().masked_fill(~uncapped, float("-inf")).max(dim=-1, keepdim=True).values
+        reference = torch.where(torch.isfinite(reference), reference, 0.0)
+    # with gradient: τ from the uncapped scores, relative to their maximum, so that exponents near the
+    # threshold keep their precision even at tiny ε
+    relative = torch.where(uncapped, (scores - reference) / epsilon, float("-inf"))
     remaining = (k - num_capped).clamp(min=1).to(scores.dtype)[:, None]
-    log_tau = torch.logsumexp(z - z_max, dim=-1, keepdim=True) - torch.log(remaining)  # τ/ε - z_max
-    lam = torch.exp(torch.clamp(z - z_max - log_tau, max=0.0))
-    # capped tokens, and every valid token of a row with k = n_valid, get λ = 1 exactly
-    lam = torch.where(uncapped, lam, 1.0)
+    log_tau = torch.logsumexp(relative, dim=-1, keepdim=True) - torch.log(remaining)
+    return _Threshold(top_index, in_top, num_capped, reference, log_tau)
+
+
+def _soft_topk_exact(scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """λ ``[batch, n]`` from the exact threshold."""
+    if int(k.max()) == 0:
+        return torch.zeros_like(scores)
+    threshold = _exact_threshold(scores, k, mask, epsilon)
+    slot = torch.arange(threshold.top_index.shape[-1], device=scores.device)
+    capped = torch.zeros_like(mask).scatter(-1, threshold.top_index, slot < threshold.num_capped[:, None])
+    lam = threshold.weights(scores, epsilon, capped)
     return torch.where(mask & (k[:, None] > 0), lam, 0.0)
-
-
-def _uncapped_tokens(scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Bool ``[batch, n]``: the valid tokens whose λ is below the upper bound 1."""
-    n = scores.shape[-1]
-    z_sorted, order = torch.where(mask, scores / epsilon, float("-inf")).sort(dim=-1, descending=True)
-    # tail_lse[:, j] = logsumexp(z_sorted[:, j:]), the mass left for the others when the first j are capped
-    tail_lse = z_sorted.flip(-1).logcumsumexp(dim=-1).flip(-1)
-    j = torch.arange(n, device=scores.device)
-    log_tau = tail_lse - torch.log((k[:, None] - j).clamp(min=1).to(scores.dtype))  # τ_j / ε
-    consistent = (z_sorted <= log_tau) & (j < k[:, None])
-    # j = k - 1 is always consistent when k < n_valid; with k = n_valid every token is capped
-    num_capped = torch.where(consistent, j, n).min(dim=-1).values
-    num_capped = torch.where(k >= mask.sum(dim=-1), n, num_capped)
-    uncapped_sorted = j >= num_capped[:, None]
-    return torch.zeros_like(mask).scatter(-1, order, uncapped_sorted) & mask
 
 
 def _validate_coordinate_descent_settings(iters: int, epsilon_init: float, epsilon_decay: float) -> None:
@@ -181,6 +224,42 @@ def _soft_topk_coordinate_descent(
 # --------------------------------------------------------------------------------------------------
 
 
+class TokenBudget(NamedTuple):
+    """How many tokens each example keeps in every routed layer of one forward (the same for all layers).
+
+    Attributes:
+        valid: bool ``[batch, n]``, False at padding.
+        num_selected: LongTensor ``[batch]``, ``k = ceil(n_valid / r)``.
+        forced: bool ``[batch, n]`` of positions always kept (the pooled token), or None.
+        dense: every example keeps all its tokens (``r = 1``, or very short inputs): no routing needed.
+        uniform: the same ``k`` in every example: no empty slots, so the routed tokens need no attention mask
+            (padding is never routed).
+    """
+
+    valid: torch.Tensor
+    num_selected: torch.Tensor
+    forced: torch.Tensor | None
+    dense: bool
+    uniform: bool
+
+
+def token_budget(
+    padding_mask: torch.Tensor | None, shape: tuple[int, int], reduction: float, forced_position: int | None
+) -> TokenBudget:
+    """The :class:`TokenBudget` for a batch of ``shape = (batch, n)`` with an optional bool padding mask."""
+    batch, n = shape
+    valid = torch.ones(shape, dtype=torch.bool) if padding_mask is None else padding_mask
+    k = num_selected_tokens(valid, reduction)
+    forced = None
+    if forced_position is not None:
+        forced = torch.zeros_like(valid)
+        forced[:, forced_position] = True
+        forced &= valid
+    dense = bool((k == valid.sum(dim=-1)).all())
+    uniform = bool((k == k[0]).all())
+    return TokenBudget(valid, k, forced, dense, uniform)
+
+
 class Selection(NamedTuple):
     """Which tokens one conditional layer sends through its frozen layer.
 
@@ -190,12 +269,14 @@ class Selection(NamedTuple):
         slot_mask: bool ``[batch, k_max]``, True for slots that hold a selected token.
         weights: ``λ`` of the selected tokens ``[batch, k_max]``, 0 in empty slots.
         num_selected: LongTensor ``[batch]``, ``k`` per example.
+        all_filled: every slot holds a token (no example has fewer than ``k_max``).
     """
 
     index: torch.Tensor
     slot_mask: torch.Tensor
     weights: torch.Tensor
     num_selected: torch.Tensor
+    all_filled: bool
 
     def trace(self) -> torch.Tensor:
         """Selected positions ``[batch, k_max]`` with ``-1`` in empty slots."""
@@ -216,15 +297,15 @@ class Router(nn.Module):
     """Scores tokens with one learned vector and selects the ``k = ceil(n_valid / r)`` best per example.
 
     The selection is the hard top-k of the scores, the same in training and at inference; the weights
-    ``λ`` come from :func:`soft_topk`. Padding is never selected; the ``forced`` positions (the pooled
-    token of a classifier) always are, with ``λ = 1``.
+    ``λ`` are the soft top-k solution (see :func:`soft_topk`), so the router learns through them. Padding
+    is never selected; the budget's forced positions (the pooled token) always are, with ``λ = 1``.
+    A ``"random"`` router selects uniformly at random, with ``λ = 1``: the paper's ablation baseline.
     """
 
     def __init__(
         self,
         hidden_size: int,
         *,
-        reduction: float,
         kind: str = "learned",
         epsilon: float = 0.1,
         method: str = "exact",
@@ -233,11 +314,10 @@ class Router(nn.Module):
         epsilon_decay: float = 0.7,
     ) -> None:
         super().__init__()
-        self.reduction = reduction
         self.kind = kind
-        self.soft_topk_options = dict(
-            epsilon=epsilon, method=method, iters=iters, epsilon_init=epsilon_init, epsilon_decay=epsilon_decay
-        )
+        self.epsilon = epsilon
+        self.method = method
+        self.coordinate_descent_options = dict(iters=iters, epsilon_init=epsilon_init, epsilon_decay=epsilon_decay)
         # scores start at O(1) for inputs of O(1) per dimension, as in post-LayerNorm hidden states
         self.weight = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
 
@@ -247,39 +327,41 @@ class Router(nn.Module):
             return torch.rand(hidden_states.shape[:2], device=hidden_states.device)
         return hidden_states.float() @ self.weight.float()
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None) -> Selection:
-        """Select tokens of ``hidden_states`` ``[batch, n, hidden]``.
-
-        Args:
-            valid: bool ``[batch, n]``, False at padding.
-            forced: bool ``[batch, n]`` of positions that must be selected, or None.
-        """
+    def forward(self, hidden_states: torch.Tensor, budget: TokenBudget) -> Selection:
+        """Select tokens of ``hidden_states`` ``[batch, n, hidden]`` within ``budget``."""
         scores = self.scores(hidden_states)
-        if not torch.isfinite(scores[valid]).all():
+        valid, k, forced = budget.valid, budget.num_selected, budget.forced
+        if not torch.isfinite(scores).logical_or(~valid).all():
             raise ValueError(
                 "router scores are not finite (NaN or inf): the layer input or the router weight holds "
                 "non-finite values"
             )
-        forced = valid & forced if forced is not None else torch.zeros_like(valid)
-        num_forced = forced.sum(dim=-1)
-        k = torch.maximum(num_selected_tokens(valid, self.reduction), num_forced)
-        # forced tokens are capped entries of the LP (λ = 1); the rest share the remaining k
-        lam = soft_topk(scores, k - num_forced, mask=valid & ~forced, **self.soft_topk_options)
-        lam = lam + forced.to(lam.dtype)
-        return select_top_k(scores, lam, k, valid, forced)
+        if self.kind == "random":
+            _, top_index, in_top = _rank_top_k(scores, k, valid, forced)
+            top_weights = in_top.to(scores.dtype)
+        elif self.method == "exact":
+            threshold = _exact_threshold(scores, k, valid, self.epsilon, forced)
+            top_index, in_top = threshold.top_index, threshold.in_top
+            slot = torch.arange(top_index.shape[-1], device=scores.device)
+            capped = slot < threshold.num_capped[:, None]
+            top_weights = threshold.weights(scores.gather(-1, top_index), self.epsilon, capped)
+        else:
+            free = valid if forced is None else valid & ~forced
+            num_forced = 0 if forced is None else forced.sum(dim=-1)
+            lam = _soft_topk_coordinate_descent(
+                scores, k - num_forced, free, self.epsilon, **self.coordinate_descent_options
+            )
+            lam = lam if forced is None else lam + forced.to(lam.dtype)
+            _, top_index, in_top = _rank_top_k(scores, k, valid, forced)
+            top_weights = lam.gather(-1, top_index)
+        return _in_position_order(top_index, top_weights * in_top, in_top, k, budget.uniform)
 
 
-def select_top_k(
-    scores: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor
+def _in_position_order(
+    top_index: torch.Tensor, top_weights: torch.Tensor, in_top: torch.Tensor, k: torch.Tensor, uniform: bool
 ) -> Selection:
-    """Hard top-k by score with a per-row ``k``, returned as sorted positions ``[batch, k_max]``."""
-    n = scores.shape[-1]
-    k_max = int(k.max())
-    ranking = scores.detach().masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
-    top = ranking.topk(k_max, dim=-1, sorted=True).indices
-    slot_mask = torch.arange(k_max, device=scores.device) < k[:, None]
-    # empty slots sort to the end (key n), then point at position 0 so that gathers stay in range
-    index = top.masked_fill(~slot_mask, n).sort(dim=-1).values
-    index = index.masked_fill(~slot_mask, 0)
-    selected_weights = weights.gather(-1, index) * slot_mask
-    return Selection(index=index, slot_mask=slot_mask, weights=selected_weights, num_selected=k)
+    """Re-order the top-k slots by position (ascending), empty slots last, pointing at position 0."""
+    empty_key = top_index.new_tensor(torch.iinfo(top_index.dtype).max)
+    index, order = torch.where(in_top, top_index, empty_key).sort(dim=-1)
+    index = index.masked_fill(~in_top, 0)
+    return Selection(index, in_top, top_weights.gather(-1, order), k, all_filled=uniform)

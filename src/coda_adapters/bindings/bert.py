@@ -30,11 +30,13 @@ class BertBinding(Binding):
     def routed_layer_arguments(
         self, selected_states: torch.Tensor, selection: Selection, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]]:
-        # Transformers builds the mask in whatever format the configured attention implementation
-        # (eager: additive float, sdpa: bool or None) expects; the encoder passes it second.
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=selected_states, attention_mask=selection.slot_mask
-        )
+        # Padding is never routed, so only empty slots need masking. Transformers builds the mask in
+        # the format the configured attention implementation expects; the encoder passes it second.
+        mask = None
+        if not selection.all_filled:
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=selected_states, attention_mask=selection.slot_mask
+            )
         if args:
             args = (mask, *args[1:])
         else:

@@ -1,0 +1,487 @@
+"""Speed benchmarks: CoDA against the dense parallel adapter, the frozen model and merged LoRA.
+
+Every setting is timed side by side in one process, with the settings interleaved across repeats so
+that machine noise hits all of them alike; the report gives medians and ratios, never a single time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import CodaConfig, get_coda_model, soft_topk
+from .data import load_bbc_news
+
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost model (method §6)
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_flops(config: Any, n: int, k: int | None, bottleneck: int | None) -> float:
+    """Multiply-add FLOPs of one Transformer layer on one example padded to ``n`` tokens.
+
+    ``k = None`` is a dense layer (it computes every position, padding included); otherwise the frozen
+    layer runs on ``k`` tokens and the router (a dot product per token) and the soft top-k (about ten
+    operations per token) run on all ``n``. ``bottleneck`` adds a bottleneck adapter on all ``n``.
+    """
+    d, f = config.hidden_size, config.intermediate_size
+    tokens = n if k is None else k
+    flops = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d
+    if k is not None:
+        flops += 2 * n * d + 10 * n
+    if bottleneck:
+        flops += 4 * n * d * bottleneck
+    return float(flops)
+
+
+def flop_ratio(
+    config: Any, padded_length: int, lengths: list[int], reduction: float | None, bottleneck: int | None
+) -> float:
+    """Cost-model speed-up over the dense parallel adapter for a batch of ``lengths`` padded to ``padded_length``.
+
+    ``reduction = None`` with ``bottleneck = None`` is the frozen model (no adapter, no routing). The
+    dense models compute every padded position; CoDA's ``k`` comes from the real lengths.
+    """
+    n = padded_length
+    dense = len(lengths) * layer_flops(config, n, None, bottleneck or 64)
+    if reduction is None or reduction == 1:
+        this = len(lengths) * layer_flops(config, n, None, bottleneck)
+    else:
+        this = sum(layer_flops(config, n, math.ceil(length / reduction), bottleneck) for length in lengths)
+    return dense / this
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def benchmark_batch(tokenizer: Any, seq_len: int, batch_size: int, mixed: bool) -> dict[str, torch.Tensor]:
+    """Real BBC News text, ``[batch, seq_len]``: every example cut to ``seq_len`` tokens or, with
+    ``mixed``, to lengths spread evenly from ``seq_len / 4`` to ``seq_len`` and right-padded."""
+    texts, _, _ = load_bbc_news()
+    joined = " ".join(texts[: 4 * batch_size * max(1, seq_len // 256)])
+    words = joined.split()
+    chunk = len(words) // batch_size
+    examples = [" ".join(words[i * chunk : (i + 1) * chunk]) for i in range(batch_size)]
+    if mixed:
+        lengths = [round(seq_len / 4 + (seq_len - seq_len / 4) * i / max(1, batch_size - 1)) for i in range(batch_size)]
+    else:
+        lengths = [seq_len] * batch_size
+    rows = [tokenizer(text, truncation=True, max_length=length)["input_ids"] for text, length in zip(examples, lengths)]
+    if any(len(row) < length for row, length in zip(rows, lengths)):
+        raise RuntimeError(f"not enough benchmark text for {batch_size} examples of {seq_len} tokens")
+    return tokenizer.pad({"input_ids": rows}, padding="max_length", max_length=seq_len, return_tensors="pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models under test
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One model under test: ``kind`` is "coda" (with ``reduction``), "frozen" or "lora-merged"."""
+
+    kind: str
+    reduction: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"coda r={self.reduction:g}" if self.kind == "coda" else self.kind
+
+
+def build_variants(
+    base: nn.Module, reductions: list[float], bottleneck: int, quantize: str, train: bool
+) -> dict[str, tuple[Variant, nn.Module]]:
+    """Copies of ``base`` as the frozen model, merged LoRA and CoDA at each reduction."""
+    variants: dict[str, tuple[Variant, nn.Module]] = {}
+    if not train:
+        variants["frozen"] = (Variant("frozen"), copy.deepcopy(base))
+    variants["lora-merged" if not train else "lora"] = (
+        Variant("lora-merged" if not train else "lora"),
+        lora_model(base, merge=not train),
+    )
+    for r in reductions:
+        model = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=r, bottleneck=bottleneck))
+        variants[Variant("coda", r).label] = (Variant("coda", r), model)
+    if quantize == "int8":
+        for _, model in variants.values():
+            quantize_frozen_linears(model)
+    return variants
+
+
+def lora_model(base: nn.Module, merge: bool) -> nn.Module:
+    """peft LoRA (r = 8 on query/value, the usual setting) on a copy of ``base``; merged for inference."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    return model.merge_and_unload() if merge else model
+
+
+def quantize_frozen_linears(model: nn.Module) -> None:
+    """int8 dynamic quantisation of every frozen ``nn.Linear`` inside the Transformer layers (in place).
+
+    Trainable modules (adapters, routers, heads) stay in float32.
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    layers = _layer_list(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks the quantised tensor API as deprecated
+        for index in range(len(layers)):
+            layer = layers[index]
+            frozen = getattr(layer, "layer", layer)  # a ConditionalLayer wraps the frozen layer
+            quantized = quantize_dynamic(frozen, {nn.Linear}, dtype=torch.qint8)
+            if frozen is layer:
+                layers[index] = quantized
+            else:
+                layer.layer = quantized
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    backbone = getattr(model, "model", model).base_model
+    return backbone.encoder.layer
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------------
+
+
+def inference_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode():
+            model(**batch)
+
+    return step
+
+
+def training_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """Forward + backward + AdamW step with a classification loss on random labels."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    labels = torch.randint(0, model.config.num_labels, (batch["input_ids"].shape[0],))
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_memory_mb(step: Callable[[], None]) -> float:
+    """Peak of the memory allocated during ``step`` above what was allocated before, in MB.
+
+    Read from torch.profiler's allocation events; transient allocations inside one operator are not seen.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak / 2**20
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Silence the profiler backend's own log lines, which it writes straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each step; one call of every step per round, in a rotating order."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in tqdm(range(repeats), desc="timing", unit="round", leave=False):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchRow:
+    model: str
+    variant: str
+    seq_len: int
+    batch_size: int
+    mixed_lengths: bool
+    reduction: float | None
+    latency_ms: float
+    examples_per_s: float
+    speedup_vs_dense: float
+    speedup_vs_frozen: float | None
+    speedup_vs_lora_merged: float | None
+    flop_ratio: float
+    efficiency: float
+    peak_mem_mb: float
+    train: bool
+    quantize: str
+    threads: int
+
+
+def run_benchmark(
+    *,
+    model_name: str,
+    seq_lens: list[int],
+    reductions: list[float],
+    batch_size: int = 8,
+    threads: int = 2,
+    repeats: int = 10,
+    warmup: int = 2,
+    train: bool = False,
+    quantize: str = "none",
+    mixed: bool = True,
+    bottleneck: int = 64,
+) -> list[BenchRow]:
+    """Time CoDA at each reduction against its baselines; see :class:`BenchRow` for what is reported.
+
+    ``reductions`` must contain 1 (the dense parallel adapter every speed-up is relative to).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .pretrained import resolve_model_path
+
+    path = resolve_model_path(model_name)
+    config = AutoConfig.from_pretrained(path)
+    validate_bench_arguments(config, seq_lens, reductions, batch_size, threads, repeats, quantize)
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = (
+        AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
+        if train
+        else AutoModel.from_pretrained(path)
+    ).eval()
+    variants = build_variants(base, reductions, bottleneck, quantize, train)
+
+    batches = {(n, False): benchmark_batch(tokenizer, n, batch_size, mixed=False) for n in seq_lens}
+    if mixed:
+        batches.update({(n, True): benchmark_batch(tokenizer, n, batch_size, mixed=True) for n in seq_lens})
+    make_step = training_step if train else inference_step
+    rows = []
+    for (seq_len, is_mixed), batch in batches.items():
+        steps = {name: make_step(model, batch) for name, (_, model) in variants.items()}
+        times = time_interleaved(steps, repeats, warmup)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        for name, (variant, _) in variants.items():
+            adapter = bottleneck if variant.kind == "coda" else None
+            ratio = flop_ratio(config, seq_len, lengths, variant.reduction, adapter)
+            speedup = medians["coda r=1"] / medians[name]
+            rows.append(
+                BenchRow(
+                    model=model_name,
+                    variant=variant.label,
+                    seq_len=seq_len,
+                    batch_size=batch_size,
+                    mixed_lengths=is_mixed,
+                    reduction=variant.reduction,
+                    latency_ms=1e3 * medians[name],
+                    examples_per_s=batch_size / medians[name],
+                    speedup_vs_dense=speedup,
+                    speedup_vs_frozen=medians["frozen"] / medians[name] if "frozen" in medians else None,
+                    speedup_vs_lora_merged=medians["lora-merged"] / medians[name] if "lora-merged" in medians else None,
+                    flop_ratio=ratio,
+                    efficiency=speedup / ratio,
+                    peak_mem_mb=peak_memory_mb(steps[name]),
+                    train=train,
+                    quantize=quantize,
+                    threads=threads,
+                )
+            )
+    return rows
+
+
+def validate_bench_arguments(
+    config: Any,
+    seq_lens: list[int],
+    reductions: list[float],
+    batch_size: int,
+    threads: int,
+    repeats: int,
+    quantize: str,
+) -> None:
+    """Clear errors before any work starts."""
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if not seq_lens or any(n < 1 for n in seq_lens):
+        raise ValueError(f"--seq-lens must be positive token counts, got {seq_lens}")
+    if max_positions is not None and max(seq_lens) > max_positions:
+        raise ValueError(f"--seq-lens {max(seq_lens)} is above the model's maximum of {max_positions} positions")
+    if 1 not in reductions:
+        raise ValueError(
+            f"--reductions must include 1, the dense parallel adapter that speed-ups refer to; got {reductions}"
+        )
+    for r in reductions:
+        CodaConfig(reduction=r)  # validates
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    header = (
+        f"{'variant':<12} {'seq':>5} {'mixed':>5} {'ms':>8} {'ex/s':>7} {'vs dense':>8} {'vs frozen':>9} "
+        f"{'vs LoRA':>7} {'FLOP ratio':>10} {'eff.':>5} {'peak MB':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+
+        def ratio(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}x"
+
+        lines.append(
+            f"{row.variant:<12} {row.seq_len:>5} {'yes' if row.mixed_lengths else 'no':>5} {row.latency_ms:>8.1f} "
+            f"{row.examples_per_s:>7.1f} {ratio(row.speedup_vs_dense):>8} {ratio(row.speedup_vs_frozen):>9} "
+            f"{ratio(row.speedup_vs_lora_merged):>7} {row.flop_ratio:>9.2f}x {row.efficiency:>5.2f} "
+            f"{row.peak_mem_mb:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rows: list[BenchRow], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+
+
+def plot_speedups(rows: list[BenchRow], path: str | Path) -> None:
+    """Measured speed-up over the dense parallel adapter against sequence length, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    full = [row for row in rows if not row.mixed_lengths]
+    for variant in dict.fromkeys(row.variant for row in full):
+        points = [(row.seq_len, row.speedup_vs_dense, row.flop_ratio) for row in full if row.variant == variant]
+        (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{variant} (measured)")
+        if variant.startswith("coda") and variant != "coda r=1":
+            axis.plot(
+                [p[0] for p in points],
+                [p[2] for p in points],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{variant} (cost model)",
+            )
+    axis.set_xlabel("sequence length (tokens)")
+    axis.set_ylabel("speed-up over the dense parallel adapter")
+    axis.set_title(
+        f"{rows[0].model}, batch {rows[0].batch_size}, {rows[0].threads} threads"
+        + (", training" if rows[0].train else ", inference")
+    )
+    axis.set_xscale("log", base=2)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft top-k: exactness and cost
+# --------------------------------------------------------------------------------------------------
+
+
+def bisection_soft_topk(scores: torch.Tensor, k: int, epsilon: float, steps: int = 100) -> torch.Tensor:
+    """Reference λ in float64: bisection on the threshold τ of ``λ = min(1, exp((s - τ)/ε))``."""
+    s = scores.double()
+    low = s.min(-1, keepdim=True).values - 60 * epsilon - 1
+    high = s.max(-1, keepdim=True).values + 60 * epsilon + 1
+    for _ in range(steps):
+        tau = (low + high) / 2
+        too_much = torch.clamp(torch.exp((s - tau) / epsilon), max=1).sum(-1, keepdim=True) > k
+        low, high = torch.where(too_much, tau, low), torch.where(too_much, high, tau)
+    return torch.clamp(torch.exp((s - (low + high) / 2) / epsilon), max=1)
+
+
+def soft_topk_report(
+    n: int = 512,
+    batch: int = 8,
+    k: int = 171,
+    epsilons: tuple[float, ...] = (1e-3, 0.01, 0.03, 0.1, 1.0, 10.0),
+    repeats: int = 200,
+    threads: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Largest error against a float64 bisection and the time per call, exact vs the paper's 20-step solver."""
+    torch.set_num_threads(threads)
+    scores = torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))
+    errors = []
+    for eps in epsilons:
+        reference = bisection_soft_topk(scores, k, eps)
+        row = {"epsilon": eps}
+        for method in ("exact", "coordinate_descent"):
+            lam = soft_topk(scores, k, epsilon=eps, method=method).double()
+            row[f"{method}_max_error"] = float((lam - reference).abs().max())
+            row[f"{method}_min_row_sum"] = float(lam.sum(-1).min())
+        errors.append(row)
+
+    def call(method: str, backward: bool) -> Callable[[], None]:
+        leaf = scores.clone().requires_grad_(backward)
+
+        def step() -> None:
+            lam = soft_topk(leaf, k, epsilon=0.03, method=method)
+            if backward:
+                lam.sum().backward()
+
+        return step
+
+    steps = {
+        f"{m}{' +backward' if b else ''}": call(m, b) for m in ("exact", "coordinate_descent") for b in (False, True)
+    }
+    times = {name: statistics.median(t) * 1e6 for name, t in time_interleaved(steps, repeats, warmup=10).items()}
+    return {
+        "n": n,
+        "batch": batch,
+        "k": k,
+        "errors": errors,
+        "microseconds": times,
+        "cost_ratio_exact_over_cd": times["exact"] / times["coordinate_descent"],
+        "cost_ratio_exact_over_cd_with_backward": times["exact +backward"] / times["coordinate_descent +backward"],
+    }
