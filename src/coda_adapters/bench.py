@@ -86,8 +86,9 @@ def benchmark_batch(tokenizer: Any, seq_len: int, batch_size: int, mixed: bool) 
         lengths = [round(seq_len / 4 + (seq_len - seq_len / 4) * i / max(1, batch_size - 1)) for i in range(batch_size)]
     else:
         lengths = [seq_len] * batch_size
-    rows = [tokenizer(text, truncation=True, max_length=length)["input_ids"] for text, length in zip(examples, lengths)]
-    if any(len(row) < length for row, length in zip(rows, lengths)):
+    pairs = list(zip(examples, lengths, strict=True))
+    rows = [tokenizer(text, truncation=True, max_length=length)["input_ids"] for text, length in pairs]
+    if any(len(row) < length for row, (_, length) in zip(rows, pairs, strict=True)):
         raise RuntimeError(f"not enough benchmark text for {batch_size} examples of {seq_len} tokens")
     return tokenizer.pad({"input_ids": rows}, padding="max_length", max_length=seq_len, return_tensors="pt")
 

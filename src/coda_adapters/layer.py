@@ -62,7 +62,7 @@ class RoutingState:
                     f"[batch, seq]={shape}"
                 )
             mask = None if mask is None else mask.to(hidden_states.device)
-            self.budget = token_budget(mask, shape, self.reduction, self.forced_position)
+            self.budget = token_budget(mask, shape, self.reduction, self.forced_position, hidden_states.device)
         return self.budget
 
 

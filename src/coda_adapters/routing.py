@@ -244,11 +244,14 @@ class TokenBudget(NamedTuple):
 
 
 def token_budget(
-    padding_mask: torch.Tensor | None, shape: tuple[int, int], reduction: float, forced_position: int | None
+    padding_mask: torch.Tensor | None,
+    shape: tuple[int, int],
+    reduction: float,
+    forced_position: int | None,
+    device: torch.device | str = "cpu",
 ) -> TokenBudget:
     """The :class:`TokenBudget` for a batch of ``shape = (batch, n)`` with an optional bool padding mask."""
-    batch, n = shape
-    valid = torch.ones(shape, dtype=torch.bool) if padding_mask is None else padding_mask
+    valid = torch.ones(shape, dtype=torch.bool, device=device) if padding_mask is None else padding_mask
     k = num_selected_tokens(valid, reduction)
     forced = None
     if forced_position is not None:
