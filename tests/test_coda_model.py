@@ -261,3 +261,33 @@ def test_reduction_three_is_faster_than_dense_at_512_tokens(minilm_path):
                 times[r].append(time.perf_counter() - start)
     best = {r: min(t[1:]) for r, t in times.items()}
     assert best[3] < best[1], best
+
+
+def test_disable_adapters_gives_the_frozen_base_model_even_with_lora():
+    base = tiny_model("bert")
+    coda = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=3, lora_rank=4))
+    randomize_trainable(coda)
+    ids, mask = padded_batch([12, 9], 12)
+    with torch.no_grad():
+        routed = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+        with coda.disable_adapters():
+            plain = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+        again = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    assert (plain - want)[valid].abs().max() <= 1e-6
+    assert torch.equal(routed, again) and (routed - want)[valid].abs().max() > 1e-3
+
+
+def test_mean_pooling_feeds_the_head_the_mean_over_real_tokens():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=2, pooling="mean"))
+    ids, mask = padded_batch([12, 5], 12)
+    with torch.no_grad():
+        out = coda(input_ids=ids, attention_mask=mask)
+    for row, length in enumerate([12, 5]):
+        torch.testing.assert_close(out.pooler_output[row], out.last_hidden_state[row, :length].mean(0))
+
+
+def test_mean_pooling_needs_a_pooler():
+    with pytest.raises(ValueError, match="pooling='mean' needs a model whose head reads the pooler output"):
+        get_coda_model(tiny_model("roberta", head=True), CodaConfig(pooling="mean"))

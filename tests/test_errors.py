@@ -18,7 +18,7 @@ from conftest import random_ids, tiny_model
         (dict(reduction=math.nan), "reduction must be a finite number >= 1"),
         (dict(bottleneck=0), "bottleneck must be an int >= 1"),
         (dict(bottleneck=-3), "bottleneck must be an int >= 1"),
-        (dict(adapter="prefix"), "adapter must be one of \\('parallel', 'series'\\)"),
+        (dict(adapter="prefix"), "adapter must be one of \\('parallel', 'series', 'none'\\)"),
         (dict(router="oracle"), "router must be one of \\('learned', 'random'\\)"),
         (dict(epsilon=0), "epsilon must be a finite number > 0"),
         (dict(soft_topk_method="sinkhorn"), "soft_topk_method must be one of"),

@@ -16,6 +16,331 @@ class CommandError(Exception):
     """A problem with the user's input: printed as one line, without a traceback."""
 
 
+# --------------------------------------------------------------------------------------------------
+# Shared options
+# --------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The base model and the CoDA settings (``CodaConfig``)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="minilm", help="bundled model name (minilm) or local model directory")
+    group.add_argument("--reduction", type=float, default=3.0, help="r: keep ceil(n/r) tokens per layer (1 = dense)")
+    group.add_argument("--adapter", default="parallel", choices=["parallel", "series", "none"])
+    group.add_argument("--bottleneck", type=int, default=64)
+    group.add_argument("--scaling", type=float, default=1.0)
+    group.add_argument("--router", default="learned", choices=["learned", "random"])
+    group.add_argument("--epsilon", type=float, default=0.1, help="soft top-k entropy weight")
+    group.add_argument("--soft-topk", default="exact", choices=["exact", "coordinate_descent"])
+    group.add_argument("--lora-rank", type=int, default=0, help="add peft LoRA of this rank (0 = none)")
+    group.add_argument(
+        "--pooling",
+        default="mean",
+        choices=["cls", "mean"],
+        help="what the classifier reads: mean of the last hidden states, or the [CLS] pooler",
+    )
+
+
+def coda_config_from(args: argparse.Namespace):
+    from .config import CodaConfig
+
+    return CodaConfig(
+        reduction=args.reduction,
+        adapter=args.adapter,
+        bottleneck=args.bottleneck,
+        scaling=args.scaling,
+        router=args.router,
+        epsilon=args.epsilon,
+        soft_topk_method=args.soft_topk,
+        lora_rank=args.lora_rank,
+        pooling=args.pooling,
+    )
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None = "bbc-news") -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        default=default,
+        required=default is None,
+        help="bbc-news (built in) or a CSV/TSV/JSONL file with text and label columns",
+    )
+    group.add_argument("--text-column", default="text")
+    group.add_argument("--label-column", default="label")
+    group.add_argument("--test", help="a separate test file (otherwise --test-size of --data is held out)")
+    group.add_argument("--test-size", type=float, default=0.2)
+
+
+def load_data_from(args: argparse.Namespace):
+    from .data import load_classification_data
+
+    return load_classification_data(
+        args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        test=args.test,
+        test_size=args.test_size,
+        seed=getattr(args, "seed", 0),
+    )
+
+
+def read_texts(args: argparse.Namespace) -> list[str]:
+    """Texts from the command line or ``--file`` (one per line, or a CSV/TSV/JSONL column)."""
+    from .data import load_corpus
+
+    texts = list(args.texts)
+    if args.file:
+        texts += load_corpus(args.file, text_column=args.text_column)
+    if not texts:
+        raise CommandError("give one or more texts, or --file")
+    empty = [i for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise CommandError(f"text {empty[0] + 1} is empty; there is nothing to classify")
+    return texts
+
+
+# --------------------------------------------------------------------------------------------------
+# pretrain / train / eval / predict / explain
+# --------------------------------------------------------------------------------------------------
+
+
+def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("pretrain", help="CoDA pretraining of routers and adapters on unlabelled text")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--corpus",
+        default="bbc-news",
+        help="bbc-news (its training split), a .txt file (one document per line) or a CSV/JSONL file",
+    )
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--objective", default="distill", choices=["distill", "layerwise", "pooled", "mlm"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--routers-only", action="store_true", help="train only the routers; adapters stay at zero")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="directory for the pretrained routers and adapters")
+    parser.set_defaults(run=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> None:
+    from .data import load_corpus
+    from .pretrain import PretrainConfig, build_pretraining_model, pretrain
+
+    config = PretrainConfig(
+        objective=args.objective,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    texts = load_corpus(args.corpus, text_column=args.text_column)
+    torch_seed(args.seed)
+    model, tokenizer = build_pretraining_model(args.model, coda_config_from(args), args.objective)
+    metrics = pretrain(model, tokenizer, texts, config, args.out, model_name=args.model)
+    print(
+        f"pretrained on {len(texts)} documents: loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} "
+        f"in {metrics['pretrain_seconds']:.0f} s; saved to {args.out}"
+    )
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune routers, adapters and a classification head")
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--out", required=True, help="directory for the adapter, checkpoints and metrics.json")
+    group.add_argument("--init", help="start from a `coda pretrain` output")
+    group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    group.add_argument("--epochs", type=int, default=3)
+    group.add_argument("--batch-size", type=int, default=16, help="global batch size (split across processes)")
+    group.add_argument("--lr", type=float, default=1e-3)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--warmup-ratio", type=float, default=0.1)
+    group.add_argument("--max-grad-norm", type=float, default=1.0)
+    group.add_argument("--max-length", type=int, default=256)
+    group.add_argument("--val-size", type=float, default=0.1, help="fraction of training data held out for validation")
+    group.add_argument("--max-train-examples", type=int, help="use only this many training examples (quick runs)")
+    group.add_argument("--dropout", type=float, help="the base model's dropout during training (default: its own)")
+    group.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .data import subsample
+    from .train import TrainConfig, build_classifier, load_backbone_adapter, train_classifier
+
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length,
+        val_size=args.val_size,
+        seed=args.seed,
+    )
+    data = load_data_from(args)
+    if args.max_train_examples is not None:
+        data.train = subsample(data.train, args.max_train_examples, args.seed)
+    torch_seed(args.seed)
+    model, tokenizer = build_classifier(args.model, coda_config_from(args), data.label_names, dropout=args.dropout)
+    extra = {}
+    if args.init:
+        pretrained = load_backbone_adapter(model, args.init)
+        extra["init"] = {"directory": args.init, "coda_config": pretrained.to_dict()}
+    if int(os.environ.get("RANK", "0")) == 0:  # once under `accelerate launch`
+        model.print_trainable_parameters()
+    metrics = train_classifier(
+        model, tokenizer, data, config, args.out, model_name=args.model, resume=args.resume, extra_metrics=extra
+    )
+    if metrics:
+        print(
+            f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+            f"{metrics['eval_examples_per_second']:.1f} examples/s; training {metrics['train_seconds']:.0f} s; "
+            f"saved to {args.out}"
+        )
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="accuracy, macro-F1, confusion matrix and speed of a trained adapter")
+    parser.add_argument("--adapter", required=True, help="a `coda train` output directory")
+    add_data_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8"],
+        help="int8 dynamic quantisation of the frozen layers' linear layers",
+    )
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .data import LabelledTexts, encode_labels, read_labelled_file
+    from .train import evaluate, load_classifier
+
+    model, tokenizer, task = load_classifier(args.adapter)
+    if args.quantize == "int8":
+        from .bench import quantize_frozen_linears
+
+        quantize_frozen_linears(model)
+    names = task["label_names"]
+    if args.data == "bbc-news":
+        data = load_data_from(args)
+        if data.label_names != names:
+            raise CommandError(f"the adapter's labels {names} differ from bbc-news's {data.label_names}")
+        test = data.test
+    else:  # a user file is evaluated whole
+        texts, raw, lines = read_labelled_file(args.data, args.text_column, args.label_column)
+        test = LabelledTexts(texts, encode_labels(args.data, raw, lines, names))
+    metrics = evaluate(model, tokenizer, test, names, task["max_length"], args.batch_size)
+    print(
+        f"{len(test.texts)} examples: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"{metrics['eval_examples_per_second']:.1f} examples/s"
+    )
+    width = max(len(n) for n in names)
+    print("confusion matrix (rows: true label, columns: predicted):")
+    print(" " * (width + 1) + " ".join(f"{n[:6]:>6}" for n in names))
+    for name, row in zip(names, metrics["confusion_matrix"], strict=True):
+        print(f"{name:<{width}} " + " ".join(f"{v:>6}" for v in row))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(metrics, handle, indent=2)
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="labels with probabilities for new texts")
+    parser.add_argument("--adapter", required=True, help="a `coda train` output directory")
+    parser.add_argument("texts", nargs="*", help="texts to classify")
+    parser.add_argument("--file", help="texts from a file: one per line (.txt) or a CSV/TSV/JSONL column")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per text")
+    parser.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from .train import Encoded, load_classifier, predict_probabilities
+
+    texts = read_texts(args)
+    model, tokenizer, task = load_classifier(args.adapter)
+    names = task["label_names"]
+    truncated = sum(len(ids) >= task["max_length"] for ids in tokenizer(texts, truncation=False)["input_ids"])
+    if truncated:
+        print(f"note: {truncated} text(s) longer than {task['max_length']} tokens were truncated", file=sys.stderr)
+    probabilities, _ = predict_probabilities(
+        model, Encoded(tokenizer, texts, None, task["max_length"]), args.batch_size
+    )
+    for text, row in zip(texts, probabilities, strict=True):
+        ranked = sorted(zip(names, row.tolist(), strict=True), key=lambda pair: -pair[1])
+        if args.json:
+            print(json.dumps({"text": text, "label": ranked[0][0], "probabilities": dict(ranked)}))
+        else:
+            shown = ", ".join(f"{name} {p:.3f}" for name, p in ranked[:3])
+            print(f"{ranked[0][0]}\t({shown})\t{text[:80]}")
+
+
+def add_explain_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("explain", help="which tokens each layer's router kept, as text, HTML or PNG")
+    parser.add_argument("--adapter", required=True, help="a `coda train` output directory")
+    parser.add_argument("texts", nargs="*")
+    parser.add_argument("--file", help="texts from a file: one per line (.txt) or a CSV/TSV/JSONL column")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--out", help="also write an .html page or a .png heat-map")
+    parser.set_defaults(run=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> None:
+    from .explain import as_text, explain_texts, write_html, write_png
+    from .train import load_classifier
+
+    if args.out and not args.out.lower().endswith((".html", ".png")):
+        raise CommandError(f"--out must end in .html or .png, got {args.out!r}")
+    texts = read_texts(args)
+    model, tokenizer, task = load_classifier(args.adapter)
+    explanations = explain_texts(model, tokenizer, texts, task["label_names"], task["max_length"])
+    for explanation in explanations:
+        print(as_text(explanation))
+    if args.out:
+        (write_html if args.out.lower().endswith(".html") else write_png)(explanations, args.out)
+        print(f"wrote {args.out}")
+
+
+def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "experiment",
+        help="train every baseline and CoDA variant with one recipe and time them side by side (the README table)",
+    )
+    parser.add_argument("--preset", default="results", choices=["results", "demo"])
+    parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
+    parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
+    parser.add_argument("--fresh", action="store_true", help="retrain every row (default: keep finished rows)")
+    parser.set_defaults(run=run_experiment_command)
+
+
+def run_experiment_command(args: argparse.Namespace) -> None:
+    from .data import bbc_news_split
+    from .experiment import PRESETS, run_experiment
+
+    run_experiment(PRESETS[args.preset], bbc_news_split(), args.out, model_name=args.model, fresh=args.fresh)
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------------
+
+
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -106,7 +431,16 @@ def run_bench_soft_topk(args: argparse.Namespace) -> None:
             json.dump(report, handle, indent=2)
 
 
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [add_bench_parser, add_bench_soft_topk_parser]
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_pretrain_parser,
+    add_train_parser,
+    add_eval_parser,
+    add_predict_parser,
+    add_explain_parser,
+    add_experiment_parser,
+    add_bench_parser,
+    add_bench_soft_topk_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,9 +462,11 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    from .train import TrainingError
+
     try:
         args.run(args)
-    except (CommandError, ValueError) as error:
+    except (CommandError, ValueError, TrainingError) as error:
         print(f"coda {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -8,9 +8,10 @@ from typing import Any
 
 from .routing import SOFT_TOPK_METHODS
 
-ADAPTER_KINDS = ("parallel", "series")
+ADAPTER_KINDS = ("parallel", "series", "none")
 ROUTER_KINDS = ("learned", "random")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+POOLING_KINDS = ("cls", "mean")
 
 
 @dataclass
@@ -21,7 +22,8 @@ class CodaConfig:
         reduction: ``r >= 1``; each routed layer runs its frozen layer on ``k = ceil(n_valid / r)`` tokens.
             ``r = 1`` is the dense parallel-adapter baseline.
         adapter: ``"parallel"`` (beside the layer, on its input: ``y = F(x) + A(x)``) or ``"series"``
-            (Houlsby-style, after the layer: ``y = h + A(h)``, ``h`` the layer output).
+            (Houlsby-style, after the layer: ``y = h + A(h)``, ``h`` the layer output) or ``"none"`` (no
+            adapter: with ``lora_rank > 0`` and ``reduction = 1``, a plain LoRA model).
         bottleneck: adapter width ``m``.
         scaling: factor on the adapter's output.
         activation: adapter non-linearity, one of ``ACTIVATIONS``.
@@ -32,6 +34,9 @@ class CodaConfig:
         soft_topk_iters, epsilon_init, epsilon_decay: settings of ``"coordinate_descent"``.
         layers: indices of the layers to convert; ``None`` converts all of them.
         keep_pooled_token: always route the token a classifier head reads (``[CLS]`` for BERT).
+        pooling: what the model's pooler gives its head: ``"cls"`` (the model's own pooler, on ``[CLS]``)
+            or ``"mean"`` (the mean of the last hidden states over the real tokens, replacing the pooler,
+            as sentence-transformers models are trained).
         lora_rank: if ``> 0``, also put peft LoRA of this rank on the frozen layers' ``lora_target_modules``.
         lora_alpha, lora_dropout: LoRA settings (peft's meaning).
         lora_target_modules: module names for LoRA; ``None`` takes the architecture's default.
@@ -52,6 +57,7 @@ class CodaConfig:
     epsilon_decay: float = 0.7
     layers: list[int] | None = None
     keep_pooled_token: bool = True
+    pooling: str = "cls"
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -76,6 +82,7 @@ class CodaConfig:
             _require(ok, "layers", "None or a non-empty list of distinct layer indices >= 0", self.layers)
             self.layers = sorted(self.layers)
         _require(isinstance(self.keep_pooled_token, bool), "keep_pooled_token", "True or False", self.keep_pooled_token)
+        _check_choice("pooling", self.pooling, POOLING_KINDS)
         _check_int("lora_rank", self.lora_rank, low=0)
         _check_number("lora_alpha", self.lora_alpha, above=0)
         _check_number("lora_dropout", self.lora_dropout, low=0, below=1)

@@ -4,7 +4,7 @@ For a layer input ``X`` ``[batch, n, hidden]`` (method §2)::
 
     I  = router's k tokens per example (sorted)           λ = soft top-k weights
     H  = X;  H[I] += λ[I] * (F(X[I]) - X[I])              heavy branch: the frozen layer on k tokens
-    Y  = H + A(X)   (parallel adapter)   or   Y = H + A(H)   (series adapter)
+    Y  = H + A(X)   (parallel adapter)   or   Y = H + A(H)   (series adapter)   or   Y = H   (none)
 
 ``F`` runs on the gathered, shorter sequence, so the selected tokens attend only to each other:
 attention costs ``k^2`` instead of ``n^2`` and the feed-forward ``k`` rows instead of ``n``.
@@ -34,7 +34,8 @@ class RoutingState:
     when there is no padding); the :class:`~coda_adapters.routing.TokenBudget` derived from it is
     computed once and shared by all layers. ``selections`` keeps each layer's last selection for
     :meth:`CodaModel.routing_trace`; ``layer_io`` keeps full-length layer inputs and outputs when the
-    caller asks for hidden states.
+    caller asks for hidden states. With ``record_dense_targets`` (layer-wise CoDA pretraining), each
+    routed layer also stores what its frozen layer computes densely on the same input, without gradient.
     """
 
     reduction: float
@@ -44,6 +45,9 @@ class RoutingState:
     selections: dict[int, Selection] = field(default_factory=dict)
     record_layer_io: bool = False
     layer_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    record_dense_targets: bool = False
+    dense_targets: dict[int, torch.Tensor] = field(default_factory=dict)
+    disabled: bool = False
 
     def start_forward(self, padding_mask: torch.Tensor | None, record_layer_io: bool) -> None:
         self.padding_mask = padding_mask
@@ -51,6 +55,7 @@ class RoutingState:
         self.selections = {}
         self.record_layer_io = record_layer_io
         self.layer_io = {}
+        self.dense_targets = {}
 
     def token_budget(self, hidden_states: torch.Tensor) -> TokenBudget:
         shape = tuple(hidden_states.shape[:2])
@@ -78,7 +83,7 @@ class ConditionalLayer(nn.Module):
         *,
         layer_index: int,
         router: Router,
-        adapter: BottleneckAdapter,
+        adapter: BottleneckAdapter | None,
         adapter_placement: str,
         binding: Binding,
         state: RoutingState,
@@ -94,6 +99,8 @@ class ConditionalLayer(nn.Module):
         object.__setattr__(self, "state", state)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.state.disabled:
+            return self.layer(hidden_states, *args, **kwargs)
         budget = self.state.token_budget(hidden_states)
         if budget.dense:
             layer_output, output = self._dense_forward(hidden_states, budget, args, kwargs)
@@ -101,6 +108,10 @@ class ConditionalLayer(nn.Module):
             layer_output, output = self._routed_forward(hidden_states, budget, args, kwargs)
         if self.state.record_layer_io:
             self.state.layer_io[self.layer_index] = (hidden_states, output)
+        if self.state.record_dense_targets:
+            with torch.no_grad():
+                dense = self.binding.layer_hidden_states(self.layer(hidden_states, *args, **kwargs))
+            self.state.dense_targets[self.layer_index] = dense
         return self.binding.replace_hidden_states(layer_output, output)
 
     def _routed_forward(
@@ -118,11 +129,8 @@ class ConditionalLayer(nn.Module):
 
         if self.adapter_placement == "parallel":
             output = hidden_states + self.adapter(hidden_states)
-            add_tokens_(output, flat_index, update)
-        else:
-            mixed = add_tokens_(hidden_states.clone(), flat_index, update)
-            output = mixed + self.adapter(mixed)
-        return layer_output, output
+            return layer_output, add_tokens_(output, flat_index, update)
+        return layer_output, self._after_layer(add_tokens_(hidden_states.clone(), flat_index, update))
 
     def _dense_forward(
         self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict
@@ -131,8 +139,13 @@ class ConditionalLayer(nn.Module):
         self.state.selections[self.layer_index] = dense_selection(budget)
         layer_output = self.layer(hidden_states, *args, **kwargs)
         full = self.binding.layer_hidden_states(layer_output)
-        adapter_input = hidden_states if self.adapter_placement == "parallel" else full
-        return layer_output, full + self.adapter(adapter_input)
+        if self.adapter_placement == "parallel":
+            return layer_output, full + self.adapter(hidden_states)
+        return layer_output, self._after_layer(full)
+
+    def _after_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The series adapter on the layer's output (``"none"``: nothing, e.g. for a LoRA-only model)."""
+        return hidden_states if self.adapter is None else hidden_states + self.adapter(hidden_states)
 
 
 def dense_selection(budget: TokenBudget) -> Selection:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from . import __version__
 from .adapters import BottleneckAdapter
 from .bindings import Binding, binding_for
 from .config import CodaConfig
+from .heads import MeanPooler
 from .layer import ConditionalLayer, RoutingState
 from .routing import Router
 
@@ -41,12 +44,18 @@ class CodaModel(nn.Module):
         self.layer_indices = _layer_indices(config, self.binding)
         self.model = model
         self._original_layers: dict[int, nn.Module] = {}
+        self._original_pooler: nn.Module | None = None
         self._hooks: list[Any] = []
+        # every check comes before the first change to the model, so that a bad config changes nothing
+        head_modules = self._head_modules()
+        if config.pooling == "mean":
+            self._original_pooler = self.binding.replace_pooler(MeanPooler(self.routing_state))
         _freeze(model)
         if config.lora_rank > 0:
             _inject_lora(model, config, self.binding, self.layer_indices)
         self._wrap_layers()
-        self._mark_trainable_modules()
+        for module in head_modules:
+            module.requires_grad_(True)
         self._install_hooks()
 
     # -- forward --------------------------------------------------------------------------------
@@ -64,6 +73,23 @@ class CodaModel(nn.Module):
         """For the last forward: per routed layer index, a LongTensor ``[batch, k_max]`` of the positions
         the frozen layer processed, ascending, ``-1`` where an example had fewer than ``k_max``."""
         return {index: selection.trace() for index, selection in sorted(self.routing_state.selections.items())}
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the frozen base model inside this block: no routing, no adapters, LoRA switched off.
+
+        The pooling set by ``CodaConfig.pooling`` and the head stay. Useful as a teacher (CoDA pretraining).
+        """
+        lora_layers = [m for m in self.model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+        self.routing_state.disabled = True
+        for module in lora_layers:
+            module.enable_adapters(False)
+        try:
+            yield
+        finally:
+            self.routing_state.disabled = False
+            for module in lora_layers:
+                module.enable_adapters(True)
 
     def conditional_layers(self) -> dict[int, ConditionalLayer]:
         layers = self.binding.layers()
@@ -153,6 +179,9 @@ class CodaModel(nn.Module):
         layers = self.binding.layers()
         for index, original in self._original_layers.items():
             layers[index] = original
+        if self._original_pooler is not None:
+            self.binding.replace_pooler(self._original_pooler)
+            self._original_pooler = None
         for hook in self._hooks:
             hook.remove()
         self._original_layers, self._hooks = {}, []
@@ -175,14 +204,16 @@ class CodaModel(nn.Module):
                 epsilon_init=config.epsilon_init,
                 epsilon_decay=config.epsilon_decay,
             )
-            adapter = BottleneckAdapter(
-                hidden_size, config.bottleneck, scaling=config.scaling, activation=config.activation, dtype=dtype
-            )
+            adapter = None
+            if config.adapter != "none":
+                adapter = BottleneckAdapter(
+                    hidden_size, config.bottleneck, scaling=config.scaling, activation=config.activation, dtype=dtype
+                ).to(next(original.parameters()).device)
             layers[index] = ConditionalLayer(
                 original,
                 layer_index=index,
                 router=router.to(next(original.parameters()).device),
-                adapter=adapter.to(next(original.parameters()).device),
+                adapter=adapter,
                 adapter_placement=config.adapter,
                 binding=self.binding,
                 state=self.routing_state,
@@ -192,19 +223,19 @@ class CodaModel(nn.Module):
             for layer in self.conditional_layers().values():
                 layer.router.weight.requires_grad_(False)
 
-    def _mark_trainable_modules(self) -> None:
-        names = self.coda_config.modules_to_save
-        names = list(self.binding.default_modules_to_save) if names is None else names
-        found = {name: False for name in names}
+    def _head_modules(self) -> list[nn.Module]:
+        """The modules trained and saved with the adapter (``modules_to_save``, else the binding's default)."""
+        explicit = self.coda_config.modules_to_save
+        names = list(self.binding.default_modules_to_save) if explicit is None else explicit
+        found: dict[str, list[nn.Module]] = {name: [] for name in names}
         for module_name, module in self.model.named_modules():
             for name in names:
                 if module_name == name or module_name.endswith("." + name):
-                    module.requires_grad_(True)
-                    found[name] = True
-        explicit = self.coda_config.modules_to_save is not None
-        missing = [name for name, hit in found.items() if not hit]
-        if explicit and missing:
+                    found[name].append(module)
+        missing = [name for name, modules in found.items() if not modules]
+        if explicit is not None and missing:
             raise ValueError(f"modules_to_save names {missing}, which {type(self.model).__name__} does not have")
+        return [module for modules in found.values() for module in modules]
 
     def _install_hooks(self) -> None:
         """Read the padding mask from the backbone's inputs, whatever entry point the caller uses."""

@@ -31,6 +31,8 @@ class Binding:
         padding_mask_argument: name of the backbone's ``forward`` argument holding the 2D padding mask
             ``[batch, seq]`` (1 = token, 0 = padding), or None if the family has none.
         pooled_token: position of the token a classifier head reads, or None.
+        pooler_path: dotted path, from ``model.base_model``, to the pooler module whose output the
+            classification head reads (replaced for ``pooling="mean"``), or None.
         default_lora_targets: module names peft LoRA targets by default.
         default_modules_to_save: the task-head modules trained with the adapter.
     """
@@ -39,6 +41,7 @@ class Binding:
     layers_path: str = ""
     padding_mask_argument: str | None = "attention_mask"
     pooled_token: int | None = None
+    pooler_path: str | None = None
     default_lora_targets: tuple[str, ...] = ()
     default_modules_to_save: tuple[str, ...] = ()
 
@@ -53,10 +56,20 @@ class Binding:
         """Raise ``ValueError`` for variants of the family that routing cannot serve."""
 
     def layers(self) -> nn.ModuleList:
-        module = self.backbone
-        for name in self.layers_path.split("."):
-            module = getattr(module, name)
-        return module
+        return _get_submodule(self.backbone, self.layers_path)
+
+    def replace_pooler(self, pooler: nn.Module) -> nn.Module:
+        """Put ``pooler`` where the head reads its input; returns the module it replaced."""
+        parent_path, _, name = (self.pooler_path or "").rpartition(".")
+        parent = _get_submodule(self.backbone, parent_path) if parent_path else self.backbone
+        original = getattr(parent, name, None) if self.pooler_path else None
+        if original is None:
+            raise ValueError(
+                f"pooling='mean' needs a model whose head reads the pooler output; {type(self.model).__name__} "
+                "has no pooler (its head reads the first token directly): use pooling='cls'"
+            )
+        setattr(parent, name, pooler)
+        return original
 
     def padding_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Bool padding mask ``[batch, seq]`` (True = token) from the backbone's forward arguments, or None."""
@@ -91,6 +104,12 @@ class Binding:
     def replace_hidden_states(output: Any, hidden_states: torch.Tensor) -> Any:
         """A layer output of the same structure as ``output`` holding ``hidden_states``."""
         return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+
+
+def _get_submodule(module: nn.Module, path: str) -> nn.Module:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
 
 
 def register_binding(cls: type[Binding]) -> type[Binding]:

@@ -17,6 +17,7 @@ class BertBinding(Binding):
     model_types = ("bert", "roberta")
     layers_path = "encoder.layer"
     pooled_token = 0  # [CLS] / <s>, read by the pooler and the classification heads
+    pooler_path = "pooler"
     default_lora_targets = ("query", "value")
     default_modules_to_save = ("classifier",)
 

@@ -1,0 +1,28 @@
+"""Pooling for classification heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer import RoutingState
+
+
+class MeanPooler(nn.Module):
+    """Mean of the last hidden states over the real tokens: ``[batch, seq, hidden] -> [batch, hidden]``.
+
+    It takes the place of a model's pooler (BERT's dense + tanh on ``[CLS]``), so the model's own
+    classification head reads it. The padding mask comes from the routing state, which the CoDA model
+    fills from the inputs of the same forward.
+    """
+
+    def __init__(self, state: RoutingState) -> None:
+        super().__init__()
+        object.__setattr__(self, "state", state)  # shared, holds no weights
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.state.padding_mask
+        if mask is None:
+            return hidden_states.mean(dim=1)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)

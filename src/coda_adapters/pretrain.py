@@ -1,0 +1,185 @@
+"""CoDA pretraining (method §4): adapt routers and adapters to sparse routing on unlabelled text.
+
+Objectives (``--objective``):
+- ``distill`` (default): the routed model reproduces the frozen dense model's final hidden states
+  (mean squared error over real tokens). The teacher is the same frozen weights run densely.
+- ``layerwise``: every routed layer reproduces what its frozen layer computes densely on the same input.
+- ``pooled``: the mean-pooled sentence embedding matches the dense one (cosine distance).
+- ``mlm``: the backbone's own masked-language-model objective, where the checkpoint has an MLM head.
+
+With ``routers_only`` only the routers learn; the adapters keep their zero-initialised output.
+
+Which of these helps task accuracy is an open question (README, "CoDA pretraining"); all are kept so
+that the measurement can be repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import CodaConfig
+from .model import CodaModel, _atomic_write, get_coda_model
+from .train import Encoded, epoch_order, library_versions
+
+OBJECTIVES = ("distill", "layerwise", "pooled", "mlm")
+PRETRAIN_METRICS_NAME = "pretrain_metrics.json"
+
+
+@dataclass
+class PretrainConfig:
+    objective: str = "distill"
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    mask_probability: float = 0.15
+    routers_only: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("steps", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 < self.mask_probability < 1:
+            raise ValueError(f"--mask-probability must be in (0, 1), got {self.mask_probability!r}")
+
+
+def build_pretraining_model(model: str, coda_config: CodaConfig, objective: str) -> tuple[CodaModel, Any]:
+    """The bare backbone (or, for ``mlm``, the masked-LM model) wrapped as a CoDA model, and its tokenizer."""
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    from .pretrained import resolve_model_path
+
+    path = resolve_model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if objective == "mlm":
+        base, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        head_missing = [key for key in info["missing_keys"] if not key.startswith(base.base_model_prefix + ".")]
+        if head_missing:
+            raise ValueError(
+                f"--objective mlm needs a masked-LM head, but the checkpoint {model!r} has none (missing "
+                f"{head_missing[:3]}); use --objective distill"
+            )
+    else:
+        base = AutoModel.from_pretrained(path)
+    config = CodaConfig(**{**coda_config.to_dict(), "modules_to_save": []})  # no task head here
+    return get_coda_model(base, config), tokenizer
+
+
+def pretraining_loss(
+    model: CodaModel, batch: dict[str, torch.Tensor], config: PretrainConfig, tokenizer: Any
+) -> torch.Tensor:
+    valid = batch["attention_mask"].bool()
+    if config.objective == "mlm":
+        return masked_lm_loss(model, batch, config.mask_probability, tokenizer)
+    if config.objective == "layerwise":
+        model.routing_state.record_dense_targets = True
+        model(**batch, output_hidden_states=True)
+        model.routing_state.record_dense_targets = False
+        state = model.routing_state
+        losses = [
+            F.mse_loss(state.layer_io[index][1][valid], target[valid]) for index, target in state.dense_targets.items()
+        ]
+        return torch.stack(losses).mean()
+    with torch.no_grad(), model.disable_adapters():
+        teacher = model(**batch).last_hidden_state
+    student = model(**batch).last_hidden_state
+    if config.objective == "distill":
+        return F.mse_loss(student[valid], teacher[valid])
+    weights = valid.unsqueeze(-1).to(student.dtype)
+    pooled_student = (student * weights).sum(1) / weights.sum(1)
+    pooled_teacher = (teacher * weights).sum(1) / weights.sum(1)
+    return (1 - F.cosine_similarity(pooled_student, pooled_teacher, dim=-1)).mean()
+
+
+def masked_lm_loss(
+    model: CodaModel, batch: dict[str, torch.Tensor], probability: float, tokenizer: Any
+) -> torch.Tensor:
+    """BERT-style masking: ``probability`` of the real, non-special tokens become [MASK] and are predicted."""
+    input_ids = batch["input_ids"].clone()
+    special = torch.tensor(
+        [tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in input_ids.tolist()],
+        dtype=torch.bool,
+    )
+    candidates = batch["attention_mask"].bool() & ~special
+    chosen = candidates & (torch.rand(input_ids.shape) < probability)
+    labels = torch.where(chosen, input_ids, -100)
+    input_ids[chosen] = tokenizer.mask_token_id
+    return model(input_ids=input_ids, attention_mask=batch["attention_mask"], labels=labels).loss
+
+
+def pretrain(
+    model: CodaModel,
+    tokenizer: Any,
+    texts: list[str],
+    config: PretrainConfig,
+    out_dir: str | Path,
+    *,
+    model_name: str,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train routers and adapters for ``config.steps`` steps on ``texts`` and save them in ``out_dir``."""
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(config.seed)
+    out_dir = Path(out_dir)
+    encoded = Encoded(tokenizer, texts, None, config.max_length)
+    if config.routers_only:  # the adapters stay at their initial zero output; fine-tuning trains them
+        for name, parameter in model.named_parameters():
+            if ".router." not in name:
+                parameter.requires_grad_(False)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * config.steps), config.steps)
+    model.train()
+    order: list[int] = []
+    epoch = 0
+    losses = []
+    start = time.perf_counter()
+    progress = tqdm(range(config.steps), desc=f"pretrain ({config.objective})", unit="step", disable=not show_progress)
+    for _ in progress:
+        if len(order) < config.batch_size:
+            order += epoch_order(len(encoded), config.seed, epoch)
+            epoch += 1
+        indices, order = order[: config.batch_size], order[config.batch_size :]
+        loss = pretraining_loss(model, encoded.batch(indices), config, tokenizer)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite pretraining loss ({loss.item()}); nothing was saved")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    metrics = {
+        "objective": config.objective,
+        "first_loss": losses[0],
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "pretrain_seconds": time.perf_counter() - start,
+        "documents": len(texts),
+        "pretrain_config": asdict(config),
+        "coda_config": model.coda_config.to_dict(),
+        "versions": library_versions(model_name),
+    }
+    model.save_pretrained(out_dir)
+    text = json.dumps(metrics, indent=2) + "\n"
+    _atomic_write(out_dir / PRETRAIN_METRICS_NAME, lambda path: Path(path).write_text(text))
+    return metrics
