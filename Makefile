@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo results bench test test-fast lint clean
+.PHONY: setup demo results bench test test-fast fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

@@ -44,6 +44,14 @@ def test_pretrain_writes_routers_and_adapters_only(trained):
 
 
 @pytest.mark.slow
+def test_pretrain_routers_only_trains_and_saves_only_the_routers(tmp_path):
+    coda("pretrain", "--steps", "2", "--batch-size", "2", "--max-length", "16", "--routers-only", "--out", tmp_path)
+    names = load_file(tmp_path / "coda_model.safetensors")
+    assert len(names) == 6 and all(n.endswith(".router.weight") for n in names)
+    assert json.loads((tmp_path / "pretrain_metrics.json").read_text())["pretrain_config"]["routers_only"] is True
+
+
+@pytest.mark.slow
 def test_train_writes_adapter_metrics_and_beats_the_majority_class(trained):
     out = trained / "clf"
     assert {"coda_config.json", "coda_model.safetensors", "coda_task.json", "metrics.json"} <= {

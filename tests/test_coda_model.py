@@ -279,13 +279,15 @@ def test_disable_adapters_gives_the_frozen_base_model_even_with_lora():
     assert torch.equal(routed, again) and (routed - want)[valid].abs().max() > 1e-3
 
 
-def test_mean_pooling_feeds_the_head_the_mean_over_real_tokens():
+def test_mean_pooling_feeds_the_head_the_normalised_mean_over_real_tokens():
     coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=2, pooling="mean"))
     ids, mask = padded_batch([12, 5], 12)
     with torch.no_grad():
         out = coda(input_ids=ids, attention_mask=mask)
     for row, length in enumerate([12, 5]):
-        torch.testing.assert_close(out.pooler_output[row], out.last_hidden_state[row, :length].mean(0))
+        mean = out.last_hidden_state[row, :length].mean(0)
+        want = (mean - mean.mean()) / torch.sqrt(mean.var(unbiased=False) + 1e-5)
+        torch.testing.assert_close(out.pooler_output[row], want)
 
 
 def test_mean_pooling_needs_a_pooler():

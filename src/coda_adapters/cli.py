@@ -135,6 +135,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
         lr=args.lr,
         max_length=args.max_length,
         seed=args.seed,
+        routers_only=args.routers_only,
     )
     texts = load_corpus(args.corpus, text_column=args.text_column)
     torch_seed(args.seed)

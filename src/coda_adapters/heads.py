@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layer import RoutingState
 
 
 class MeanPooler(nn.Module):
-    """Mean of the last hidden states over the real tokens: ``[batch, seq, hidden] -> [batch, hidden]``.
+    """Mean of the last hidden states over the real tokens, layer-normalised (no affine weights):
+    ``[batch, seq, hidden] -> [batch, hidden]``.
 
     It takes the place of a model's pooler (BERT's dense + tanh on ``[CLS]``), so the model's own
-    classification head reads it. The padding mask comes from the routing state, which the CoDA model
-    fills from the inputs of the same forward.
+    classification head reads it. The normalisation keeps the head's input at one scale whatever the
+    adapters do to the hidden states' size (CoDA pretraining by mean squared error, for example,
+    shrinks them), so the head learns at the same pace in every configuration. The padding mask comes
+    from the routing state, which the CoDA model fills from the inputs of the same forward.
     """
 
     def __init__(self, state: RoutingState) -> None:
@@ -23,6 +27,8 @@ class MeanPooler(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.state.padding_mask
         if mask is None:
-            return hidden_states.mean(dim=1)
-        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
+            pooled = hidden_states.mean(dim=1)
+        else:
+            weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+            pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
+        return F.layer_norm(pooled, pooled.shape[-1:])
