@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,6 +41,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["cls", "mean"],
         help="what the classifier reads: mean of the last hidden states, or the [CLS] pooler",
     )
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of the dataclass ``cls`` from the options of the same names (the rest keep their defaults)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def coda_config_from(args: argparse.Namespace):
@@ -128,15 +135,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
     from .data import load_corpus
     from .pretrain import PretrainConfig, build_pretraining_model, pretrain
 
-    config = PretrainConfig(
-        objective=args.objective,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_length=args.max_length,
-        seed=args.seed,
-        routers_only=args.routers_only,
-    )
+    config = dataclass_from_args(PretrainConfig, args)
     texts = load_corpus(args.corpus, text_column=args.text_column)
     torch_seed(args.seed)
     model, tokenizer = build_pretraining_model(args.model, coda_config_from(args), args.objective)
@@ -173,17 +172,7 @@ def run_train(args: argparse.Namespace) -> None:
     from .data import subsample
     from .train import TrainConfig, build_classifier, load_backbone_adapter, train_classifier
 
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm,
-        max_length=args.max_length,
-        val_size=args.val_size,
-        seed=args.seed,
-    )
+    config = dataclass_from_args(TrainConfig, args)
     data = load_data_from(args)
     if args.max_train_examples is not None:
         data.train = subsample(data.train, args.max_train_examples, args.seed)
@@ -323,7 +312,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         "experiment",
         help="train every baseline and CoDA variant with one recipe and time them side by side (the README table)",
     )
-    parser.add_argument("--preset", default="results", choices=["results", "demo"])
+    parser.add_argument("--preset", default="results", choices=["results", "demo", "smoke"])
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
     parser.add_argument("--fresh", action="store_true", help="retrain every row (default: keep finished rows)")

@@ -9,6 +9,8 @@ picks up where it stopped.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ class Row:
 
     @property
     def slug(self) -> str:
-        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-")
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
 
 @dataclass
@@ -83,14 +85,29 @@ PRESETS = {
         pretrain=PretrainConfig(steps=40, batch_size=16, lr=1e-3, max_length=128, routers_only=True),
         max_train_examples=800,
     ),
+    # a minute-long check of the whole pipeline (used by the tests)
+    "smoke": Preset(
+        rows=[
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True),
+            Row("LoRA (peft, rank 8)", {"reduction": 1, "adapter": "none", "lora_rank": 8}, train={"lr": 2e-3}),
+        ],
+        train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, max_length=32, val_size=0.2),
+        pretrain=PretrainConfig(steps=2, batch_size=4, lr=1e-3, max_length=32, routers_only=True),
+        max_train_examples=48,
+        speed_repeats=2,
+    ),
 }
 
 
 def run_experiment(
-    preset: Preset, data: ClassificationData, out_dir: str | Path, model_name: str = "minilm"
+    preset: Preset, data: ClassificationData, out_dir: str | Path, model_name: str = "minilm", fresh: bool = False
 ) -> list[dict[str, Any]]:
-    """Train every row (skipping finished ones), then time all of them side by side; write the table."""
+    """Train every row (skipping finished ones unless ``fresh``), then time all of them side by side."""
     out_dir = Path(out_dir)
+    if fresh:
+        for row in preset.rows:
+            shutil.rmtree(out_dir / row.slug, ignore_errors=True)
     if preset.max_train_examples is not None:
         data.train = subsample(data.train, preset.max_train_examples, preset.train.seed)
     for row in preset.rows:

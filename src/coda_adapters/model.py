@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
 from .adapters import BottleneckAdapter
 from .bindings import Binding, binding_for
 from .config import CodaConfig
+from .files import read_json_object, read_tensors, write_json, write_tensors
 from .heads import MeanPooler
 from .layer import ConditionalLayer, RoutingState
 from .routing import Router
@@ -116,16 +114,14 @@ class CodaModel(nn.Module):
         """Write ``coda_config.json`` and ``coda_model.safetensors`` (trainable weights only)."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.contiguous().cpu() for name, t in self.trainable_state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        write_tensors(directory / WEIGHTS_NAME, self.trainable_state_dict())
         document = {
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
             "base_model": _base_model_signature(self.model),
             "coda_config": self.coda_config.to_dict(),
         }
-        text = json.dumps(document, indent=2) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        write_json(directory / CONFIG_NAME, document)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_directory: str | os.PathLike) -> CodaModel:
@@ -136,7 +132,7 @@ class CodaModel(nn.Module):
         """
         directory = Path(adapter_directory)
         config = read_coda_config(directory, base_model)
-        tensors = _read_weights(directory / WEIGHTS_NAME)
+        tensors = read_adapter_weights(directory / WEIGHTS_NAME)
         coda_model = cls(base_model, config)
         try:
             coda_model.load_trainable_state_dict(tensors, source=directory / WEIGHTS_NAME)
@@ -278,17 +274,11 @@ def get_coda_model(model: nn.Module, config: CodaConfig | None = None) -> CodaMo
 def read_coda_config(directory: str | os.PathLike, base_model: nn.Module | None = None) -> CodaConfig:
     """Read and check ``coda_config.json``; if ``base_model`` is given, check the adapter was made for it."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise ValueError(f"{path}: no CoDA adapter config here (expected {CONFIG_NAME} from save_pretrained)")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(document).__name__}")
-    for key in ("format_version", "base_model", "coda_config"):
-        if key not in document:
-            raise ValueError(f"{path}: missing field {key!r}")
+    document = read_json_object(
+        path,
+        ("format_version", "base_model", "coda_config"),
+        missing_hint=f"no CoDA adapter here: save_pretrained writes {CONFIG_NAME}",
+    )
     if document["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {document['format_version']!r} is not supported (this library reads "
@@ -363,26 +353,8 @@ def _check_base_model(path: Path, saved: dict[str, Any], actual: dict[str, Any])
             )
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ValueError(f"{path}: missing adapter weights file (expected {WEIGHTS_NAME} from save_pretrained)")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({error})") from None
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(temporary))
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(path, missing_hint=f"the adapter weights file; save_pretrained writes {WEIGHTS_NAME}")
 
 
 def _full_length_hidden_states(

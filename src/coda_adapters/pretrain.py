@@ -15,8 +15,6 @@ that the measurement can be repeated.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,36 +25,28 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import CodaConfig
-from .model import CodaModel, _atomic_write, get_coda_model
-from .train import Encoded, epoch_order, library_versions
+from .files import write_json
+from .model import CodaModel, get_coda_model
+from .train import Encoded, OptimizerConfig, check_int_option, epoch_order, library_versions
 
 OBJECTIVES = ("distill", "layerwise", "pooled", "mlm")
 PRETRAIN_METRICS_NAME = "pretrain_metrics.json"
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(OptimizerConfig):
+    """CoDA pretraining: ``steps`` optimizer steps of ``objective`` on unlabelled text."""
+
     objective: str = "distill"
     steps: int = 200
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 256
     mask_probability: float = 0.15
     routers_only: bool = False
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("steps", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        check_int_option("steps", self.steps)
         if not 0 < self.mask_probability < 1:
             raise ValueError(f"--mask-probability must be in (0, 1), got {self.mask_probability!r}")
 
@@ -180,6 +170,5 @@ def pretrain(
         "versions": library_versions(model_name),
     }
     model.save_pretrained(out_dir)
-    text = json.dumps(metrics, indent=2) + "\n"
-    _atomic_write(out_dir / PRETRAIN_METRICS_NAME, lambda path: Path(path).write_text(text))
+    write_json(out_dir / PRETRAIN_METRICS_NAME, metrics)
     return metrics

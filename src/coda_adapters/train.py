@@ -7,7 +7,6 @@ across processes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -18,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .config import CodaConfig
 from .data import ClassificationData, LabelledTexts, stratified_split
-from .model import CodaModel, _atomic_write, get_coda_model, read_coda_config
+from .files import read_json_object, read_tensors, write_json, write_tensors
+from .model import WEIGHTS_NAME, CodaModel, get_coda_model, read_coda_config
 
 TASK_NAME = "coda_task.json"
 METRICS_NAME = "metrics.json"
@@ -39,35 +38,49 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """How to fine-tune: AdamW with linear warm-up and decay, gradient clipping, per-epoch checkpoints."""
+class OptimizerConfig:
+    """AdamW with linear warm-up and decay and gradient clipping, on batches of texts cut to ``max_length``."""
 
-    epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_length: int = 256
-    val_size: float = 0.1
     seed: int = 0
-    eval_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+        check_int_option("batch_size", self.batch_size)
+        check_int_option("max_length", self.max_length)
+        for name in ("lr", "max_grad_norm"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        for name, low, high in (("lr", 0, math.inf), ("max_grad_norm", 0, math.inf)):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and low < value < high):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > {low}, got {value!r}")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
         for name in ("weight_decay", "warmup_ratio"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
+
+
+@dataclass
+class TrainConfig(OptimizerConfig):
+    """Fine-tuning: ``epochs`` passes, evaluation on a ``val_size`` split and a checkpoint after each."""
+
+    epochs: int = 3
+    val_size: float = 0.1
+    eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int_option("epochs", self.epochs)
+        check_int_option("eval_batch_size", self.eval_batch_size)
         if not (isinstance(self.val_size, (int, float)) and 0 <= self.val_size < 1):
             raise ValueError(f"--val-size must be in [0, 1) (0 = no validation split), got {self.val_size!r}")
+
+
+def check_int_option(name: str, value: Any, low: int = 1) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,22 +119,12 @@ def build_classifier(
 def save_task(directory: Path, model: str, label_names: list[str], max_length: int) -> None:
     """``coda_task.json``: what a saved classifier needs beyond the adapter (base model, labels, length)."""
     document = {"model": model, "label_names": label_names, "max_length": max_length, "library_version": __version__}
-    text = json.dumps(document, indent=2) + "\n"
-    _atomic_write(directory / TASK_NAME, lambda path: Path(path).write_text(text))
+    write_json(directory / TASK_NAME, document)
 
 
 def read_task(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / TASK_NAME
-    if not path.is_file():
-        raise ValueError(f"{path}: not a classifier made by `coda train` (no {TASK_NAME})")
-    try:
-        task = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    for key in ("model", "label_names", "max_length"):
-        if key not in task:
-            raise ValueError(f"{path}: missing field {key!r}")
-    return task
+    missing = f"not a classifier made by `coda train`, which writes {TASK_NAME}"
+    return read_json_object(Path(directory) / TASK_NAME, ("model", "label_names", "max_length"), missing)
 
 
 def load_classifier(directory: str | Path) -> tuple[CodaModel, Any, dict[str, Any]]:
@@ -141,13 +144,11 @@ def load_backbone_adapter(model: CodaModel, directory: str | Path) -> CodaConfig
     """Initialise routers and adapters from a ``coda pretrain`` output (saved on the bare backbone)."""
     directory = Path(directory)
     config = read_coda_config(directory, model.model)
-    weights_path = directory / "coda_model.safetensors"
-    if not weights_path.is_file():
-        raise ValueError(f"{weights_path}: missing adapter weights")
+    weights_path = directory / WEIGHTS_NAME
     prefix = model.model.base_model_prefix + "."
     own = model.trainable_state_dict()
     tensors = {}
-    for name, tensor in load_file(weights_path).items():
+    for name, tensor in read_tensors(weights_path).items():
         target = name if name in own else prefix + name
         if target not in own or own[target].shape != tensor.shape:
             raise ValueError(f"{weights_path}: {name} {tuple(tensor.shape)} has no counterpart in this model")
@@ -283,10 +284,8 @@ def save_checkpoint(
     model.save_pretrained(temporary)
     tensors = optimizer_tensors(model, optimizer)
     tensors["torch_rng_state"] = torch.get_rng_state()
-    _atomic_write(temporary / OPTIMIZER_NAME, lambda path: save_file(tensors, path))
-    document = {**state, "scheduler": scheduler.state_dict()}
-    text = json.dumps(document, indent=2) + "\n"
-    _atomic_write(temporary / TRAINER_STATE_NAME, lambda path: Path(path).write_text(text))
+    write_tensors(temporary / OPTIMIZER_NAME, tensors)
+    write_json(temporary / TRAINER_STATE_NAME, {**state, "scheduler": scheduler.state_dict()})
     _fsync_directory(temporary)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
@@ -448,8 +447,7 @@ def train_classifier(
         }
         model.save_pretrained(out_dir)
         save_task(out_dir, model_name, data.label_names, config.max_length)
-        text = json.dumps(metrics, indent=2) + "\n"
-        _atomic_write(out_dir / METRICS_NAME, lambda path: Path(path).write_text(text))
+        write_json(out_dir / METRICS_NAME, metrics)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -483,12 +481,10 @@ def resume_from_checkpoint(
     if not checkpoints:
         raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINTS}")
     latest = checkpoints[-1]
-    from .model import _read_weights
-
-    model.load_trainable_state_dict(_read_weights(latest / "coda_model.safetensors"), source=latest)
-    tensors = _read_weights(latest / OPTIMIZER_NAME)
+    model.load_trainable_state_dict(read_tensors(latest / WEIGHTS_NAME), source=latest / WEIGHTS_NAME)
+    tensors = read_tensors(latest / OPTIMIZER_NAME)
     restore_optimizer(model, optimizer, tensors)
-    state = json.loads((latest / TRAINER_STATE_NAME).read_text())
+    state = read_json_object(latest / TRAINER_STATE_NAME, ("epoch", "train_seconds", "history", "scheduler"))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["torch_rng_state"])
     print(f"resumed from {latest} (epoch {state['epoch']})")
