@@ -11,6 +11,9 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+    MPNetModel,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -24,14 +27,19 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
 TINY_FAMILIES = {
     "bert": (BertConfig, BertModel, BertForSequenceClassification),
     "roberta": (RobertaConfig, RobertaModel, RobertaForSequenceClassification),
+    "mpnet": (MPNetConfig, MPNetModel, MPNetForSequenceClassification),
 }
+
+
+# every (family, attention implementation) pair the family supports (MPNet has only eager attention)
+FAMILY_ATTENTION = [("bert", "eager"), ("bert", "sdpa"), ("roberta", "eager"), ("roberta", "sdpa"), ("mpnet", "eager")]
 
 
 def tiny_model(family: str = "bert", head: bool = False, attn: str = "sdpa", seed: int = 0, **overrides):
     """A small random model of a family, in eval mode (no dropout)."""
     config_class, base_class, head_class = TINY_FAMILIES[family]
     config = config_class(**{**TINY, **overrides}, num_labels=3)
-    config._attn_implementation = attn
+    config._attn_implementation = attn if family != "mpnet" else "eager"
     torch.manual_seed(seed)
     model = (head_class if head else base_class)(config)
     return model.eval()

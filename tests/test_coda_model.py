@@ -7,9 +7,8 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from coda_adapters import CodaConfig, get_coda_model
-from conftest import TINY_FAMILIES, random_ids, randomize_trainable, tiny_model
+from conftest import FAMILY_ATTENTION, random_ids, randomize_trainable, tiny_model
 
-FAMILIES = list(TINY_FAMILIES)
 ATTENTION = ["eager", "sdpa"]
 
 
@@ -26,7 +25,9 @@ def dense_with_hand_adapters(dense_model, coda_model, placement="parallel"):
 
     def make_hook(adapter):
         def hook(module, args, output):
-            return output + hand_adapter(adapter, args[0] if placement == "parallel" else output)
+            hidden = output[0] if isinstance(output, tuple) else output  # MPNet layers return tuples
+            hidden = hidden + hand_adapter(adapter, args[0] if placement == "parallel" else hidden)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
@@ -41,8 +42,7 @@ def padded_batch(lengths, seq, seed=1):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize(("family", "attn"), FAMILY_ATTENTION)
 @pytest.mark.parametrize("placement", ["parallel", "series"])
 def test_reduction_one_equals_dense_model_with_hand_computed_adapters(family, attn, placement):
     dense = tiny_model(family, attn=attn)
@@ -85,8 +85,7 @@ def test_fresh_adapters_at_reduction_one_equal_the_frozen_base_model(minilm, min
     assert (got - want)[batch["attention_mask"].bool()].abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize(("family", "attn"), FAMILY_ATTENTION)
 def test_padding_invariance_at_reduction_three(family, attn):
     coda = get_coda_model(tiny_model(family, attn=attn), CodaConfig(reduction=3, bottleneck=8))
     randomize_trainable(coda)
@@ -115,6 +114,37 @@ def test_padding_invariance_on_minilm(minilm, minilm_tokenizer):
         single = coda(**alone).last_hidden_state
     length = alone["input_ids"].shape[1]
     assert (together[0, :length] - single[0]).abs().max() <= 1e-4
+
+
+def test_mpnet_routed_layer_sees_the_relative_position_bias_of_the_original_positions():
+    """For r > 1, the frozen layer on the selected tokens equals that layer run densely on just those tokens,
+    with a position bias built independently from their original positions."""
+    base = tiny_model("mpnet")
+    frozen_layer = copy.deepcopy(base.encoder.layer[0])
+    coda = get_coda_model(base, CodaConfig(reduction=3, bottleneck=8, epsilon=0.5))
+    randomize_trainable(coda)
+    ids, mask = padded_batch([15, 10], 15)
+    with torch.no_grad():
+        out = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        x, y = out.hidden_states[0], out.hidden_states[1]
+        selection = coda.routing_state.selections[0]
+        layer0 = coda.conditional_layers()[0]
+        for row in range(2):
+            positions = selection.index[row][selection.slot_mask[row]]
+            assert positions.max() - positions.min() > len(positions) - 1  # not contiguous: positions matter
+            x_sel = x[row : row + 1, positions]
+            relative = positions[None, :] - positions[:, None]  # key position - query position
+            buckets = base.encoder.relative_position_bucket(relative, num_buckets=32)
+            bias = base.encoder.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+            dense_mask = create_bidirectional_mask(base.config, x_sel, torch.ones(1, len(positions)))
+            f_sel = frozen_layer(x_sel, dense_mask, bias)[0]
+            wrong = frozen_layer(x_sel, dense_mask, base.encoder.compute_position_bias(x_sel))[0]
+            lam = selection.weights[row][selection.slot_mask[row]]
+            want = x[row] + hand_adapter(layer0.adapter, x[row])
+            want[positions] += lam[:, None] * (f_sel[0] - x_sel[0])
+            length = int(mask[row].sum())
+            assert (y[row, :length] - want[:length]).abs().max() <= 1e-5
+            assert (f_sel - wrong).abs().max() > 1e-4  # the test can tell wrong positions apart
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
@@ -290,6 +320,7 @@ def test_mean_pooling_feeds_the_head_the_normalised_mean_over_real_tokens():
         torch.testing.assert_close(out.pooler_output[row], want)
 
 
-def test_mean_pooling_needs_a_pooler():
+@pytest.mark.parametrize("family", ["roberta", "mpnet"])
+def test_mean_pooling_needs_a_pooler(family):
     with pytest.raises(ValueError, match="pooling='mean' needs a model whose head reads the pooler output"):
-        get_coda_model(tiny_model("roberta", head=True), CodaConfig(pooling="mean"))
+        get_coda_model(tiny_model(family, head=True), CodaConfig(pooling="mean"))

@@ -106,6 +106,19 @@ class Binding:
         return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
 
 
+def gather_pairwise(bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows and columns ``index`` ``[batch, k]`` of a bias ``[batch or 1, heads, n, n]``: ``[batch, heads, k, k]``.
+
+    For relative position biases: entry ``(i, j)`` of the result is the bias between the original
+    positions of the ``i``-th and ``j``-th selected tokens.
+    """
+    batch, k = index.shape
+    bias = bias.expand(batch, -1, -1, -1)
+    heads, n = bias.shape[1], bias.shape[-1]
+    rows = bias.gather(2, index[:, None, :, None].expand(batch, heads, k, n))
+    return rows.gather(3, index[:, None, None, :].expand(batch, heads, k, k))
+
+
 def _get_submodule(module: nn.Module, path: str) -> nn.Module:
     for name in path.split("."):
         module = getattr(module, name)
@@ -135,4 +148,4 @@ def binding_for(model: nn.Module) -> Binding:
     return _REGISTRY[model_type](model)
 
 
-from . import bert  # noqa: E402,F401  (registers the built-in bindings)
+from . import bert, mpnet  # noqa: E402,F401  (registers the built-in bindings)
