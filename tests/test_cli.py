@@ -168,3 +168,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 def test_console_script_is_installed():
     assert (Path(sys.executable).parent / "coda").exists()
+
+
+@pytest.mark.slow
+def test_experiment_trains_every_row_and_writes_the_table(tmp_path):
+    result = coda("experiment", "--preset", "smoke", "--out", tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    for name in ("Dense parallel adapter (r=1)", "CoDA r=3 + pretraining", "LoRA (peft, rank 8)"):
+        assert name in table and name in result.stdout
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    dense = next(r for r in rows if r["name"].startswith("Dense"))
+    assert dense["inference_speedup"] == 1.0 and dense["training_speedup"] == 1.0
+    assert (tmp_path / "coda-r-3-pretraining" / "pretrain" / "coda_model.safetensors").is_file()
+    again = coda("experiment", "--preset", "smoke", "--out", tmp_path)  # finished rows are kept
+    assert again.stdout.count("done before, kept") == 3

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import CodaConfig, get_coda_model, soft_topk
+from .bindings import binding_for
 from .data import load_bbc_news
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -131,10 +132,11 @@ def build_variants(
 
 
 def lora_model(base: nn.Module, merge: bool) -> nn.Module:
-    """peft LoRA (r = 8 on query/value, the usual setting) on a copy of ``base``; merged for inference."""
+    """peft LoRA (rank 8 on the query and value projections) on a copy of ``base``; merged for inference."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    targets = list(binding_for(base).default_lora_targets)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     return model.merge_and_unload() if merge else model
 
 
@@ -159,8 +161,7 @@ def quantize_frozen_linears(model: nn.Module) -> None:
 
 
 def _layer_list(model: nn.Module) -> nn.ModuleList:
-    backbone = getattr(model, "model", model).base_model
-    return backbone.encoder.layer
+    return binding_for(getattr(model, "model", model)).layers()
 
 
 # --------------------------------------------------------------------------------------------------

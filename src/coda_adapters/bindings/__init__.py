@@ -148,4 +148,4 @@ def binding_for(model: nn.Module) -> Binding:
     return _REGISTRY[model_type](model)
 
 
-from . import bert, mpnet  # noqa: E402,F401  (registers the built-in bindings)
+from . import bert, mpnet, vit  # noqa: E402,F401  (registers the built-in bindings)
