@@ -16,6 +16,7 @@ from coda_adapters.bench import (
     soft_topk_report,
     write_json,
 )
+
 from conftest import random_ids, tiny_model
 
 MINILM = SimpleNamespace(hidden_size=384, intermediate_size=1536)

@@ -7,6 +7,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from coda_adapters import CodaConfig, get_coda_model
+
 from conftest import FAMILY_ATTENTION, random_ids, randomize_trainable, tiny_model
 
 ATTENTION = ["eager", "sdpa"]

@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2Model
 
 from coda_adapters import CodaConfig, get_coda_model
+
 from conftest import random_ids, tiny_model
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from coda_adapters import CodaModel
 from coda_adapters.data import DataError, LabelledTexts, load_classification_data, load_corpus
 from coda_adapters.train import TrainConfig, TrainingError, check_labels
+
 from test_save_load import base_weights, saved_adapter
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "coda_adapters"
@@ -84,6 +85,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     from coda_adapters.data import ClassificationData
     from coda_adapters.pretrained import resolve_model_path
     from coda_adapters.train import completed_checkpoints, train_classifier
+
     from conftest import tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))

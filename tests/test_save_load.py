@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coda_adapters import CodaConfig, CodaModel, get_coda_model, read_coda_config
+
 from conftest import random_ids, randomize_trainable, tiny_model
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from coda_adapters import CodaConfig, get_coda_model
+
 from conftest import random_ids, tiny_model
 
 # No dropout, so that the only difference between one and two processes is the order of float sums.

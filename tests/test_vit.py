@@ -3,11 +3,12 @@
 import copy
 
 import torch
-from conftest import randomize_trainable
-from test_coda_model import hand_adapter
 from transformers import ViTConfig, ViTForImageClassification
 
 from coda_adapters import CodaConfig, CodaModel, get_coda_model
+
+from conftest import randomize_trainable
+from test_coda_model import hand_adapter
 
 
 def tiny_vit(seed=0):
