@@ -38,7 +38,8 @@ def test_invalid_config_values(kwargs, message):
 def test_unsupported_architecture_lists_the_supported_ones():
     gpt2 = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50))
     with pytest.raises(
-        ValueError, match=r"model_type='gpt2'.*supported model types are \['bert', 'mpnet', 'roberta', 'vit'\]"
+        ValueError,
+        match=r"model_type='gpt2'.*supported model types are \['bert', 'mpnet', 'roberta', 'vit', 'wav2vec2'\]",
     ):
         get_coda_model(gpt2, CodaConfig())
 

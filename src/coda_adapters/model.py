@@ -234,12 +234,18 @@ class CodaModel(nn.Module):
         return [module for modules in found.values() for module in modules]
 
     def _install_hooks(self) -> None:
-        """Read the padding mask from the backbone's inputs, whatever entry point the caller uses."""
+        """Start each forward from the backbone's inputs, whatever entry point the caller uses: reset the
+        routing state and read the padding mask (from the backbone or the submodule the binding names)."""
         backbone, state, binding = self.binding.backbone, self.routing_state, self.binding
+        receiver = binding.padding_mask_receiver()
 
         def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             wants_hidden = kwargs.get("output_hidden_states", module.config.output_hidden_states)
-            state.start_forward(binding.padding_mask(args, kwargs), record_layer_io=bool(wants_hidden))
+            mask = binding.padding_mask(args, kwargs) if receiver is backbone else None
+            state.start_forward(mask, record_layer_io=bool(wants_hidden))
+
+        def read_padding_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            state.padding_mask, state.budget = binding.padding_mask(args, kwargs), None
 
         def after_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if state.record_layer_io and getattr(output, "hidden_states", None) is not None:
@@ -249,6 +255,8 @@ class CodaModel(nn.Module):
 
         self._hooks.append(backbone.register_forward_pre_hook(before_forward, with_kwargs=True))
         self._hooks.append(backbone.register_forward_hook(after_forward, with_kwargs=True))
+        if receiver is not backbone:
+            self._hooks.append(receiver.register_forward_pre_hook(read_padding_mask, with_kwargs=True))
 
 
 def get_coda_model(model: nn.Module, config: CodaConfig | None = None) -> CodaModel:

@@ -28,8 +28,11 @@ class Binding:
     Class attributes:
         model_types: the Hugging Face ``config.model_type`` values this binding serves.
         layers_path: dotted path, from ``model.base_model``, to the ``nn.ModuleList`` of layers to route.
-        padding_mask_argument: name of the backbone's ``forward`` argument holding the 2D padding mask
-            ``[batch, seq]`` (1 = token, 0 = padding), or None if the family has none.
+        padding_mask_argument: name of the ``forward`` argument holding the 2D padding mask ``[batch, seq]``
+            (1 = token, 0 = padding) of the layers' tokens, or None if the family has none.
+        padding_mask_module: dotted path, from ``model.base_model``, to the module that receives that
+            argument; "" is the backbone itself. (wav2vec2's backbone gets a mask over audio samples;
+            its encoder gets the one over frames.)
         pooled_token: position of the token a classifier head reads, or None.
         pooler_path: dotted path, from ``model.base_model``, to the pooler module whose output the
             classification head reads (replaced for ``pooling="mean"``), or None.
@@ -40,6 +43,7 @@ class Binding:
     model_types: tuple[str, ...] = ()
     layers_path: str = ""
     padding_mask_argument: str | None = "attention_mask"
+    padding_mask_module: str = ""
     pooled_token: int | None = None
     pooler_path: str | None = None
     default_lora_targets: tuple[str, ...] = ()
@@ -50,13 +54,17 @@ class Binding:
         self.config = model.config
         self.backbone = model.base_model
         self.check_supported()
-        self._backbone_signature = inspect.signature(self.backbone.forward)
+        self._mask_signature = inspect.signature(self.padding_mask_receiver().forward)
 
     def check_supported(self) -> None:
         """Raise ``ValueError`` for variants of the family that routing cannot serve."""
 
     def layers(self) -> nn.ModuleList:
         return _get_submodule(self.backbone, self.layers_path)
+
+    def padding_mask_receiver(self) -> nn.Module:
+        """The module whose forward arguments carry the layers' padding mask."""
+        return _get_submodule(self.backbone, self.padding_mask_module) if self.padding_mask_module else self.backbone
 
     def replace_pooler(self, pooler: nn.Module) -> nn.Module:
         """Put ``pooler`` where the head reads its input; returns the module it replaced."""
@@ -72,10 +80,10 @@ class Binding:
         return original
 
     def padding_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """Bool padding mask ``[batch, seq]`` (True = token) from the backbone's forward arguments, or None."""
+        """Bool padding mask ``[batch, seq]`` (True = token) from the receiver's forward arguments, or None."""
         if self.padding_mask_argument is None:
             return None
-        bound = self._backbone_signature.bind_partial(*args, **kwargs).arguments
+        bound = self._mask_signature.bind_partial(*args, **kwargs).arguments
         mask = bound.get(self.padding_mask_argument)
         if mask is None:
             return None
@@ -148,4 +156,4 @@ def binding_for(model: nn.Module) -> Binding:
     return _REGISTRY[model_type](model)
 
 
-from . import bert, mpnet, vit  # noqa: E402,F401  (registers the built-in bindings)
+from . import bert, mpnet, vit, wav2vec2  # noqa: E402,F401  (registers the built-in bindings)
