@@ -325,3 +325,16 @@ def test_mean_pooling_feeds_the_head_the_normalised_mean_over_real_tokens():
 def test_mean_pooling_needs_a_pooler(family):
     with pytest.raises(ValueError, match="pooling='mean' needs a model whose head reads the pooler output"):
         get_coda_model(tiny_model(family, head=True), CodaConfig(pooling="mean"))
+
+
+def test_a_coda_model_can_be_deep_copied():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3))
+    randomize_trainable(coda)
+    twin = copy.deepcopy(coda)
+    ids, mask = padded_batch([12, 7], 12)
+    with torch.no_grad():
+        want = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = twin(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(want, got)
+    assert twin.routing_state is not coda.routing_state
+    assert twin.routing_state.padding_mask is not None and torch.equal(twin.routing_trace()[0], coda.routing_trace()[0])

@@ -62,9 +62,12 @@ class CodaModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped model (``config``, ``generate``, ...) are reachable on the CoDA model."""
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "model":  # not set up yet (inside copy.deepcopy, for example)
+                raise
             return getattr(self.model, name)
 
     def routing_trace(self) -> dict[int, torch.Tensor]:
@@ -235,28 +238,32 @@ class CodaModel(nn.Module):
 
     def _install_hooks(self) -> None:
         """Start each forward from the backbone's inputs, whatever entry point the caller uses: reset the
-        routing state and read the padding mask (from the backbone or the submodule the binding names)."""
-        backbone, state, binding = self.binding.backbone, self.routing_state, self.binding
-        receiver = binding.padding_mask_receiver()
+        routing state and read the padding mask (from the backbone or the submodule the binding names).
 
-        def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            wants_hidden = kwargs.get("output_hidden_states", module.config.output_hidden_states)
-            mask = binding.padding_mask(args, kwargs) if receiver is backbone else None
-            state.start_forward(mask, record_layer_io=bool(wants_hidden))
-
-        def read_padding_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            state.padding_mask, state.budget = binding.padding_mask(args, kwargs), None
-
-        def after_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            if state.record_layer_io and getattr(output, "hidden_states", None) is not None:
-                output.hidden_states = _full_length_hidden_states(output.hidden_states, state.layer_io)
-            state.record_layer_io, state.layer_io = False, {}
-            return output
-
-        self._hooks.append(backbone.register_forward_pre_hook(before_forward, with_kwargs=True))
-        self._hooks.append(backbone.register_forward_hook(after_forward, with_kwargs=True))
+        The hooks are bound methods, so that ``copy.deepcopy`` points the copy's hooks at the copy.
+        """
+        backbone, receiver = self.binding.backbone, self.binding.padding_mask_receiver()
+        self._hooks.append(backbone.register_forward_pre_hook(self._start_forward, with_kwargs=True))
+        self._hooks.append(backbone.register_forward_hook(self._finish_forward, with_kwargs=True))
         if receiver is not backbone:
-            self._hooks.append(receiver.register_forward_pre_hook(read_padding_mask, with_kwargs=True))
+            self._hooks.append(receiver.register_forward_pre_hook(self._read_padding_mask, with_kwargs=True))
+
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        wants_hidden = kwargs.get("output_hidden_states", module.config.output_hidden_states)
+        receiver_is_backbone = self.binding.padding_mask_receiver() is module
+        mask = self.binding.padding_mask(args, kwargs) if receiver_is_backbone else None
+        self.routing_state.start_forward(mask, record_layer_io=bool(wants_hidden))
+
+    def _read_padding_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.routing_state.padding_mask = self.binding.padding_mask(args, kwargs)
+        self.routing_state.budget = None
+
+    def _finish_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state = self.routing_state
+        if state.record_layer_io and getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = _full_length_hidden_states(output.hidden_states, state.layer_io)
+        state.record_layer_io, state.layer_io = False, {}
+        return output
 
 
 def get_coda_model(model: nn.Module, config: CodaConfig | None = None) -> CodaModel:
