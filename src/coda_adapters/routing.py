@@ -107,6 +107,7 @@ class _Threshold(NamedTuple):
     top_index: torch.Tensor  # [batch, k_max] positions, best first
     in_top: torch.Tensor  # [batch, k_max] bool, slot < k
     num_capped: torch.Tensor  # [batch]
+    capped: torch.Tensor  # [batch, n] bool, the tokens at λ = 1
     reference: torch.Tensor  # [batch, 1] detached score the exponents are taken relative to
     log_tau: torch.Tensor  # [batch, 1] (τ - reference)/ε, differentiable
 
@@ -167,7 +168,7 @@ def _exact_threshold(
     relative = torch.where(uncapped, (scores - reference) / epsilon, float("-inf"))
     remaining = (k - num_capped).clamp(min=1).to(scores.dtype)[:, None]
     log_tau = torch.logsumexp(relative, dim=-1, keepdim=True) - torch.log(remaining)
-    return _Threshold(top_index, in_top, num_capped, reference, log_tau)
+    return _Threshold(top_index, in_top, num_capped, capped, reference, log_tau)
 
 
 def _soft_topk_exact(scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -175,9 +176,7 @@ def _soft_topk_exact(scores: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, 
     if int(k.max()) == 0:
         return torch.zeros_like(scores)
     threshold = _exact_threshold(scores, k, mask, epsilon)
-    slot = torch.arange(threshold.top_index.shape[-1], device=scores.device)
-    capped = torch.zeros_like(mask).scatter(-1, threshold.top_index, slot < threshold.num_capped[:, None])
-    lam = threshold.weights(scores, epsilon, capped)
+    lam = threshold.weights(scores, epsilon, threshold.capped)
     return torch.where(mask & (k[:, None] > 0), lam, 0.0)
 
 
