@@ -101,7 +101,8 @@ def benchmark_batch(tokenizer: Any, seq_len: int, batch_size: int, mixed: bool) 
 
 @dataclass
 class Variant:
-    """One model under test: ``kind`` is "coda" (with ``reduction``), "frozen" or "lora-merged"."""
+    """One model under test: ``kind`` is "coda" (with ``reduction``), "frozen", "lora-merged", "lora" (training)
+    or "float dense" (the unquantised dense parallel adapter, the reference of an int8 run)."""
 
     kind: str
     reduction: float | None = None
@@ -128,6 +129,8 @@ def build_variants(
     if quantize == "int8":
         for _, model in variants.values():
             quantize_frozen_linears(model)
+        dense = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=1, bottleneck=bottleneck))
+        variants["float dense"] = (Variant("float dense", 1), dense)
     return variants
 
 
@@ -256,6 +259,7 @@ class BenchRow:
     speedup_vs_dense: float
     speedup_vs_frozen: float | None
     speedup_vs_lora_merged: float | None
+    speedup_vs_float_dense: float | None
     flop_ratio: float
     efficiency: float
     peak_mem_mb: float
@@ -277,10 +281,12 @@ def run_benchmark(
     quantize: str = "none",
     mixed: bool = True,
     bottleneck: int = 64,
+    profile: bool = False,
 ) -> list[BenchRow]:
     """Time CoDA at each reduction against its baselines; see :class:`BenchRow` for what is reported.
 
-    ``reductions`` must contain 1 (the dense parallel adapter every speed-up is relative to).
+    ``reductions`` must contain 1 (the dense parallel adapter every speed-up is relative to). With
+    ``profile``, also print where each variant's time goes at the longest sequence length.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -309,7 +315,7 @@ def run_benchmark(
         medians = {name: statistics.median(t) for name, t in times.items()}
         lengths = batch["attention_mask"].sum(-1).tolist()
         for name, (variant, _) in variants.items():
-            adapter = bottleneck if variant.kind == "coda" else None
+            adapter = bottleneck if variant.kind in ("coda", "float dense") else None
             ratio = flop_ratio(config, seq_len, lengths, variant.reduction, adapter)
             speedup = medians["coda r=1"] / medians[name]
             rows.append(
@@ -325,6 +331,7 @@ def run_benchmark(
                     speedup_vs_dense=speedup,
                     speedup_vs_frozen=medians["frozen"] / medians[name] if "frozen" in medians else None,
                     speedup_vs_lora_merged=medians["lora-merged"] / medians[name] if "lora-merged" in medians else None,
+                    speedup_vs_float_dense=medians["float dense"] / medians[name] if "float dense" in medians else None,
                     flop_ratio=ratio,
                     efficiency=speedup / ratio,
                     peak_mem_mb=peak_memory_mb(steps[name]),
@@ -333,7 +340,23 @@ def run_benchmark(
                     threads=threads,
                 )
             )
+    if profile:
+        batch = batches[(max(seq_lens), False)]
+        for name, (_, model) in variants.items():
+            print(f"\n== where the time goes: {name}, {max(seq_lens)} tokens ==")
+            print(profile_table(make_step(model, batch)))
     return rows
+
+
+def profile_table(step: Callable[[], None], rows: int = 12) -> str:
+    """torch.profiler's operators by self CPU time over three calls of ``step`` (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
 
 
 def validate_bench_arguments(
@@ -368,23 +391,34 @@ def validate_bench_arguments(
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    header = (
-        f"{'variant':<12} {'seq':>5} {'mixed':>5} {'ms':>8} {'ex/s':>7} {'vs dense':>8} {'vs frozen':>9} "
-        f"{'vs LoRA':>7} {'FLOP ratio':>10} {'eff.':>5} {'peak MB':>8}"
-    )
+    columns = [
+        ("variant", 12, lambda r: r.variant),
+        ("seq", 5, lambda r: r.seq_len),
+        ("mixed", 5, lambda r: "yes" if r.mixed_lengths else "no"),
+        ("ms", 8, lambda r: f"{r.latency_ms:.1f}"),
+        ("ex/s", 7, lambda r: f"{r.examples_per_s:.1f}"),
+        ("vs dense", 8, lambda r: _ratio(r.speedup_vs_dense)),
+        ("vs frozen", 9, lambda r: _ratio(r.speedup_vs_frozen)),
+        ("vs LoRA", 7, lambda r: _ratio(r.speedup_vs_lora_merged)),
+        ("vs float", 8, lambda r: _ratio(r.speedup_vs_float_dense)),
+        ("FLOP ratio", 10, lambda r: _ratio(r.flop_ratio)),
+        ("eff.", 5, lambda r: f"{r.efficiency:.2f}"),
+        ("peak MB", 8, lambda r: f"{r.peak_mem_mb:.1f}"),
+    ]
+    header = " ".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width, _) in enumerate(columns))
     lines = [header, "-" * len(header)]
     for row in rows:
-
-        def ratio(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f}x"
-
+        cells = [str(value(row)) for _, _, value in columns]
         lines.append(
-            f"{row.variant:<12} {row.seq_len:>5} {'yes' if row.mixed_lengths else 'no':>5} {row.latency_ms:>8.1f} "
-            f"{row.examples_per_s:>7.1f} {ratio(row.speedup_vs_dense):>8} {ratio(row.speedup_vs_frozen):>9} "
-            f"{ratio(row.speedup_vs_lora_merged):>7} {row.flop_ratio:>9.2f}x {row.efficiency:>5.2f} "
-            f"{row.peak_mem_mb:>8.1f}"
+            " ".join(
+                f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, (_, w, _)) in enumerate(zip(cells, columns, strict=True))
+            )
         )
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def write_json(rows: list[BenchRow], path: str | Path) -> None:

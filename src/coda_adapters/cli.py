@@ -353,6 +353,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="int8 dynamic quantisation of the frozen layers' linear layers",
     )
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length padded batches")
+    parser.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler)")
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--plot", help="write a speed-up plot (PNG) to this file")
     parser.set_defaults(run=run_bench)
@@ -373,6 +374,7 @@ def run_bench(args: argparse.Namespace) -> None:
         quantize=args.quantize,
         mixed=not args.no_mixed,
         bottleneck=args.bottleneck,
+        profile=args.profile,
     )
     print(format_table(rows))
     if args.json:
