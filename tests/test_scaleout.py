@@ -89,7 +89,9 @@ def test_coda_model_trains_inside_transformers_trainer(tmp_path):
         for i in range(32)
     ]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # remove_unused_columns=False: Trainer cannot read column names off CodaModel.forward(*args, **kwargs)
     arguments = TrainingArguments(
+        remove_unused_columns=False,
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
         max_steps=6,

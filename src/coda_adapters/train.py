@@ -486,6 +486,9 @@ def resume_from_checkpoint(
     restore_optimizer(model, optimizer, tensors)
     state = read_json_object(latest / TRAINER_STATE_NAME, ("epoch", "train_seconds", "history", "scheduler"))
     scheduler.load_state_dict(state["scheduler"])
+    # the scheduler sets the learning rate when it steps; a restored one must also set it now
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     torch.set_rng_state(tensors["torch_rng_state"])
     print(f"resumed from {latest} (epoch {state['epoch']})")
     return state["epoch"], state["train_seconds"], state["history"]
