@@ -68,6 +68,12 @@ def test_batch_row_without_valid_token():
         coda(input_ids=ids, attention_mask=mask)
 
 
+def test_empty_batch_is_rejected():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig())
+    with pytest.raises(ValueError, match="empty batch"):
+        coda(input_ids=torch.zeros(0, 5, dtype=torch.long))
+
+
 def test_non_finite_hidden_states_give_a_router_error():
     coda = get_coda_model(tiny_model("bert"), CodaConfig())
     with torch.no_grad():

@@ -250,6 +250,10 @@ def token_budget(
     device: torch.device | str = "cpu",
 ) -> TokenBudget:
     """The :class:`TokenBudget` for a batch of ``shape = (batch, n)`` with an optional bool padding mask."""
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(
+            f"empty batch: the inputs have shape [batch, seq]={tuple(shape)}; CoDA needs at least one token"
+        )
     valid = torch.ones(shape, dtype=torch.bool, device=device) if padding_mask is None else padding_mask
     k = num_selected_tokens(valid, reduction)
     forced = None
