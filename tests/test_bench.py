@@ -14,7 +14,7 @@ from coda_adapters.bench import (
     quantize_frozen_linears,
     run_benchmark,
     soft_topk_report,
-    write_json,
+    write_bench_json,
 )
 
 from conftest import random_ids, tiny_model
@@ -70,7 +70,7 @@ def test_benchmark_rows_have_the_contract_keys(tmp_path):
     )
     assert {row.variant for row in rows} == {"frozen", "lora-merged", "coda r=1", "coda r=3"}
     path = tmp_path / "bench.json"
-    write_json(rows, path)
+    write_bench_json(rows, path)
     for row in json.loads(path.read_text()):
         for key in (
             "model",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import statistics
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from . import CodaConfig, get_coda_model, soft_topk
 from .bindings import binding_for
 from .data import load_bbc_news
+from .files import write_json
 
 QUANTIZE_CHOICES = ("none", "int8")
 
@@ -421,8 +421,8 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def write_json(rows: list[BenchRow], path: str | Path) -> None:
-    Path(path).write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+def write_bench_json(rows: list[BenchRow], path: str | Path) -> None:
+    write_json(path, [asdict(row) for row in rows])
 
 
 def plot_speedups(rows: list[BenchRow], path: str | Path) -> None:

@@ -218,6 +218,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from .data import LabelledTexts, encode_labels, read_labelled_file
+    from .files import write_json
     from .train import evaluate, load_classifier
 
     model, tokenizer, task = load_classifier(args.adapter)
@@ -245,8 +246,7 @@ def run_eval(args: argparse.Namespace) -> None:
     for name, row in zip(names, metrics["confusion_matrix"], strict=True):
         print(f"{name:<{width}} " + " ".join(f"{v:>6}" for v in row))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(metrics, handle, indent=2)
+        write_json(args.json, metrics)
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -360,7 +360,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from .bench import format_table, plot_speedups, run_benchmark, write_json
+    from .bench import format_table, plot_speedups, run_benchmark, write_bench_json
 
     rows = run_benchmark(
         model_name=args.model,
@@ -378,7 +378,7 @@ def run_bench(args: argparse.Namespace) -> None:
     )
     print(format_table(rows))
     if args.json:
-        write_json(rows, args.json)
+        write_bench_json(rows, args.json)
         print(f"wrote {args.json}")
     if args.plot:
         plot_speedups(rows, args.plot)
@@ -401,6 +401,7 @@ def add_bench_soft_topk_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_bench_soft_topk(args: argparse.Namespace) -> None:
     from .bench import soft_topk_report
+    from .files import write_json
 
     if not 1 <= args.k <= args.n:
         raise CommandError(f"--k must be in [1, --n={args.n}], got {args.k}")
@@ -419,8 +420,7 @@ def run_bench_soft_topk(args: argparse.Namespace) -> None:
         f"{report['cost_ratio_exact_over_cd_with_backward']:.2f} forward+backward"
     )
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
 
 
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -118,11 +118,7 @@ def read_records(path: str | Path, columns: Sequence[str]) -> list[tuple[int, di
     fmt = file_format(path)
     if fmt == "text":
         raise DataError(f"{path}: a .txt file has no columns; use CSV, TSV or JSONL for labelled data")
-    try:
-        content = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    content = read_utf8(path)
     records = _parse_jsonl(path, content) if fmt == "jsonl" else _parse_delimited(path, content, fmt)
     if not records:
         raise DataError(f"{path}: no records")
@@ -131,6 +127,15 @@ def read_records(path: str | Path, columns: Sequence[str]) -> list[tuple[int, di
         if missing:
             raise DataError(f"{path}, line {line}: missing column(s) {missing}; found {sorted(record)}")
     return records
+
+
+def read_utf8(path: Path) -> str:
+    """A file's text (a leading byte-order mark dropped), or a ``DataError`` naming the first bad line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
 def _parse_jsonl(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]:
@@ -287,12 +292,7 @@ def load_corpus(corpus: str, *, text_column: str = "text") -> list[str]:
     if not path.is_file():
         raise DataError(f"--corpus must be one of {list(BUILTIN_DATASETS)} or an existing file, got {corpus!r}")
     if file_format(path) == "text":
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as error:
-            line = path.read_bytes()[: error.start].count(b"\n") + 1
-            raise DataError(f"{path}, line {line}: not valid UTF-8 ({error.reason})") from None
-        texts = [line.strip() for line in lines if line.strip()]
+        texts = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     else:
         texts = []
         for line, record in read_records(path, [text_column]):

@@ -20,6 +20,7 @@ import torch
 
 from .config import CodaConfig
 from .data import ClassificationData, subsample
+from .files import write_json
 from .pretrain import PretrainConfig, build_pretraining_model, pretrain
 from .train import (
     METRICS_NAME,
@@ -194,13 +195,8 @@ def merge_lora(model: torch.nn.Module) -> None:
 
 
 def write_results(results: list[dict[str, Any]], preset: Preset, out_dir: Path) -> None:
-    (out_dir / "results.json").write_text(
-        json.dumps(
-            {"rows": results, "train_config": asdict(preset.train), "pretrain_config": asdict(preset.pretrain)},
-            indent=2,
-        )
-        + "\n"
-    )
+    document = {"rows": results, "train_config": asdict(preset.train), "pretrain_config": asdict(preset.pretrain)}
+    write_json(out_dir / "results.json", document)
     table = format_results(results)
     (out_dir / "results.md").write_text(table + "\n")
     print(table)
