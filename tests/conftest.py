@@ -11,34 +11,56 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    LlamaModel,
     MPNetConfig,
     MPNetForSequenceClassification,
     MPNetModel,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
+    T5Config,
+    T5EncoderModel,
+    T5ForSequenceClassification,
 )
 
 from coda_adapters.pretrained import resolve_model_path
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 
-# (config class, model classes) for every family the BERT binding serves
+# (config class, model classes) for every text family; T5's base is its encoder, which CoDA routes
 TINY_FAMILIES = {
     "bert": (BertConfig, BertModel, BertForSequenceClassification),
     "roberta": (RobertaConfig, RobertaModel, RobertaForSequenceClassification),
     "mpnet": (MPNetConfig, MPNetModel, MPNetForSequenceClassification),
+    "t5": (T5Config, T5EncoderModel, T5ForSequenceClassification),
+    "llama": (LlamaConfig, LlamaModel, LlamaForSequenceClassification),
+}
+# what the families name differently from TINY
+FAMILY_SETTINGS = {
+    "t5": dict(d_ff=64, d_kv=8, num_decoder_layers=2, pad_token_id=0, decoder_start_token_id=0),
+    "llama": dict(num_key_value_heads=2, pad_token_id=0),
 }
 
-
 # every (family, attention implementation) pair the family supports (MPNet has only eager attention)
-FAMILY_ATTENTION = [("bert", "eager"), ("bert", "sdpa"), ("roberta", "eager"), ("roberta", "sdpa"), ("mpnet", "eager")]
+FAMILY_ATTENTION = [
+    ("bert", "eager"),
+    ("bert", "sdpa"),
+    ("roberta", "eager"),
+    ("roberta", "sdpa"),
+    ("mpnet", "eager"),
+    ("t5", "eager"),
+    ("t5", "sdpa"),
+    ("llama", "eager"),
+    ("llama", "sdpa"),
+]
 
 
 def tiny_model(family: str = "bert", head: bool = False, attn: str = "sdpa", seed: int = 0, **overrides):
     """A small random model of a family, in eval mode (no dropout)."""
     config_class, base_class, head_class = TINY_FAMILIES[family]
-    config = config_class(**{**TINY, **overrides}, num_labels=3)
+    config = config_class(**{**TINY, **FAMILY_SETTINGS.get(family, {}), **overrides}, num_labels=3)
     config._attn_implementation = attn if family != "mpnet" else "eager"
     torch.manual_seed(seed)
     model = (head_class if head else base_class)(config)

@@ -8,7 +8,6 @@ import torch
 
 from coda_adapters import CodaConfig, get_coda_model
 from coda_adapters.bench import (
-    benchmark_batch,
     flop_ratio,
     layer_flops,
     quantize_frozen_linears,
@@ -16,10 +15,11 @@ from coda_adapters.bench import (
     soft_topk_report,
     write_bench_json,
 )
+from coda_adapters.bench_models import RANDOM_MODELS, audio_frames_to_samples, bench_model, text_batch
 
 from conftest import random_ids, tiny_model
 
-MINILM = SimpleNamespace(hidden_size=384, intermediate_size=1536)
+MINILM = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_attention_heads=12, model_type="bert")
 
 
 def test_cost_model_matches_the_method_notes_for_minilm_at_512_tokens():
@@ -38,15 +38,15 @@ def test_padding_makes_routing_cheaper_than_the_padded_length_suggests():
     assert mixed > full  # dense models compute padding, CoDA's k comes from the real length
 
 
-def test_benchmark_batch_is_real_text_cut_to_length():
+def test_text_batch_is_real_text_cut_to_length():
     from transformers import AutoTokenizer
 
     from coda_adapters.pretrained import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    full = benchmark_batch(tokenizer, 64, 4, mixed=False)
+    full = text_batch(tokenizer, 64, 4, mixed=False)
     assert full["input_ids"].shape == (4, 64) and bool(full["attention_mask"].all())
-    mixed = benchmark_batch(tokenizer, 64, 4, mixed=True)
+    mixed = text_batch(tokenizer, 64, 4, mixed=True)
     assert mixed["attention_mask"].sum(-1).tolist() == [16, 32, 48, 64]
 
 
@@ -117,3 +117,47 @@ def test_soft_topk_report_shows_exact_is_exact_and_the_paper_solver_is_not():
         "coordinate_descent",
         "coordinate_descent +backward",
     }
+
+
+def test_cost_model_reads_grouped_query_attention_and_gated_mlps():
+    """SmolLM2-135M: 9 query heads of 64 and 3 key/value heads, a SwiGLU MLP of 1,536; a routed layer
+    also projects the skipped tokens' keys and values for the cache."""
+    from transformers import LlamaConfig, T5Config
+
+    smollm2 = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64
+    )
+    per_token = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert layer_flops(smollm2, 100, None, None) == 2 * 100 * per_token + 4 * 100 * 100 * 576
+    skipped_kv = 2 * (100 - 34) * 2 * 576 * 192
+    routed = 2 * 34 * per_token + 4 * 34 * 34 * 576 + 2 * 100 * 576 + 10 * 100 + skipped_kv
+    assert layer_flops(smollm2, 100, 34, None) == routed
+    t5 = T5Config(d_model=768, d_kv=64, d_ff=2048, num_heads=12, feed_forward_proj="gated-gelu")
+    assert layer_flops(t5, 10, None, None) == 2 * 10 * (4 * 768 * 768 + 3 * 768 * 2048) + 4 * 100 * 768
+
+
+def test_audio_lengths_give_the_requested_number_of_frames():
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config()
+    model = Wav2Vec2Model.__new__(Wav2Vec2Model)
+    model.config = config
+    for frames in (1, 49, 499):
+        samples = audio_frames_to_samples(frames, config)
+        assert int(model._get_feat_extract_output_lengths(torch.tensor(samples))) == frames
+        assert int(model._get_feat_extract_output_lengths(torch.tensor(samples - 1))) == frames - 1
+    assert audio_frames_to_samples(499, config) <= 160_000 < audio_frames_to_samples(500, config)  # 10 s
+
+
+def test_vit_lengths_must_be_a_square_grid_plus_cls():
+    with pytest.raises(ValueError, match="square grid of patches"):
+        bench_model("vit-base").batch(100, 1, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RANDOM_MODELS)
+def test_bench_runs_every_random_weight_family(name):
+    n = {"t5-base": 64, "vit-base": 50, "wav2vec2-base": 49}[name]
+    rows = run_benchmark(model_name=name, seq_lens=[n], reductions=[1, 3], batch_size=1, repeats=1, warmup=0)
+    assert {row.variant for row in rows} == {"frozen", "lora-merged", "coda r=1", "coda r=3"}
+    assert all(row.latency_ms > 0 and row.seq_len == n for row in rows)

@@ -1,4 +1,4 @@
-"""CodaModel on the BERT family: equivalences with independent dense computations, invariants, training."""
+"""CodaModel on the text families: equivalences with independent dense computations, invariants, training."""
 
 import copy
 
@@ -7,6 +7,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters.bindings import binding_for
 
 from conftest import FAMILY_ATTENTION, random_ids, randomize_trainable, tiny_model
 
@@ -20,20 +21,23 @@ def hand_adapter(adapter, x):
 
 
 def dense_with_hand_adapters(dense_model, coda_model, placement="parallel"):
-    """Hook the adapters, computed by hand from the CoDA model's weights, onto every layer of a dense copy."""
-    adapters = {i: layer.adapter for i, layer in coda_model.conditional_layers().items()}
-    layers = dense_model.base_model.encoder.layer
+    """Hook the adapters, computed by hand from the CoDA model's weights, onto every layer of a dense copy
+    (routed layers, and adapter-only ones such as T5's decoder)."""
+    routed = coda_model.binding.layers()
+    dense = binding_for(dense_model)
 
     def make_hook(adapter):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # MPNet layers return tuples
+            hidden = output[0] if isinstance(output, tuple) else output  # MPNet and T5 layers return tuples
             hidden = hidden + hand_adapter(adapter, args[0] if placement == "parallel" else hidden)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
-    for index, adapter in adapters.items():
-        layers[index].register_forward_hook(make_hook(adapter))
+    for index in coda_model.layer_indices:
+        dense.layers()[index].register_forward_hook(make_hook(routed[index].adapter))
+    for dense_layer, coda_layer in zip(dense.adapter_layers(), coda_model.binding.adapter_layers(), strict=True):
+        dense_layer.register_forward_hook(make_hook(coda_layer.adapter))
     return dense_model
 
 
@@ -117,23 +121,28 @@ def test_padding_invariance_on_minilm(minilm, minilm_tokenizer):
     assert (together[0, :length] - single[0]).abs().max() <= 1e-4
 
 
-def assert_layer0_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected):
-    """Layer 0's output must be x + λ (F(x_sel) - x_sel) + A(x), with ``frozen_on_selected(x_sel, positions)``
-    computing F densely on just the selected tokens, independently of the routing code."""
+def assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected, layer=0):
+    """A routed layer's output must be x + λ (F(x_sel) - x_sel) + A(x), with ``frozen_on_selected(x_sel,
+    positions)`` computing F densely on just the selected tokens, independently of the routing code."""
+    conditional = coda.conditional_layers()[layer]
+    seen = {}
+    hook = conditional.register_forward_hook(
+        lambda module, args, output: seen.update(x=args[0], y=output[0] if isinstance(output, tuple) else output)
+    )
     with torch.no_grad():
-        out = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        x, y = out.hidden_states[0], out.hidden_states[1]
-        selection = coda.routing_state.selections[0]
-        adapter = coda.conditional_layers()[0].adapter
+        coda(input_ids=ids, attention_mask=mask)
+        hook.remove()
+        x, y = seen["x"], seen["y"]
+        selection = coda.routing_state.selections[layer]
         for row in range(ids.shape[0]):
             positions = selection.index[row][selection.slot_mask[row]]
             x_sel = x[row : row + 1, positions]
             f_sel = frozen_on_selected(x_sel, positions)
             lam = selection.weights[row][selection.slot_mask[row]]
-            want = x[row] + hand_adapter(adapter, x[row])
+            want = x[row] + hand_adapter(conditional.adapter, x[row])
             want[positions] += lam[:, None] * (f_sel[0] - x_sel[0])
-            length = int(mask[row].sum())
-            assert (y[row, :length] - want[:length]).abs().max() <= 1e-5
+            valid = mask[row].bool()
+            assert (y[row, valid] - want[valid]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
@@ -147,7 +156,7 @@ def test_routed_layer_computes_the_frozen_layer_on_the_selected_tokens_only(attn
         return frozen_layer(x_sel, create_bidirectional_mask(base.config, x_sel, torch.ones(1, len(positions))))
 
     ids, mask = padded_batch([15, 9], 15)
-    assert_layer0_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
+    assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
 
 
 def test_mpnet_routed_layer_sees_the_relative_position_bias_of_the_original_positions():
@@ -169,7 +178,7 @@ def test_mpnet_routed_layer_sees_the_relative_position_bias_of_the_original_posi
         return right
 
     ids, mask = padded_batch([15, 10], 15)
-    assert_layer0_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
+    assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
     assert min(differences) > 1e-4  # the test can tell the original positions from renumbered ones
 
 

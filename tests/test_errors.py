@@ -39,7 +39,8 @@ def test_unsupported_architecture_lists_the_supported_ones():
     gpt2 = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50))
     with pytest.raises(
         ValueError,
-        match=r"model_type='gpt2'.*supported model types are \['bert', 'mpnet', 'roberta', 'vit', 'wav2vec2'\]",
+        match=r"model_type='gpt2'.*supported model types are \['bert', 'llama', 'mpnet', 'roberta', 't5', 'vit', "
+        r"'wav2vec2'\].*Adding an architecture",
     ):
         get_coda_model(gpt2, CodaConfig())
 

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import CodaConfig, get_coda_model, soft_topk
+from .bench_models import bench_model
 from .bindings import binding_for
-from .data import load_bbc_news
 from .files import write_json
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -36,18 +36,33 @@ QUANTIZE_CHOICES = ("none", "int8")
 # --------------------------------------------------------------------------------------------------
 
 
+def layer_dimensions(config: Any) -> tuple[int, int, int, int]:
+    """``(hidden, attention inner dim, key/value dim, feed-forward multiply-adds per token)`` of a layer,
+    from any family's config (BERT-style, T5's ``d_kv``/``d_ff``, grouped-query attention, gated MLPs)."""
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or d // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    f = getattr(config, "intermediate_size", None) or config.d_ff
+    gated = config.model_type == "llama" or getattr(config, "is_gated_act", False)
+    return d, heads * head_dim, kv_heads * head_dim, (3 if gated else 2) * d * f
+
+
 def layer_flops(config: Any, n: int, k: int | None, bottleneck: int | None) -> float:
     """Multiply-add FLOPs of one Transformer layer on one example padded to ``n`` tokens.
 
     ``k = None`` is a dense layer (it computes every position, padding included); otherwise the frozen
     layer runs on ``k`` tokens and the router (a dot product per token) and the soft top-k (about ten
-    operations per token) run on all ``n``. ``bottleneck`` adds a bottleneck adapter on all ``n``.
+    operations per token) run on all ``n``; a routed decoder LM also projects every token's key and
+    value for the cache. ``bottleneck`` adds a bottleneck adapter on all ``n``.
     """
-    d, f = config.hidden_size, config.intermediate_size
+    d, inner, kv, mlp = layer_dimensions(config)
     tokens = n if k is None else k
-    flops = 2 * tokens * (4 * d * d + 2 * d * f) + 4 * tokens * tokens * d
+    flops = 2 * tokens * (2 * d * inner + 2 * d * kv + mlp) + 4 * tokens * tokens * inner
     if k is not None:
         flops += 2 * n * d + 10 * n
+        if config.model_type == "llama":
+            flops += 2 * (n - k) * 2 * d * kv
     if bottleneck:
         flops += 4 * n * d * bottleneck
     return float(flops)
@@ -68,30 +83,6 @@ def flop_ratio(
     else:
         this = sum(layer_flops(config, n, math.ceil(length / reduction), bottleneck) for length in lengths)
     return dense / this
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-
-
-def benchmark_batch(tokenizer: Any, seq_len: int, batch_size: int, mixed: bool) -> dict[str, torch.Tensor]:
-    """Real BBC News text, ``[batch, seq_len]``: every example cut to ``seq_len`` tokens or, with
-    ``mixed``, to lengths spread evenly from ``seq_len / 4`` to ``seq_len`` and right-padded."""
-    texts, _, _ = load_bbc_news()
-    joined = " ".join(texts[: 4 * batch_size * max(1, seq_len // 256)])
-    words = joined.split()
-    chunk = len(words) // batch_size
-    examples = [" ".join(words[i * chunk : (i + 1) * chunk]) for i in range(batch_size)]
-    if mixed:
-        lengths = [round(seq_len / 4 + (seq_len - seq_len / 4) * i / max(1, batch_size - 1)) for i in range(batch_size)]
-    else:
-        lengths = [seq_len] * batch_size
-    pairs = list(zip(examples, lengths, strict=True))
-    rows = [tokenizer(text, truncation=True, max_length=length)["input_ids"] for text, length in pairs]
-    if any(len(row) < length for row, (_, length) in zip(rows, pairs, strict=True)):
-        raise RuntimeError(f"not enough benchmark text for {batch_size} examples of {seq_len} tokens")
-    return tokenizer.pad({"input_ids": rows}, padding="max_length", max_length=seq_len, return_tensors="pt")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,7 +175,8 @@ def training_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[
     """Forward + backward + AdamW step with a classification loss on random labels."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    labels = torch.randint(0, model.config.num_labels, (batch["input_ids"].shape[0],))
+    size = next(value for value in batch.values() if isinstance(value, torch.Tensor)).shape[0]
+    labels = torch.randint(0, model.config.num_labels, (size,))
     model.train()
 
     def step() -> None:
@@ -288,32 +280,26 @@ def run_benchmark(
     ``reductions`` must contain 1 (the dense parallel adapter every speed-up is relative to). With
     ``profile``, also print where each variant's time goes at the longest sequence length.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
-    from .pretrained import resolve_model_path
-
-    path = resolve_model_path(model_name)
-    config = AutoConfig.from_pretrained(path)
+    spec = bench_model(model_name)
+    config = spec.config
     validate_bench_arguments(config, seq_lens, reductions, batch_size, threads, repeats, quantize)
     torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = (
-        AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
-        if train
-        else AutoModel.from_pretrained(path)
-    ).eval()
+    if mixed and not spec.supports_mixed:
+        print(f"note: {model_name} inputs all have the same length; no mixed-length batches", file=sys.stderr)
+        mixed = False
+    base = spec.load(train)
     variants = build_variants(base, reductions, bottleneck, quantize, train)
 
-    batches = {(n, False): benchmark_batch(tokenizer, n, batch_size, mixed=False) for n in seq_lens}
+    batches = {(n, False): spec.batch(n, batch_size, False) for n in seq_lens}
     if mixed:
-        batches.update({(n, True): benchmark_batch(tokenizer, n, batch_size, mixed=True) for n in seq_lens})
+        batches.update({(n, True): spec.batch(n, batch_size, True) for n in seq_lens})
     make_step = training_step if train else inference_step
     rows = []
     for (seq_len, is_mixed), batch in batches.items():
         steps = {name: make_step(model, batch) for name, (_, model) in variants.items()}
         times = time_interleaved(steps, repeats, warmup)
         medians = {name: statistics.median(t) for name, t in times.items()}
-        lengths = batch["attention_mask"].sum(-1).tolist()
+        lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [seq_len] * batch_size
         for name, (variant, _) in variants.items():
             adapter = bottleneck if variant.kind in ("coda", "float dense") else None
             ratio = flop_ratio(config, seq_len, lengths, variant.reduction, adapter)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class RoutingState:
     """What the routed layers of one model share.
 
-    ``reduction`` and ``forced_position`` (the pooled token, or None) are settings. Before every
+    ``reduction`` and ``forced_position`` (the pooled token: a position, ``"last"`` or None) are settings. Before every
     forward, the backbone's inputs give ``padding_mask`` (bool ``[batch, seq]``, True = token, None
     when there is no padding); the :class:`~coda_adapters.routing.TokenBudget` derived from it is
     computed once and shared by all layers. ``selections`` keeps each layer's last selection for
@@ -39,7 +39,7 @@ class RoutingState:
     """
 
     reduction: float
-    forced_position: int | None
+    forced_position: int | str | None
     padding_mask: torch.Tensor | None = None
     budget: TokenBudget | None = None
     selections: dict[int, Selection] = field(default_factory=dict)
@@ -49,13 +49,18 @@ class RoutingState:
     dense_targets: dict[int, torch.Tensor] = field(default_factory=dict)
     disabled: bool = False
 
-    def start_forward(self, padding_mask: torch.Tensor | None, record_layer_io: bool) -> None:
-        self.padding_mask = padding_mask
-        self.budget = None
-        self.selections = {}
+    def start_forward(self, record_layer_io: bool) -> None:
+        """Called as the backbone's forward starts."""
         self.record_layer_io = record_layer_io
         self.layer_io = {}
         self.dense_targets = {}
+
+    def start_routing(self, padding_mask: torch.Tensor | None) -> None:
+        """Called as the module that runs the routed layers starts (the backbone, or T5's encoder, which
+        ``generate`` runs once while the backbone runs at every step)."""
+        self.padding_mask = padding_mask
+        self.budget = None
+        self.selections = {}
 
     def token_budget(self, hidden_states: torch.Tensor) -> TokenBudget:
         shape = tuple(hidden_states.shape[:2])
@@ -74,7 +79,9 @@ class RoutingState:
 class ConditionalLayer(nn.Module):
     """Wraps the frozen layer ``layer`` (called as a black box) with a router and an adapter.
 
-    It is called exactly like the layer it replaces and returns the same structure.
+    It is called exactly like the layer it replaces and returns the same structure. Without a router
+    (``router=None``, with a ``state`` of reduction 1) it is an adapter-only layer that never routes,
+    as in T5's decoder.
     """
 
     def __init__(
@@ -82,7 +89,7 @@ class ConditionalLayer(nn.Module):
         layer: nn.Module,
         *,
         layer_index: int,
-        router: Router,
+        router: Router | None,
         adapter: BottleneckAdapter | None,
         adapter_placement: str,
         binding: Binding,
@@ -103,24 +110,26 @@ class ConditionalLayer(nn.Module):
             return self.layer(hidden_states, *args, **kwargs)
         budget = self.state.token_budget(hidden_states)
         if budget.dense:
-            layer_output, output = self._dense_forward(hidden_states, budget, args, kwargs)
+            output = self._dense_forward(hidden_states, budget, args, kwargs)
         else:
-            layer_output, output = self._routed_forward(hidden_states, budget, args, kwargs)
+            output = self._routed_forward(hidden_states, budget, args, kwargs)
+        output_states = self.binding.layer_hidden_states(output)
         if self.state.record_layer_io:
-            self.state.layer_io[self.layer_index] = (hidden_states, output)
+            self.state.layer_io[self.layer_index] = (hidden_states, output_states)
         if self.state.record_dense_targets:
             with torch.no_grad():
                 dense = self.binding.layer_hidden_states(self.layer(hidden_states, *args, **kwargs))
             self.state.dense_targets[self.layer_index] = dense
-        return self.binding.replace_hidden_states(layer_output, output)
+        return output
 
-    def _routed_forward(
-        self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict
-    ) -> tuple[Any, torch.Tensor]:
+    def _routed_forward(self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict) -> Any:
+        if self.router is None:
+            raise RuntimeError(f"layer {self.layer_index} has adapters only and cannot route")
         selection = self.router(hidden_states, budget)
         self.state.selections[self.layer_index] = selection
         flat_index = flatten_index(selection.index, hidden_states.shape[1])
 
+        args, kwargs = self.binding.before_routing(self.layer, hidden_states, args, kwargs)
         selected = gather_tokens(hidden_states, flat_index)
         layer_args, layer_kwargs = self.binding.routed_layer_arguments(selected, selection, args, kwargs)
         layer_output = self.layer(selected, *layer_args, **layer_kwargs)
@@ -128,20 +137,19 @@ class ConditionalLayer(nn.Module):
         update = update * selection.weights.unsqueeze(-1).to(update.dtype)
 
         if self.adapter_placement == "parallel":
-            output = hidden_states + self.adapter(hidden_states)
-            return layer_output, add_tokens_(output, flat_index, update)
-        return layer_output, self._after_layer(add_tokens_(hidden_states.clone(), flat_index, update))
+            output = add_tokens_(hidden_states + self.adapter(hidden_states), flat_index, update)
+        else:
+            output = self._after_layer(add_tokens_(hidden_states.clone(), flat_index, update))
+        return self.binding.routed_layer_output(layer_output, output, args, kwargs)
 
-    def _dense_forward(
-        self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict
-    ) -> tuple[Any, torch.Tensor]:
+    def _dense_forward(self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict) -> Any:
         """Every token is selected with λ = 1: the layer is exactly ``F(x) + A(x)``, the dense baseline."""
         self.state.selections[self.layer_index] = dense_selection(budget)
         layer_output = self.layer(hidden_states, *args, **kwargs)
         full = self.binding.layer_hidden_states(layer_output)
-        if self.adapter_placement == "parallel":
-            return layer_output, full + self.adapter(hidden_states)
-        return layer_output, self._after_layer(full)
+        parallel = self.adapter_placement == "parallel"
+        output = full + self.adapter(hidden_states) if parallel else self._after_layer(full)
+        return self.binding.replace_hidden_states(layer_output, output)
 
     def _after_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The series adapter on the layer's output (``"none"``: nothing, e.g. for a LoRA-only model)."""

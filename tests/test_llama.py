@@ -1,0 +1,160 @@
+"""Llama: causal attention over the selected tokens at their original rotary positions, the KV cache a
+routed prefill leaves for generation, and the classification head."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from coda_adapters import CodaConfig, CodaModel, get_coda_model
+
+from conftest import randomize_trainable, tiny_model
+from test_coda_model import (
+    ATTENTION,
+    assert_layer_runs_the_frozen_layer_on_the_selected_tokens,
+    dense_with_hand_adapters,
+    padded_batch,
+)
+
+
+def tiny_causal_lm(attn="sdpa"):
+    base = tiny_model("llama", attn=attn)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(base.config).eval()
+
+
+def left_padded_batch(lengths, seq, seed=1):
+    ids, mask = padded_batch(lengths, seq, seed)
+    return ids, mask.flip(-1)
+
+
+def causal_mask(k, dtype=torch.float32):
+    """Additive causal mask ``[1, 1, k, k]``, written out."""
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool), diagonal=1)
+    return torch.zeros(k, k, dtype=dtype).masked_fill(upper, torch.finfo(dtype).min)[None, None]
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_routed_layer_is_causal_over_the_selected_tokens_at_their_original_positions(attn, padding):
+    base = tiny_model("llama", attn=attn, rope_theta=100.0, initializer_range=0.3)  # attention far from uniform
+    frozen_layer = copy.deepcopy(base.layers[0])
+    coda = get_coda_model(base, CodaConfig(reduction=3, bottleneck=8, epsilon=0.5))
+    randomize_trainable(coda)
+    ids, mask = (padded_batch if padding == "right" else left_padded_batch)([15, 10], 15)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
+    differences = []
+
+    def frozen_on_selected(x_sel, positions):
+        row = 0 if len(positions) == 5 else 1
+        original = position_ids[row, positions][None]
+        rotary = base.rotary_emb(x_sel, position_ids=original)
+        mask = causal_mask(len(positions))
+        right = frozen_layer(x_sel, attention_mask=mask, position_embeddings=rotary)
+        renumbered = base.rotary_emb(x_sel, position_ids=torch.arange(len(positions))[None])
+        differences.append(
+            (right - frozen_layer(x_sel, attention_mask=mask, position_embeddings=renumbered)).abs().max()
+        )
+        return right
+
+    with torch.no_grad():
+        coda.model.forward = _with_position_ids(coda.model.forward, position_ids)
+        assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
+    assert min(differences) > 1e-4  # the test can tell the original positions from renumbered ones
+
+
+def _with_position_ids(forward, position_ids):
+    return lambda **inputs: forward(**inputs, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_the_last_token_is_always_selected(padding):
+    coda = get_coda_model(tiny_model("llama"), CodaConfig(reduction=4, bottleneck=8))
+    randomize_trainable(coda)
+    ids, mask = (padded_batch if padding == "right" else left_padded_batch)([16, 9, 5], 16)
+    with torch.no_grad():
+        coda(input_ids=ids, attention_mask=mask)
+    last = 16 - 1 - mask.flip(-1).argmax(-1)
+    for positions in coda.routing_trace().values():
+        kept = [set(row[row >= 0].tolist()) for row in positions]
+        assert all(int(last[row]) in kept[row] for row in range(3))
+        assert all(mask[row, sorted(kept[row])].all() for row in range(3))  # never padding
+
+
+def test_routed_prefill_caches_keys_and_values_of_every_prompt_token():
+    """Each layer's cache must hold k_proj/v_proj of *all* n layer inputs, rotated at their positions."""
+    coda = get_coda_model(tiny_causal_lm(), CodaConfig(reduction=3, bottleneck=8))
+    randomize_trainable(coda)
+    ids, mask = left_padded_batch([12, 9], 12)
+    layers = coda.binding.layers()
+    inputs = {}
+    for index, layer in enumerate(layers):
+        layer.register_forward_hook(lambda module, args, output, i=index: inputs.update({i: args[0]}))
+    with torch.no_grad():
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() passes them
+        out = coda(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        for index, layer in enumerate(layers):
+            frozen = layer.layer
+            x = frozen.input_layernorm(inputs[index])
+            keys = frozen.self_attn.k_proj(x).view(2, 12, -1, frozen.self_attn.head_dim).transpose(1, 2)
+            values = frozen.self_attn.v_proj(x).view(2, 12, -1, frozen.self_attn.head_dim).transpose(1, 2)
+            cos, sin = coda.model.model.rotary_emb(x, position_ids=position_ids)
+            keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+            cached = out.past_key_values.layers[index]
+            torch.testing.assert_close(cached.keys, keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(cached.values, values, atol=1e-5, rtol=0)
+    assert len(coda.routing_trace()[0][0]) == 4  # the prefill was routed: ceil(12 / 3)
+
+
+def test_generation_continues_from_the_routed_prefill_and_decodes_densely():
+    """Writing the cache does not change the prefill; the first new token is the prefill's prediction, and
+    each later step (one token) runs every layer on it."""
+    coda = get_coda_model(tiny_causal_lm(), CodaConfig(reduction=3, bottleneck=8))
+    randomize_trainable(coda)
+    ids, mask = left_padded_batch([12, 9], 12)
+    with torch.no_grad():
+        without_cache = coda(input_ids=ids, attention_mask=mask).logits[:, -1]
+        with_cache = coda(input_ids=ids, attention_mask=mask, use_cache=True).logits[:, -1]
+        sequences = coda.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(with_cache, without_cache)
+    assert torch.equal(sequences[:, 12], without_cache.argmax(-1))
+    assert sequences.shape == (2, 16)
+    assert all(positions.shape == (2, 1) for positions in coda.routing_trace().values())  # the last step
+
+
+def test_reduction_one_generation_equals_the_dense_model_with_adapters():
+    dense = tiny_causal_lm()
+    coda = get_coda_model(copy.deepcopy(dense), CodaConfig(reduction=1, bottleneck=8))
+    randomize_trainable(coda, std=0.1)
+    dense_with_hand_adapters(dense, coda)
+    ids, mask = left_padded_batch([12, 9], 12)
+    with torch.no_grad():
+        got = coda.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        want = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_a_routed_chunk_after_cached_tokens_is_refused():
+    coda = get_coda_model(tiny_causal_lm(), CodaConfig(reduction=3, bottleneck=8))
+    ids, _ = padded_batch([12], 12)
+    with torch.no_grad():
+        cache = coda(input_ids=ids[:, :6], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="empty KV cache"):
+            coda(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True)
+
+
+def test_sequence_classifier_reads_the_routed_last_token_and_round_trips(tmp_path):
+    coda = get_coda_model(tiny_model("llama", head=True), CodaConfig(reduction=3, bottleneck=8))
+    assert coda.model.score.weight.requires_grad
+    randomize_trainable(coda)
+    ids, mask = padded_batch([10, 6], 10)
+    ids[mask == 0] = 0  # the head finds the last token by the padding id
+    coda.save_pretrained(tmp_path)
+    loaded = CodaModel.from_pretrained(tiny_model("llama", head=True), tmp_path)
+    with torch.no_grad():
+        want = coda(input_ids=ids, attention_mask=mask).logits
+        alone = coda(input_ids=ids[1:, :6], attention_mask=mask[1:, :6]).logits
+        assert torch.equal(want, loaded(input_ids=ids, attention_mask=mask).logits)
+    assert (want[1] - alone[0]).abs().max() <= 1e-4  # the head read the last real token, not padding
