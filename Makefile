@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup mpnet smollm2 demo results bench bench-mpnet test test-fast fuzz lint clean
+.PHONY: setup mpnet smollm2 demo demo-mpnet demo-llm demo-vision demo-speech results bench bench-mpnet bench-families test test-fast fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,27 @@ results: setup
 bench: setup
 	mkdir -p runs/bench
 	$(PY) -m coda_adapters bench --seq-lens 128 256 512 --reductions 1 3 5 --json runs/bench/minilm.json --plot docs/bench-minilm.png
+
+# One demo per modality (each under 10 minutes on 2 cores; README "Beyond BERT").
+demo-mpnet: mpnet
+	$(PY) -m coda_adapters experiment --preset mpnet --model mpnet --fresh --out runs/demo-mpnet
+
+demo-llm: smollm2
+	$(PY) -m coda_adapters prefill --out runs/prefill
+
+demo-vision: setup
+	$(PY) -m coda_adapters vision --out runs/vision
+
+# no speech model or data offline: random wav2vec2-base weights, 10 s of 16 kHz audio (499 frames)
+demo-speech: setup
+	mkdir -p runs/bench
+	$(PY) -m coda_adapters bench --model wav2vec2-base --seq-lens 499 --reductions 1 3 5 --batch-size 4 --repeats 5 --json runs/bench/wav2vec2.json
+
+# random-weight T5 v1.1 base encoder and ViT-B/16 (no weights offline)
+bench-families: setup
+	mkdir -p runs/bench
+	$(PY) -m coda_adapters bench --model t5-base --seq-lens 512 --reductions 1 3 5 --no-mixed --repeats 5 --json runs/bench/t5.json
+	$(PY) -m coda_adapters bench --model vit-base --seq-lens 197 --reductions 1 3 5 --batch-size 16 --repeats 5 --json runs/bench/vit.json
 
 bench-mpnet: mpnet
 	mkdir -p runs/bench

@@ -183,3 +183,12 @@ def test_experiment_trains_every_row_and_writes_the_table(tmp_path):
     assert (tmp_path / "coda-r-3-pretraining" / "pretrain" / "coda_model.safetensors").is_file()
     again = coda("experiment", "--preset", "smoke", "--out", tmp_path)  # finished rows are kept
     assert again.stdout.count("done before, kept") == 3
+
+
+def test_experiment_presets_offered_by_the_cli_are_the_library_presets():
+    from coda_adapters.cli import build_parser
+    from coda_adapters.experiment import PRESETS
+
+    experiment = build_parser()._subparsers._group_actions[0].choices["experiment"]
+    preset = next(action for action in experiment._actions if action.dest == "preset")
+    assert sorted(preset.choices) == sorted(PRESETS)

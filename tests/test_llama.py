@@ -19,8 +19,8 @@ from test_coda_model import (
 )
 
 
-def tiny_causal_lm(attn="sdpa"):
-    base = tiny_model("llama", attn=attn)
+def tiny_causal_lm(attn="sdpa", **overrides):
+    base = tiny_model("llama", attn=attn, **overrides)
     torch.manual_seed(0)
     return LlamaForCausalLM(base.config).eval()
 
@@ -136,13 +136,19 @@ def test_reduction_one_generation_equals_the_dense_model_with_adapters():
     assert torch.equal(got, want)
 
 
-def test_a_routed_chunk_after_cached_tokens_is_refused():
+def test_tokens_after_a_cached_prompt_run_densely():
     coda = get_coda_model(tiny_causal_lm(), CodaConfig(reduction=3, bottleneck=8))
-    ids, _ = padded_batch([12], 12)
+    randomize_trainable(coda)
+    ids, _ = padded_batch([18], 18)
     with torch.no_grad():
-        cache = coda(input_ids=ids[:, :6], use_cache=True).past_key_values
-        with pytest.raises(ValueError, match="empty KV cache"):
-            coda(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True)
+        cache = coda(input_ids=ids[:, :12], use_cache=True).past_key_values
+        assert coda.routing_trace()[0].shape == (1, 4)  # the prompt is routed
+        same_cache = copy.deepcopy(cache)
+        continued = coda(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True).logits
+        assert all(positions.shape == (1, 6) for positions in coda.routing_trace().values())
+        coda.routing_state.reduction = 1.0  # every layer dense, the same cache
+        dense = coda(input_ids=ids[:, 12:], past_key_values=same_cache, use_cache=True).logits
+    assert torch.equal(continued, dense)
 
 
 def test_sequence_classifier_reads_the_routed_last_token_and_round_trips(tmp_path):

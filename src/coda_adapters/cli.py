@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
@@ -312,7 +313,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         "experiment",
         help="train every baseline and CoDA variant with one recipe and time them side by side (the README table)",
     )
-    parser.add_argument("--preset", default="results", choices=["results", "demo", "smoke"])
+    parser.add_argument("--preset", default="results", choices=["demo", "mpnet", "results", "smoke"])
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
     parser.add_argument("--fresh", action="store_true", help="retrain every row (default: keep finished rows)")
@@ -423,6 +424,66 @@ def run_bench_soft_topk(args: argparse.Namespace) -> None:
         write_json(args.json, report)
 
 
+# --------------------------------------------------------------------------------------------------
+# Demos beyond text classification
+# --------------------------------------------------------------------------------------------------
+
+
+def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prefill",
+        help="routed prompt processing on SmolLM2: speed-up and effect on the next-token distribution",
+        description="Time routed prefills against the dense parallel adapter and compare what the model "
+        "predicts next (KL divergence) on BBC News text; writes results.json and results.md.",
+    )
+    parser.add_argument("--model", default="smollm2", help="bundled decoder LM name or local model directory")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
+    parser.add_argument("--reductions", type=float, nargs="+", default=[3, 5])
+    parser.add_argument("--prompts", type=int, default=8, help="prompts scored per length")
+    parser.add_argument("--continuation", type=int, default=16, help="tokens scored after each prompt")
+    parser.add_argument("--batch-size", type=int, default=2, help="prompts per timed forward")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--out", default="runs/prefill", help="output directory")
+    parser.set_defaults(run=run_prefill)
+
+
+def run_prefill(args: argparse.Namespace) -> None:
+    from .prefill import run_prefill_demo
+
+    run_prefill_demo(
+        args.out,
+        lengths=tuple(args.seq_lens),
+        reductions=tuple(args.reductions),
+        prompts=args.prompts,
+        continuation=args.continuation,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        model_name=args.model,
+    )
+    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
+
+
+def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "vision",
+        help="ViT demo: pretrain a small ViT on MNIST-5k here, then CoDA-adapt it to scikit-learn's digits",
+        description="There is no pretrained ViT offline: a small ViT is pretrained densely on MNIST-5k "
+        "(cached), frozen, and adapted to the 8x8 digits upscaled to 28x28 with the dense parallel adapter and "
+        "CoDA; reports accuracy and the side-by-side inference speed-up.",
+    )
+    parser.add_argument("--out", default="runs/vision", help="output directory")
+    parser.add_argument("--cache-dir", help="where the pretrained backbone is kept (default: the user cache)")
+    parser.add_argument("--quick", action="store_true", help="a tiny ViT and one epoch: a smoke test, not a result")
+    parser.set_defaults(run=run_vision)
+
+
+def run_vision(args: argparse.Namespace) -> None:
+    from .vision_demo import run_vision_demo
+
+    run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick)
+    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
+
+
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_pretrain_parser,
     add_train_parser,
@@ -432,6 +493,8 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_experiment_parser,
     add_bench_parser,
     add_bench_soft_topk_parser,
+    add_prefill_parser,
+    add_vision_parser,
 ]
 
 

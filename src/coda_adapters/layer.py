@@ -48,6 +48,7 @@ class RoutingState:
     record_dense_targets: bool = False
     dense_targets: dict[int, torch.Tensor] = field(default_factory=dict)
     disabled: bool = False
+    route: bool = True
 
     def start_forward(self, record_layer_io: bool) -> None:
         """Called as the backbone's forward starts."""
@@ -55,10 +56,12 @@ class RoutingState:
         self.layer_io = {}
         self.dense_targets = {}
 
-    def start_routing(self, padding_mask: torch.Tensor | None) -> None:
+    def start_routing(self, padding_mask: torch.Tensor | None, route: bool = True) -> None:
         """Called as the module that runs the routed layers starts (the backbone, or T5's encoder, which
-        ``generate`` runs once while the backbone runs at every step)."""
+        ``generate`` runs once while the backbone runs at every step). ``route=False`` runs this call's
+        layers densely (a decoder LM's tokens after its cached prompt)."""
         self.padding_mask = padding_mask
+        self.route = route
         self.budget = None
         self.selections = {}
 
@@ -72,7 +75,8 @@ class RoutingState:
                     f"[batch, seq]={shape}"
                 )
             mask = None if mask is None else mask.to(hidden_states.device)
-            self.budget = token_budget(mask, shape, self.reduction, self.forced_position, hidden_states.device)
+            reduction = self.reduction if self.route else 1.0
+            self.budget = token_budget(mask, shape, reduction, self.forced_position, hidden_states.device)
         return self.budget
 
 

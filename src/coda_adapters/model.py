@@ -274,7 +274,9 @@ class CodaModel(nn.Module):
             self._read_padding_mask(module, args, kwargs)
 
     def _read_padding_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.routing_state.start_routing(self.binding.padding_mask(args, kwargs))
+        self.routing_state.start_routing(
+            self.binding.padding_mask(args, kwargs), route=self.binding.routes_call(args, kwargs)
+        )
 
     def _finish_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self.routing_state

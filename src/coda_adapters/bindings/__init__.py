@@ -127,6 +127,11 @@ class Binding:
         """
         return self.replace_hidden_states(layer_output, hidden_states)
 
+    def routes_call(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether the layers route in this call of the receiver (False: they run densely). A decoder LM
+        routes its prompt, not the tokens it decodes after it."""
+        return True
+
     def routed_layer_arguments(
         self, selected_states: torch.Tensor, selection: Selection, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]]:

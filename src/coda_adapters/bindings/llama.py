@@ -9,7 +9,8 @@ KV cache: the keys and values of a layer depend only on the layer's input, so a 
 them for *every* prompt token (its input projected by the frozen ``k_proj``/``v_proj`` and rotated at
 its position, a small fraction of the layer's cost); only attention and the MLP are skipped for the
 unselected tokens. Generated tokens then run densely (one token at a time there is nothing to route)
-and attend to the whole prompt at every layer, as after a dense prefill. What differs from a dense
+and attend to the whole prompt at every layer, as after a dense prefill; so does any call made after
+cached tokens (a continuation fed in one call), since only the prompt is routed. What differs from a dense
 prefill is only that the unselected tokens' inputs to later layers did not go through earlier ones.
 """
 
@@ -45,20 +46,20 @@ class LlamaBinding(Binding):
             inputs = bound.get("inputs_embeds")
         return mask if inputs is None else mask[:, mask.shape[1] - inputs.shape[1] :]
 
+    def routes_call(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Only the prompt is routed: calls after cached tokens (generation steps, or a continuation fed
+        in one call) run densely."""
+        cache = self._mask_signature.bind_partial(*args, **kwargs).arguments.get("past_key_values")
+        return cache is None or cache.get_seq_length() == 0
+
     def before_routing(
         self, layer: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]]:
         cache = kwargs.get("past_key_values")
         if cache is None:
             return args, kwargs
-        attention = layer.self_attn
-        if cache.get_seq_length(attention.layer_idx) > 0:
-            raise ValueError(
-                "a routed Llama layer needs an empty KV cache: route the whole prompt in one call (prefill), "
-                f"then generate; this call has {hidden_states.shape[1]} new tokens after "
-                f"{cache.get_seq_length(attention.layer_idx)} cached ones"
-            )
-        cache.update(*prompt_keys_values(layer, hidden_states, kwargs["position_embeddings"]), attention.layer_idx)
+        keys, values = prompt_keys_values(layer, hidden_states, kwargs["position_embeddings"])
+        cache.update(keys, values, layer.self_attn.layer_idx)
         return args, {**kwargs, "past_key_values": None, "use_cache": False}
 
     def routed_layer_arguments(

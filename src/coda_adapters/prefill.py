@@ -1,0 +1,166 @@
+"""Routed prompt processing (prefill) on a real decoder LM, SmolLM2-135M: speed and quality.
+
+Speed comes from :func:`coda_adapters.bench.run_benchmark` (the dense parallel adapter against CoDA at
+each reduction, side by side). Quality is the effect of a routed prefill on what the model predicts
+next, on continuous BBC News text: for each prompt the next ``continuation`` tokens are scored with the
+KV cache the prefill left (teacher forcing, decoding densely as generation does), and the predicted
+distributions are compared with those after a dense prefill by their KL divergence, ``KL(dense ||
+routed)`` in nats per token. The routers and adapters are as :func:`get_coda_model` makes them
+(untrained routers, adapters that start at zero), so this is the cost of routing before any CoDA
+pretraining. For scale, the same comparison is made for the simplest way to spend the same budget:
+keeping only the last ``n / r`` prompt tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import CodaConfig, get_coda_model
+from .bench import BenchRow, format_table, run_benchmark
+from .data import load_bbc_news
+from .files import atomic_write, write_json
+from .train import check_int_option
+
+
+@dataclass
+class PrefillQuality:
+    """Next-token agreement with the dense prefill for one prompt length and one way of cutting cost.
+
+    ``method`` is ``"coda r=R"`` (routed prefill) or ``"last n/R tokens"`` (a truncated prompt).
+    ``kl_next_token`` is the KL divergence at the first predicted token, ``kl_continuation`` the mean
+    over all scored tokens; ``top1_agreement`` the share of scored positions where the most likely token
+    is the same as after the dense prefill.
+    """
+
+    prompt_tokens: int
+    method: str
+    reduction: float
+    kl_next_token: float
+    kl_continuation: float
+    top1_agreement: float
+
+
+def continuous_text(tokenizer: Any, count: int, length: int) -> torch.Tensor:
+    """``count`` consecutive windows of ``length`` tokens ``[count, length]`` of BBC News articles (all
+    classes, in a fixed shuffled order) joined by blank lines."""
+    texts, _, _ = load_bbc_news()
+    ids: list[int] = []
+    for text in random.Random(0).sample(texts, len(texts)):
+        ids += tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= count * length:
+            return torch.tensor(ids[: count * length]).view(count, length)
+    raise ValueError(f"BBC News has {len(ids)} tokens, fewer than {count} windows of {length}")
+
+
+def prefill_log_probs(model: nn.Module, prompt: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``[batch, m + 1, vocab]`` of the token after ``prompt`` ``[batch, n]`` and after each
+    of the ``m`` tokens of ``continuation`` ``[batch, m]``, fed one call after the prefill with its KV cache."""
+    with torch.inference_mode():
+        prefill = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        rest = model(input_ids=continuation, past_key_values=prefill.past_key_values, use_cache=True)
+    return torch.cat([prefill.logits, rest.logits], dim=1).float().log_softmax(-1)
+
+
+def compare(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
+    """``(KL at the first position, mean KL, top-1 agreement)`` of log-probabilities ``[batch, m + 1, vocab]``."""
+    kl = (reference.exp() * (reference - other)).sum(-1)  # [batch, m + 1]
+    agreement = (reference.argmax(-1) == other.argmax(-1)).float().mean()
+    return float(kl[:, 0].mean()), float(kl.mean()), float(agreement)
+
+
+def measure_quality(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_tokens: int,
+    reductions: list[float],
+    count: int,
+    continuation: int,
+) -> list[PrefillQuality]:
+    """Routed and truncated prefills against the dense one on ``count`` windows of BBC News text."""
+    text = continuous_text(tokenizer, count, prompt_tokens + continuation)
+    prompts, rest = text[:, :prompt_tokens], text[:, prompt_tokens:]
+    dense = prefill_log_probs(model, prompts, rest)
+    rows = []
+    for r in tqdm(reductions, desc=f"quality at {prompt_tokens} tokens", unit="setting"):
+        coda = get_coda_model(copy.deepcopy(model), CodaConfig(reduction=r))
+        routed = prefill_log_probs(coda, prompts, rest)
+        rows.append(PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, routed)))
+        keep = math.ceil(prompt_tokens / r)
+        truncated = prefill_log_probs(model, prompts[:, -keep:], rest)
+        rows.append(PrefillQuality(prompt_tokens, f"last n/{r:g} tokens", r, *compare(dense, truncated)))
+    return rows
+
+
+def run_prefill_demo(
+    out_dir: str | Path,
+    *,
+    lengths: tuple[int, ...] = (512, 1024),
+    reductions: tuple[float, ...] = (3, 5),
+    prompts: int = 8,
+    continuation: int = 16,
+    batch_size: int = 2,
+    repeats: int = 3,
+    model_name: str = "smollm2",
+) -> dict[str, Any]:
+    """Time and score routed prefills; writes ``results.json`` and ``results.md`` to ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .pretrained import resolve_model_path
+
+    settings = dict(prompts=prompts, continuation=continuation, batch_size=batch_size, repeats=repeats)
+    for name, value in settings.items():
+        check_int_option(name, value)
+    if not reductions or any(r <= 1 for r in reductions):
+        raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    speed = run_benchmark(
+        model_name=model_name,
+        seq_lens=list(lengths),
+        reductions=[1, *reductions],
+        batch_size=batch_size,
+        repeats=repeats,
+        warmup=1,
+        mixed=False,
+    )
+    path = resolve_model_path(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    quality = [
+        row for n in lengths for row in measure_quality(model, tokenizer, n, list(reductions), prompts, continuation)
+    ]
+    results = {
+        "model": model_name,
+        "speed": [asdict(row) for row in speed],
+        "quality": [asdict(row) for row in quality],
+        "settings": settings,
+    }
+    write_json(out / "results.json", results)
+    report = format_prefill_report(speed, quality)
+    atomic_write(out / "results.md", lambda temporary: Path(temporary).write_text(report, encoding="utf-8"))
+    return results
+
+
+def format_prefill_report(speed: list[BenchRow], quality: list[PrefillQuality]) -> str:
+    lines = ["## Prefill speed (forward with KV cache)", "", "```", format_table(speed), "```", ""]
+    lines += [
+        "## Next-token distribution against the dense prefill (KL in nats/token)",
+        "",
+        "| prompt tokens | method | KL next token | KL mean over continuation | top-1 agreement |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for row in quality:
+        lines.append(
+            f"| {row.prompt_tokens} | {row.method} | {row.kl_next_token:.3f} | {row.kl_continuation:.3f} "
+            f"| {100 * row.top1_agreement:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"

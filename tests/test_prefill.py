@@ -1,0 +1,30 @@
+"""The SmolLM2 prefill demo's measurements, on a tiny random Llama."""
+
+import torch
+
+from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters.prefill import compare, measure_quality, prefill_log_probs
+from test_llama import tiny_causal_lm
+
+
+def test_prefill_then_cached_continuation_equals_one_dense_forward():
+    model = tiny_causal_lm()
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits.log_softmax(-1)
+    got = prefill_log_probs(model, ids[:, :12], ids[:, 12:])
+    torch.testing.assert_close(got, whole[:, 11:], atol=1e-5, rtol=0)
+    kl_first, kl_mean, agreement = compare(got, got)
+    assert abs(kl_first) < 1e-6 and abs(kl_mean) < 1e-6 and agreement == 1.0
+
+
+def test_quality_rows_compare_routing_and_truncation_with_the_dense_prefill(minilm_tokenizer):
+    model = tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size)
+    rows = measure_quality(model, minilm_tokenizer, prompt_tokens=24, reductions=[3], count=2, continuation=4)
+    assert [row.method for row in rows] == ["coda r=3", "last n/3 tokens"]
+    for row in rows:
+        assert row.kl_next_token >= 0 and row.kl_continuation >= 0 and 0 <= row.top1_agreement <= 1
+    routed = get_coda_model(tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size), CodaConfig(reduction=1))
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    dense = prefill_log_probs(model, ids[:, :12], ids[:, 12:])
+    assert compare(dense, prefill_log_probs(routed, ids[:, :12], ids[:, 12:]))[1] < 1e-6  # r = 1 is the dense model
