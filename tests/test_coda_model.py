@@ -331,9 +331,26 @@ def test_mean_pooling_feeds_the_head_the_normalised_mean_over_real_tokens():
 
 
 @pytest.mark.parametrize("family", ["roberta", "mpnet"])
-def test_mean_pooling_needs_a_pooler(family):
-    with pytest.raises(ValueError, match="pooling='mean' needs a model whose head reads the pooler output"):
-        get_coda_model(tiny_model(family, head=True), CodaConfig(pooling="mean"))
+def test_mean_pooling_feeds_heads_that_read_the_first_token_themselves(family):
+    """RoBERTa's and MPNet's classifiers read <s> from the last hidden states: they get the pooled mean."""
+    coda = get_coda_model(tiny_model(family, head=True), CodaConfig(reduction=2, pooling="mean"))
+    randomize_trainable(coda)
+    ids, mask = padded_batch([12, 5], 12)
+    with torch.no_grad():
+        out = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        last = out.hidden_states[-1]
+        head = coda.model.classifier.head
+        for row, length in enumerate([12, 5]):
+            mean = last[row, :length].mean(0)
+            pooled = (mean - mean.mean()) / torch.sqrt(mean.var(unbiased=False) + 1e-5)
+            torch.testing.assert_close(out.logits[row], head(pooled[None, None])[0])
+    original = coda.unload().classifier
+    assert original is head  # unload gives the head back
+
+
+def test_mean_pooling_needs_a_pooler_or_a_first_token_head():
+    with pytest.raises(ValueError, match="pooling='mean' needs a classification model whose head reads a pooler"):
+        get_coda_model(tiny_model("llama", head=True), CodaConfig(pooling="mean"))
 
 
 def test_a_coda_model_can_be_deep_copied():

@@ -3,7 +3,7 @@
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.prefill import compare, measure_quality, prefill_log_probs
+from coda_adapters.prefill import compare, distill_prefill, measure_quality, prefill_log_probs
 from test_llama import tiny_causal_lm
 
 
@@ -28,3 +28,13 @@ def test_quality_rows_compare_routing_and_truncation_with_the_dense_prefill(mini
     ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
     dense = prefill_log_probs(model, ids[:, :12], ids[:, 12:])
     assert compare(dense, prefill_log_probs(routed, ids[:, :12], ids[:, 12:]))[1] < 1e-6  # r = 1 is the dense model
+
+
+def test_prefill_pretraining_lowers_the_kl_and_trains_only_routers_and_adapters():
+    model = tiny_causal_lm(initializer_range=0.3)
+    coda = get_coda_model(model, CodaConfig(reduction=3, bottleneck=8))
+    frozen = {name: p.detach().clone() for name, p in coda.named_parameters() if not p.requires_grad}
+    windows = torch.randint(3, 100, (4, 20), generator=torch.Generator().manual_seed(0))
+    losses = distill_prefill(coda, windows, prompt_tokens=16, steps=30, lr=1e-2)
+    assert all(torch.equal(p, frozen[name]) for name, p in coda.named_parameters() if not p.requires_grad)
+    assert sum(losses[-5:]) < 0.75 * sum(losses[:5])

@@ -443,6 +443,13 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--continuation", type=int, default=16, help="tokens scored after each prompt")
     parser.add_argument("--batch-size", type=int, default=2, help="prompts per timed forward")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="also score each routed prefill after this many steps of prefill pretraining (distillation)",
+    )
+    parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     parser.add_argument("--out", default="runs/prefill", help="output directory")
     parser.set_defaults(run=run_prefill)
 
@@ -458,7 +465,9 @@ def run_prefill(args: argparse.Namespace) -> None:
         continuation=args.continuation,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        pretrain_steps=args.pretrain_steps,
         model_name=args.model,
+        time_prefill=not args.no_timing,
     )
     print(Path(args.out, "results.md").read_text(encoding="utf-8"))
 

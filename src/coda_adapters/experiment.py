@@ -86,14 +86,12 @@ PRESETS = {
         pretrain=PretrainConfig(steps=40, batch_size=16, lr=1e-3, max_length=128, routers_only=True),
         max_train_examples=800,
     ),
-    # MPNet-base (run with --model mpnet): its classification head reads <s> directly, so cls pooling;
-    # a subset and one epoch keep it under 10 minutes on 2 cores
+    # MPNet-base (run with --model mpnet): a subset and one epoch keep it under 10 minutes on 2 cores
     "mpnet": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
         train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_length=128),
         pretrain=PretrainConfig(steps=1, batch_size=16, lr=1e-3, max_length=128, routers_only=True),  # unused
         max_train_examples=400,
-        base={"pooling": "cls"},
     ),
     # a minute-long check of the whole pipeline (used by the tests)
     "smoke": Preset(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,12 @@ class CodaModel(nn.Module):
         self.model = model
         self._original_layers: dict[int, nn.Module] = {}
         self._original_adapter_layers: dict[int, nn.Module] = {}
-        self._original_pooler: nn.Module | None = None
+        self._restore_pooler: Callable[[], None] | None = None
         self._hooks: list[Any] = []
         # every check comes before the first change to the model, so that a bad config changes nothing
         head_modules = self._head_modules()
         if config.pooling == "mean":
-            self._original_pooler = self.binding.replace_pooler(MeanPooler(self.routing_state))
+            self._restore_pooler = self.binding.use_pooler(MeanPooler(self.routing_state))
         _freeze(model)
         if config.lora_rank > 0:
             _inject_lora(model, config, self.binding, self.layer_indices)
@@ -183,9 +183,9 @@ class CodaModel(nn.Module):
             layers[index] = original
         for index, original in self._original_adapter_layers.items():
             adapter_layers[index] = original
-        if self._original_pooler is not None:
-            self.binding.replace_pooler(self._original_pooler)
-            self._original_pooler = None
+        if self._restore_pooler is not None:
+            self._restore_pooler()
+            self._restore_pooler = None
         for hook in self._hooks:
             hook.remove()
         self._original_layers, self._original_adapter_layers, self._hooks = {}, {}, []

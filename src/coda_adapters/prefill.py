@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import CodaConfig, get_coda_model
+from . import CodaConfig, CodaModel, get_coda_model
 from .bench import BenchRow, format_table, run_benchmark
 from .data import load_bbc_news
 from .files import atomic_write, write_json
@@ -49,25 +49,56 @@ class PrefillQuality:
     top1_agreement: float
 
 
-def continuous_text(tokenizer: Any, count: int, length: int) -> torch.Tensor:
+def continuous_text(tokenizer: Any, count: int, length: int, skip: int = 0) -> torch.Tensor:
     """``count`` consecutive windows of ``length`` tokens ``[count, length]`` of BBC News articles (all
-    classes, in a fixed shuffled order) joined by blank lines."""
+    classes, in a fixed shuffled order) joined by blank lines, after the first ``skip`` windows."""
     texts, _, _ = load_bbc_news()
     ids: list[int] = []
+    needed = (skip + count) * length
     for text in random.Random(0).sample(texts, len(texts)):
         ids += tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
-        if len(ids) >= count * length:
-            return torch.tensor(ids[: count * length]).view(count, length)
-    raise ValueError(f"BBC News has {len(ids)} tokens, fewer than {count} windows of {length}")
+        if len(ids) >= needed:
+            return torch.tensor(ids[skip * length : needed]).view(count, length)
+    raise ValueError(f"BBC News has {len(ids)} tokens, fewer than {skip + count} windows of {length}")
 
 
-def prefill_log_probs(model: nn.Module, prompt: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+def prefill_log_probs(
+    model: nn.Module, prompt: torch.Tensor, continuation: torch.Tensor, *, grad: bool = False
+) -> torch.Tensor:
     """Log-probabilities ``[batch, m + 1, vocab]`` of the token after ``prompt`` ``[batch, n]`` and after each
     of the ``m`` tokens of ``continuation`` ``[batch, m]``, fed one call after the prefill with its KV cache."""
-    with torch.inference_mode():
+    with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
         prefill = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         rest = model(input_ids=continuation, past_key_values=prefill.past_key_values, use_cache=True)
     return torch.cat([prefill.logits, rest.logits], dim=1).float().log_softmax(-1)
+
+
+def distill_prefill(
+    coda: CodaModel, windows: torch.Tensor, prompt_tokens: int, steps: int, lr: float = 1e-3, batch_size: int = 2
+) -> list[float]:
+    """CoDA pretraining for prefill: routers and adapters learn to make the routed prefill predict what the
+    dense one does, minimising ``KL(dense || routed)`` at the prompt's next token and over the continuation
+    decoded with the routed prefill's cache. ``windows`` ``[count, prompt_tokens + m]`` must not overlap the
+    text the quality is measured on. Returns the loss of every step."""
+    parameters = [p for p in coda.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    coda.train()
+    for _ in tqdm(range(steps), desc="prefill pretraining", unit="step"):
+        rows = torch.randperm(len(windows), generator=generator)[:batch_size]
+        prompt, rest = windows[rows, :prompt_tokens], windows[rows, prompt_tokens:]
+        with coda.disable_adapters():
+            teacher = prefill_log_probs(coda, prompt, rest)
+        student = prefill_log_probs(coda, prompt, rest, grad=True)
+        loss = (teacher.exp() * (teacher - student)).sum(-1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    coda.eval()
+    return losses
 
 
 def compare(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
@@ -84,16 +115,28 @@ def measure_quality(
     reductions: list[float],
     count: int,
     continuation: int,
+    pretrain_steps: int = 0,
+    pretrain_windows: int = 64,
 ) -> list[PrefillQuality]:
-    """Routed and truncated prefills against the dense one on ``count`` windows of BBC News text."""
-    text = continuous_text(tokenizer, count, prompt_tokens + continuation)
+    """Routed and truncated prefills against the dense one on ``count`` windows of BBC News text; with
+    ``pretrain_steps``, also the routed prefill after that many steps of :func:`distill_prefill` on
+    ``pretrain_windows`` other windows of the same text."""
+    length = prompt_tokens + continuation
+    text = continuous_text(tokenizer, count, length)
     prompts, rest = text[:, :prompt_tokens], text[:, prompt_tokens:]
     dense = prefill_log_probs(model, prompts, rest)
     rows = []
-    for r in tqdm(reductions, desc=f"quality at {prompt_tokens} tokens", unit="setting"):
+    for r in reductions:
         coda = get_coda_model(copy.deepcopy(model), CodaConfig(reduction=r))
-        routed = prefill_log_probs(coda, prompts, rest)
-        rows.append(PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, routed)))
+        rows.append(
+            PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, prefill_log_probs(coda, prompts, rest)))
+        )
+        if pretrain_steps:
+            windows = continuous_text(tokenizer, pretrain_windows, length, skip=count)
+            distill_prefill(coda, windows, prompt_tokens, pretrain_steps)
+            routed = prefill_log_probs(coda, prompts, rest)
+            method = f"coda r={r:g}, {pretrain_steps} steps of prefill pretraining"
+            rows.append(PrefillQuality(prompt_tokens, method, r, *compare(dense, routed)))
         keep = math.ceil(prompt_tokens / r)
         truncated = prefill_log_probs(model, prompts[:, -keep:], rest)
         rows.append(PrefillQuality(prompt_tokens, f"last n/{r:g} tokens", r, *compare(dense, truncated)))
@@ -109,7 +152,9 @@ def run_prefill_demo(
     continuation: int = 16,
     batch_size: int = 2,
     repeats: int = 3,
+    pretrain_steps: int = 0,
     model_name: str = "smollm2",
+    time_prefill: bool = True,
 ) -> dict[str, Any]:
     """Time and score routed prefills; writes ``results.json`` and ``results.md`` to ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,19 +164,23 @@ def run_prefill_demo(
     settings = dict(prompts=prompts, continuation=continuation, batch_size=batch_size, repeats=repeats)
     for name, value in settings.items():
         check_int_option(name, value)
+    check_int_option("pretrain_steps", pretrain_steps, low=0)
+    settings["pretrain_steps"] = pretrain_steps
     if not reductions or any(r <= 1 for r in reductions):
         raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    speed = run_benchmark(
-        model_name=model_name,
-        seq_lens=list(lengths),
-        reductions=[1, *reductions],
-        batch_size=batch_size,
-        repeats=repeats,
-        warmup=1,
-        mixed=False,
-    )
+    speed = []
+    if time_prefill:
+        speed = run_benchmark(
+            model_name=model_name,
+            seq_lens=list(lengths),
+            reductions=[1, *reductions],
+            batch_size=batch_size,
+            repeats=repeats,
+            warmup=1,
+            mixed=False,
+        )
     path = resolve_model_path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -151,7 +200,9 @@ def run_prefill_demo(
 
 
 def format_prefill_report(speed: list[BenchRow], quality: list[PrefillQuality]) -> str:
-    lines = ["## Prefill speed (forward with KV cache)", "", "```", format_table(speed), "```", ""]
+    lines = []
+    if speed:
+        lines += ["## Prefill speed (forward with KV cache)", "", "```", format_table(speed), "```", ""]
     lines += [
         "## Next-token distribution against the dense prefill (KL in nats/token)",
         "",

@@ -12,6 +12,7 @@ with :func:`register_binding` (see the README section "Adding an architecture").
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ class Binding:
             is never routed (T5's decoder), or None.
         pooler_path: dotted path, from ``model.base_model``, to the pooler module whose output the
             classification head reads (replaced for ``pooling="mean"``), or None.
+        first_token_head: attribute of the model holding a head that reads the first token's hidden state
+            itself (RoBERTa's and MPNet's classifiers), fed the pooled states for ``pooling="mean"``.
         default_lora_targets: module names peft LoRA targets by default.
         default_modules_to_save: the task-head modules trained with the adapter.
     """
@@ -50,6 +53,7 @@ class Binding:
     pooled_token: int | str | None = None
     adapter_layers_path: str | None = None
     pooler_path: str | None = None
+    first_token_head: str | None = None
     default_lora_targets: tuple[str, ...] = ()
     default_modules_to_save: tuple[str, ...] = ()
 
@@ -79,18 +83,24 @@ class Binding:
         """The module whose forward arguments carry the layers' padding mask."""
         return _get_submodule(self.backbone, self.padding_mask_module) if self.padding_mask_module else self.backbone
 
-    def replace_pooler(self, pooler: nn.Module) -> nn.Module:
-        """Put ``pooler`` where the head reads its input; returns the module it replaced."""
+    def use_pooler(self, pooler: nn.Module) -> Callable[[], None]:
+        """Make the classification head read ``pooler``'s output (``[batch, seq, hidden] -> [batch, hidden]``)
+        instead of the model's pooler, or, for heads that read the first token themselves (RoBERTa and
+        MPNet classifiers), instead of that token. Returns a function that undoes the change."""
         parent_path, _, name = (self.pooler_path or "").rpartition(".")
         parent = _get_submodule(self.backbone, parent_path) if parent_path else self.backbone
         original = getattr(parent, name, None) if self.pooler_path else None
-        if original is None:
+        if original is not None:
+            setattr(parent, name, pooler)
+            return lambda: setattr(parent, name, original)
+        head = getattr(self.model, self.first_token_head, None) if self.first_token_head else None
+        if head is None:
             raise ValueError(
-                f"pooling='mean' needs a model whose head reads the pooler output; {type(self.model).__name__} "
-                "has no pooler (its head reads the first token directly): use pooling='cls'"
+                f"pooling='mean' needs a classification model whose head reads a pooler or the first token; "
+                f"{type(self.model).__name__} has neither: use pooling='cls'"
             )
-        setattr(parent, name, pooler)
-        return original
+        setattr(self.model, self.first_token_head, FirstTokenPooled(pooler, head))
+        return lambda: setattr(self.model, self.first_token_head, head)
 
     def padding_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Bool padding mask ``[batch, seq]`` (True = token) from the receiver's forward arguments, or None."""
@@ -150,6 +160,19 @@ class Binding:
     def replace_hidden_states(output: Any, hidden_states: torch.Tensor) -> Any:
         """A layer output of the same structure as ``output`` holding ``hidden_states``."""
         return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+
+
+class FirstTokenPooled(nn.Module):
+    """A head that reads ``features[:, 0]``, given the pooled features in that place:
+    ``[batch, seq, hidden] -> head([batch, 1, hidden])``."""
+
+    def __init__(self, pooler: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.head = head
+
+    def forward(self, features: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.head(self.pooler(features).unsqueeze(1), *args, **kwargs)
 
 
 def gather_pairwise(bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

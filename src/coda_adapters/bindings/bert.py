@@ -18,6 +18,7 @@ class BertBinding(Binding):
     layers_path = "encoder.layer"
     pooled_token = 0  # [CLS] / <s>, read by the pooler and the classification heads
     pooler_path = "pooler"
+    first_token_head = "classifier"  # RoBERTa's classifier reads <s> itself (its model has no pooler)
     default_lora_targets = ("query", "value")
     default_modules_to_save = ("classifier",)
 

@@ -28,6 +28,7 @@ class T5Binding(MPNetBinding):
     padding_mask_module = "encoder"  # generate() calls the encoder directly, not through the full model
     pooled_token = None  # T5's classification head reads the decoder's last token
     pooler_path = None
+    first_token_head = None
     default_lora_targets = ("q", "v")
     default_modules_to_save = ("classification_head",)
 

@@ -13,3 +13,4 @@ class ViTBinding(BertBinding):
     model_types = ("vit",)
     layers_path = "layers"
     default_lora_targets = ("q_proj", "v_proj")
+    first_token_head = None

@@ -15,5 +15,6 @@ class Wav2Vec2Binding(BertBinding):
     padding_mask_module = "encoder"  # the backbone's own mask covers audio samples, not frames
     pooled_token = None  # the heads pool all frames (sequence classification) or read each one (CTC)
     pooler_path = None
+    first_token_head = None
     default_lora_targets = ("q_proj", "v_proj")
     default_modules_to_save = ("projector", "classifier", "lm_head")
