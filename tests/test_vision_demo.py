@@ -1,0 +1,97 @@
+"""The vision demo on a tiny ViT: what it writes, that the pretrained backbone is cached and reused,
+and that adaptation leaves the backbone's weights untouched."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from coda_adapters import vision_demo
+from coda_adapters.files import read_tensors
+from coda_adapters.vision_demo import QUICK, adapt_variant, cached_backbone_info, digits_task, run_vision_demo
+
+RESULT_KEYS = {"demo", "quick", "backbone", "task", "variants", "phase_seconds", "timing", "settings", "versions"}
+VARIANT_KEYS = {
+    "reduction",
+    "tokens_per_layer",
+    "test_accuracy",
+    "val_accuracy",
+    "trainable_parameters",
+    "seconds_per_epoch",
+    "history",
+    "inference_ms",
+    "inference_speedup",
+    "train_step_ms",
+    "train_step_speedup",
+    "flop_speedup",
+}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision-demo")
+    results = run_vision_demo(root / "first", cache_dir=root / "cache", quick=True, show_progress=False)
+    return root, results
+
+
+def test_results_json_and_report_have_one_entry_per_variant(first_run):
+    root, _ = first_run
+    written = json.loads((root / "first" / "results.json").read_text())
+    assert set(written) == RESULT_KEYS
+    assert list(written["variants"]) == ["dense adapter (r=1)", "CoDA r=3"]
+    assert written["backbone"]["pretrained_here"] is True
+    assert 0 <= written["backbone"]["mnist_heldout_accuracy"] <= 1
+    n = written["backbone"]["tokens"]
+    for variant in written["variants"].values():
+        assert set(variant) == VARIANT_KEYS
+        assert 0 <= variant["test_accuracy"] <= 1 and 0 <= variant["val_accuracy"] <= 1
+        assert variant["tokens_per_layer"] == math.ceil(n / variant["reduction"])
+        assert all(math.isfinite(variant[key]) and variant[key] > 0 for key in ("inference_speedup", "flop_speedup"))
+    assert written["variants"]["dense adapter (r=1)"]["inference_speedup"] == 1.0
+    report = (root / "first" / "results.md").read_text()
+    assert "pretrained in this demo" in report
+    assert all(f"| {name} |" in report for name in written["variants"])
+
+
+def test_saved_adapters_hold_no_backbone_weights(first_run):
+    root, _ = first_run
+    names = read_tensors(root / "first" / "adapter-r3" / "coda_model.safetensors")
+    assert names
+    assert all(any(part in name for part in ("router", "adapter", "classifier")) for name in names), sorted(names)
+
+
+def test_second_run_reuses_the_cached_backbone(first_run, monkeypatch):
+    root, first = first_run
+    weights = root / "cache" / "model.safetensors"
+    modified = weights.stat().st_mtime_ns
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("the cached backbone should have been reused")
+
+    monkeypatch.setattr(vision_demo, "pretrain_backbone", no_pretraining)
+    second = run_vision_demo(root / "second", cache_dir=root / "cache", quick=True, show_progress=False)
+    assert first["backbone"]["cached"] is False and second["backbone"]["cached"] is True
+    assert second["backbone"]["mnist_heldout_accuracy"] == first["backbone"]["mnist_heldout_accuracy"]
+    assert weights.stat().st_mtime_ns == modified
+    assert "loading cached backbone" in second["phase_seconds"] and "pretraining" not in second["phase_seconds"]
+    # a backbone pretrained with other settings is not taken for this one
+    other = dataclasses.replace(QUICK, pretrain=dataclasses.replace(QUICK.pretrain, epochs=2))
+    assert cached_backbone_info(root / "cache", other) is None
+
+
+def test_adaptation_trains_the_head_and_leaves_the_backbone_untouched(first_run):
+    root, _ = first_run
+    before = {
+        name: tensor.clone()
+        for name, tensor in vision_demo.load_with_fresh_head(root / "cache", QUICK.seed).state_dict().items()
+    }
+    model, _ = adapt_variant(root / "cache", digits_task(QUICK), 3, QUICK, show_progress=False)
+    after = model.unload().state_dict()
+    assert set(after) == set(before)
+    assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
+    backbone = [name for name in before if not name.startswith("classifier.")]
+    assert len(backbone) > 10
+    for name in backbone:
+        assert torch.equal(after[name], before[name]), name
