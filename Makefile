@@ -56,7 +56,8 @@ demo-vision: setup
 # no speech model or data offline: random wav2vec2-base weights, 10 s of 16 kHz audio (499 frames)
 demo-speech: setup
 	mkdir -p runs/bench
-	$(PY) -m coda_adapters bench --model wav2vec2-base --seq-lens 499 --reductions 1 3 5 --batch-size 4 --repeats 5 --json runs/bench/wav2vec2.json
+	$(PY) -m coda_adapters bench --model wav2vec2-base --seq-lens 499 --reductions 1 3 5 --batch-size 2 --repeats 7 --json runs/bench/wav2vec2.json
+	$(PY) -m coda_adapters bench --model wav2vec2-base-encoder --seq-lens 499 --reductions 1 3 5 --batch-size 2 --repeats 7 --json runs/bench/wav2vec2-encoder.json
 
 # random-weight T5 v1.1 base encoder and ViT-B/16 (no weights offline)
 bench-families: setup

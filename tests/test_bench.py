@@ -157,7 +157,7 @@ def test_vit_lengths_must_be_a_square_grid_plus_cls():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RANDOM_MODELS)
 def test_bench_runs_every_random_weight_family(name):
-    n = {"t5-base": 64, "vit-base": 50, "wav2vec2-base": 49}[name]
+    n = {"t5-base": 64, "vit-base": 50, "wav2vec2-base": 49, "wav2vec2-base-encoder": 49}[name]
     rows = run_benchmark(model_name=name, seq_lens=[n], reductions=[1, 3], batch_size=1, repeats=1, warmup=0)
     assert {row.variant for row in rows} == {"frozen", "lora-merged", "coda r=1", "coda r=3"}
     assert all(row.latency_ms > 0 and row.seq_len == n for row in rows)

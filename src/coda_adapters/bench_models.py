@@ -36,13 +36,18 @@ class BenchModel:
     supports_mixed: bool = True
 
 
-RANDOM_MODELS = ("t5-base", "vit-base", "wav2vec2-base")
+RANDOM_MODELS = ("t5-base", "vit-base", "wav2vec2-base", "wav2vec2-base-encoder")
 
 
 def bench_model(name: str) -> BenchModel:
     """The :class:`BenchModel` for a bundled name (see ``pretrained.BUNDLED_MODELS`` and ``RANDOM_MODELS``)
     or a local Hugging Face model directory."""
-    builders = {"t5-base": _t5_base, "vit-base": _vit_base, "wav2vec2-base": _wav2vec2_base}
+    builders = {
+        "t5-base": _t5_base,
+        "vit-base": _vit_base,
+        "wav2vec2-base": _wav2vec2_base,
+        "wav2vec2-base-encoder": _wav2vec2_base_encoder,
+    }
     if name in builders:
         return builders[name]()
     return _pretrained_text_model(name)
@@ -184,3 +189,26 @@ def _wav2vec2_base() -> BenchModel:
         return {"input_values": torch.randn(b, samples, generator=torch.Generator().manual_seed(0))}
 
     return BenchModel("wav2vec2-base", config, load, batch, pretrained=False, supports_mixed=False)
+
+
+def _wav2vec2_base_encoder() -> BenchModel:
+    """wav2vec2-base's Transformer encoder alone, on random frames ``[batch, n, 768]``: the part CoDA routes,
+    without the convolutional feature encoder that runs densely in front of it (inference only)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    class EncoderOnly(Wav2Vec2Model):
+        def forward(self, hidden_states: torch.Tensor) -> Any:
+            return self.encoder(hidden_states)
+
+    config = Wav2Vec2Config(num_labels=5)
+
+    def load(train: bool) -> nn.Module:
+        if train:
+            raise ValueError("wav2vec2-base-encoder times inference only; use --model wav2vec2-base with --train")
+        torch.manual_seed(0)
+        return EncoderOnly(config).eval()
+
+    def batch(n: int, b: int, mixed: bool) -> Batch:
+        return {"hidden_states": torch.randn(b, n, config.hidden_size, generator=torch.Generator().manual_seed(0))}
+
+    return BenchModel("wav2vec2-base-encoder", config, load, batch, pretrained=False, supports_mixed=False)
