@@ -132,3 +132,14 @@ def test_config_file_that_is_not_json_is_rejected(tmp_path):
 def test_save_leaves_no_temporary_files(tmp_path):
     saved_adapter(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coda_config.json", "coda_model.safetensors"]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "t5", "llama"])
+def test_round_trip_for_every_text_family(tmp_path, family):
+    coda = get_coda_model(tiny_model(family), CodaConfig(reduction=3, bottleneck=8))
+    randomize_trainable(coda)
+    coda.save_pretrained(tmp_path)
+    loaded = CodaModel.from_pretrained(tiny_model(family), tmp_path)
+    ids = random_ids(2, 14)
+    with torch.no_grad():
+        assert torch.equal(coda(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state)

@@ -2,16 +2,17 @@
 
 import copy
 
+import pytest
 import torch
-from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2ForSequenceClassification
 
-from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters import CodaConfig, CodaModel, get_coda_model
 
 from conftest import randomize_trainable
 from test_coda_model import hand_adapter
 
 
-def tiny_wav2vec2(seed=0):
+def tiny_wav2vec2(seed=0, head=Wav2Vec2ForSequenceClassification):
     torch.manual_seed(seed)
     config = Wav2Vec2Config(
         hidden_size=32,
@@ -30,7 +31,7 @@ def tiny_wav2vec2(seed=0):
         classifier_proj_size=16,
         vocab_size=10,
     )
-    return Wav2Vec2ForSequenceClassification(config).eval()
+    return head(config).eval()
 
 
 def audio(lengths, total, seed=1):
@@ -70,3 +71,16 @@ def test_routing_is_padding_invariant_and_never_picks_padded_frames():
     for positions in trace.values():
         kept = positions[0][positions[0] >= 0]
         assert len(kept) == -(-valid_frames // 3) and (kept < valid_frames).all()
+
+
+@pytest.mark.parametrize("head", [Wav2Vec2ForSequenceClassification, Wav2Vec2ForCTC])
+def test_round_trip_with_either_head_restores_routing_adapters_and_head(tmp_path, head):
+    coda = get_coda_model(tiny_wav2vec2(head=head), CodaConfig(reduction=3, bottleneck=8))
+    randomize_trainable(coda)
+    head_name = "lm_head" if head is Wav2Vec2ForCTC else "classifier"
+    assert getattr(coda.model, head_name).weight.requires_grad
+    coda.save_pretrained(tmp_path)
+    loaded = CodaModel.from_pretrained(tiny_wav2vec2(head=head), tmp_path)
+    values, mask = audio([560, 800], 800)
+    with torch.no_grad():
+        assert torch.equal(coda(values, attention_mask=mask).logits, loaded(values, attention_mask=mask).logits)

@@ -78,6 +78,7 @@ class FitSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_shift: int = 0  # pixels; each training image moves by up to this much in x and y
+    router_lr_scale: float = 1.0  # the routers learn at ``lr * router_lr_scale``
     seed: int = 0
 
 
@@ -246,8 +247,12 @@ def fit(
 
     from .train import epoch_order
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    parameters = [p for _, p in named]
+    routers = [p for name, p in named if ".router." in name]
+    others = [p for name, p in named if ".router." not in name]
+    groups = [{"params": others}, {"params": routers, "lr": settings.lr * settings.router_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, round(settings.warmup_ratio * total_steps), total_steps)
