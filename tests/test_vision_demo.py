@@ -29,6 +29,16 @@ VARIANT_KEYS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The quick demo's tensors are tiny: with two threads on a busy two-core machine, each operation
+    waits for the other thread, and the test is ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision-demo")
