@@ -125,6 +125,7 @@ def measure_quality(
     text = continuous_text(tokenizer, count, length)
     prompts, rest = text[:, :prompt_tokens], text[:, prompt_tokens:]
     dense = prefill_log_probs(model, prompts, rest)
+    windows = continuous_text(tokenizer, pretrain_windows, length, skip=count) if pretrain_steps else None
     rows = []
     for r in reductions:
         torch.manual_seed(0)  # the routers' initial weights
@@ -133,7 +134,6 @@ def measure_quality(
             PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, prefill_log_probs(coda, prompts, rest)))
         )
         if pretrain_steps:
-            windows = continuous_text(tokenizer, pretrain_windows, length, skip=count)
             distill_prefill(coda, windows, prompt_tokens, pretrain_steps)
             routed = prefill_log_probs(coda, prompts, rest)
             method = f"coda r={r:g}, {pretrain_steps} steps of prefill pretraining"
