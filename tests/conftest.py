@@ -25,7 +25,7 @@ from transformers import (
     T5ForSequenceClassification,
 )
 
-from coda_adapters.pretrained import resolve_model_path
+from coda_adapters.app.assets import resolve_model_path
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.bench import (
+from coda_adapters.app.bench import (
     flop_ratio,
     layer_flops,
     quantize_frozen_linears,
@@ -15,7 +15,7 @@ from coda_adapters.bench import (
     soft_topk_report,
     write_bench_json,
 )
-from coda_adapters.bench_models import RANDOM_MODELS, audio_frames_to_samples, bench_model, text_batch
+from coda_adapters.app.bench_models import RANDOM_MODELS, audio_frames_to_samples, bench_model, text_batch
 
 from conftest import random_ids, tiny_model
 
@@ -41,7 +41,7 @@ def test_padding_makes_routing_cheaper_than_the_padded_length_suggests():
 def test_text_batch_is_real_text_cut_to_length():
     from transformers import AutoTokenizer
 
-    from coda_adapters.pretrained import resolve_model_path
+    from coda_adapters.app.assets import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     full = text_batch(tokenizer, 64, 4, mixed=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from coda_adapters.data import bbc_news_split
+from coda_adapters.app.data import bbc_news_split
 
 QUICK = ["--max-length", "48", "--max-train-examples", "240", "--batch-size", "16", "--epochs", "3", "--lr", "3e-3"]
 
@@ -186,8 +186,8 @@ def test_experiment_trains_every_row_and_writes_the_table(tmp_path):
 
 
 def test_experiment_presets_offered_by_the_cli_are_the_library_presets():
-    from coda_adapters.cli import build_parser
-    from coda_adapters.experiment import PRESETS
+    from coda_adapters.app.cli import build_parser
+    from coda_adapters.app.experiment import PRESETS
 
     experiment = build_parser()._subparsers._group_actions[0].choices["experiment"]
     preset = next(action for action in experiment._actions if action.dest == "preset")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coda_adapters.data import (
+from coda_adapters.app.data import (
     DataError,
     bbc_news_split,
     load_bbc_news,

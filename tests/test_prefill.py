@@ -3,7 +3,7 @@
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.prefill import compare, distill_prefill, measure_quality, prefill_log_probs
+from coda_adapters.app.prefill import compare, distill_prefill, measure_quality, prefill_log_probs
 from test_llama import tiny_causal_lm
 
 

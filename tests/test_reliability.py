@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from coda_adapters import CodaModel
-from coda_adapters.data import DataError, LabelledTexts, load_classification_data, load_corpus
-from coda_adapters.train import TrainConfig, TrainingError, check_labels
+from coda_adapters.app.classify import TrainConfig, TrainingError, check_labels
+from coda_adapters.app.data import DataError, LabelledTexts, load_classification_data, load_corpus
 
 from test_save_load import base_weights, saved_adapter
 
@@ -82,9 +82,9 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     from transformers import AutoTokenizer
 
     from coda_adapters import CodaConfig, get_coda_model
-    from coda_adapters.data import ClassificationData
-    from coda_adapters.pretrained import resolve_model_path
-    from coda_adapters.train import completed_checkpoints, train_classifier
+    from coda_adapters.app.assets import resolve_model_path
+    from coda_adapters.app.classify import completed_checkpoints, train_classifier
+    from coda_adapters.app.data import ClassificationData
 
     from conftest import tiny_model
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from coda_adapters import vision_demo
+from coda_adapters.app import vision as vision_demo
+from coda_adapters.app.vision import QUICK, adapt_variant, cached_backbone_info, digits_task, run_vision_demo
 from coda_adapters.files import read_tensors
-from coda_adapters.vision_demo import QUICK, adapt_variant, cached_backbone_info, digits_task, run_vision_demo
 
 RESULT_KEYS = {"demo", "quick", "backbone", "task", "variants", "phase_seconds", "timing", "settings", "versions"}
 VARIANT_KEYS = {

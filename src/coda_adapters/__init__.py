@@ -2,16 +2,20 @@
 
 A frozen pretrained model runs each layer on the tokens a learned router selects, while light
 parallel adapters process every token: cheap to train and fast at inference.
-"""
 
-__version__ = "0.1.0"
+This package is the library (it needs torch, transformers, safetensors and peft). The ``coda``
+command line, training jobs, benchmarks and demos live in :mod:`coda_adapters.app`, which imports
+the library and is never imported by it.
+"""
 
 from .adapters import BottleneckAdapter
 from .bindings import Binding, register_binding, supported_model_types
+from .checkpoint import read_coda_config
 from .config import CodaConfig
 from .layer import ConditionalLayer
-from .model import CodaModel, get_coda_model, read_coda_config
+from .model import CodaModel, get_coda_model
 from .routing import Router, Selection, soft_topk
+from .version import __version__
 
 __all__ = [
     "Binding",
@@ -21,6 +25,7 @@ __all__ = [
     "ConditionalLayer",
     "Router",
     "Selection",
+    "__version__",
     "get_coda_model",
     "read_coda_config",
     "register_binding",

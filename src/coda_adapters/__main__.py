@@ -1,5 +1,7 @@
+"""``python -m coda_adapters``: the ``coda`` command line (the application, not the library)."""
+
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -11,18 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .adapters import BottleneckAdapter
 from .bindings import Binding, binding_for
+from .checkpoint import WEIGHTS_NAME, check_adapter_weights, read_adapter_weights, read_coda_config, write_adapter
 from .config import CodaConfig
-from .files import read_json_object, read_tensors, write_json, write_tensors
-from .heads import MeanPooler
 from .layer import ConditionalLayer, RoutingState
+from .pooling import MeanPooler
 from .routing import Router
-
-CONFIG_NAME = "coda_config.json"
-WEIGHTS_NAME = "coda_model.safetensors"
-FORMAT_VERSION = 1
 
 
 class CodaModel(nn.Module):
@@ -118,16 +113,7 @@ class CodaModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``coda_config.json`` and ``coda_model.safetensors`` (trainable weights only)."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_tensors(directory / WEIGHTS_NAME, self.trainable_state_dict())
-        document = {
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
-            "base_model": _base_model_signature(self.model),
-            "coda_config": self.coda_config.to_dict(),
-        }
-        write_json(directory / CONFIG_NAME, document)
+        write_adapter(save_directory, self.trainable_state_dict(), self.coda_config, self.model)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_directory: str | os.PathLike) -> CodaModel:
@@ -149,29 +135,11 @@ class CodaModel(nn.Module):
 
     def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor], *, source: str | os.PathLike = "") -> None:
         """Copy ``tensors`` into the trainable parameters; every name and shape must match exactly."""
-        expected = dict(self.model.named_parameters())
-        expected = {name: p for name, p in expected.items() if p.requires_grad}
-        where = f"{source}: " if source else ""
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{where}the adapter weights do not fit this model: missing {_first_few(missing)}, "
-                f"unexpected {_first_few(unexpected)}"
-            )
-        for name, tensor in tensors.items():
-            param = expected[name]
-            if tensor.shape != param.shape:
-                raise ValueError(
-                    f"{where}{name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
-                )
-            if not tensor.is_floating_point():
-                raise ValueError(f"{where}{name} has dtype {tensor.dtype}, expected a floating-point tensor")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{where}{name} holds NaN or inf values")
+        parameters = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        check_adapter_weights(tensors, parameters, source)
         with torch.no_grad():
             for name, tensor in tensors.items():
-                expected[name].copy_(tensor)
+                parameters[name].copy_(tensor)
 
     def unload(self) -> nn.Module:
         """Remove routing and adapters and give back the base model with its original layers.
@@ -306,28 +274,6 @@ def get_coda_model(model: nn.Module, config: CodaConfig | None = None) -> CodaMo
     return CodaModel(model, config)
 
 
-def read_coda_config(directory: str | os.PathLike, base_model: nn.Module | None = None) -> CodaConfig:
-    """Read and check ``coda_config.json``; if ``base_model`` is given, check the adapter was made for it."""
-    path = Path(directory) / CONFIG_NAME
-    document = read_json_object(
-        path,
-        ("format_version", "base_model", "coda_config"),
-        missing_hint=f"no CoDA adapter here: save_pretrained writes {CONFIG_NAME}",
-    )
-    if document["format_version"] != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {document['format_version']!r} is not supported (this library reads "
-            f"{FORMAT_VERSION})"
-        )
-    try:
-        config = CodaConfig.from_dict(document["coda_config"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: invalid coda_config: {error}") from None
-    if base_model is not None:
-        _check_base_model(path, document["base_model"], _base_model_signature(base_model))
-    return config
-
-
 # -- helpers --------------------------------------------------------------------------------------
 
 
@@ -362,34 +308,6 @@ def _inject_lora(model: nn.Module, config: CodaConfig, binding: Binding, layer_i
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
-
-
-def _base_model_signature(model: nn.Module) -> dict[str, Any]:
-    config = model.config
-    return {
-        "model_type": config.model_type,
-        "architecture": type(model).__name__,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "name_or_path": getattr(config, "_name_or_path", ""),
-    }
-
-
-def _first_few(names: list[str], count: int = 5) -> str:
-    return str(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
-
-
-def _check_base_model(path: Path, saved: dict[str, Any], actual: dict[str, Any]) -> None:
-    for key in ("model_type", "hidden_size", "num_hidden_layers"):
-        if saved.get(key) != actual[key]:
-            raise ValueError(
-                f"{path}: this adapter was made for a base model with {key}={saved.get(key)!r}, but the given "
-                f"model has {key}={actual[key]!r}"
-            )
-
-
-def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
-    return read_tensors(path, missing_hint=f"the adapter weights file; save_pretrained writes {WEIGHTS_NAME}")
 
 
 def _full_length_hidden_states(

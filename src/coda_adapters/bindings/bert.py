@@ -9,7 +9,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from ..routing import Selection
-from . import Binding, register_binding
+from .base import Binding, register_binding
 
 
 @register_binding

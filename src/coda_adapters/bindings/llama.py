@@ -24,7 +24,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..routing import Selection
-from . import Binding, register_binding
+from .base import Binding, register_binding
 
 
 @register_binding

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..routing import Selection
-from . import gather_pairwise, register_binding
+from .base import gather_pairwise, register_binding
 from .bert import BertBinding
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import register_binding
+from .base import register_binding
 from .mpnet import MPNetBinding
 
 

@@ -4,7 +4,7 @@ patches; ``[CLS]``, which the classifier reads, is always kept."""
 
 from __future__ import annotations
 
-from . import register_binding
+from .base import register_binding
 from .bert import BertBinding
 
 

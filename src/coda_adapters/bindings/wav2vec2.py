@@ -4,7 +4,7 @@ mask (as a keyword), built from the frame-level padding mask that the encoder re
 
 from __future__ import annotations
 
-from . import register_binding
+from .base import register_binding
 from .bert import BertBinding
 
 

@@ -18,11 +18,9 @@ from typing import Any
 
 import torch
 
-from .config import CodaConfig
-from .data import ClassificationData, subsample
-from .files import write_json
-from .pretrain import PretrainConfig, build_pretraining_model, pretrain
-from .train import (
+from ..config import CodaConfig
+from ..files import write_json
+from .classify import (
     METRICS_NAME,
     TrainConfig,
     build_classifier,
@@ -30,6 +28,8 @@ from .train import (
     load_classifier,
     train_classifier,
 )
+from .data import ClassificationData, subsample
+from .pretrain import PretrainConfig, build_pretraining_model, pretrain
 
 
 @dataclass

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import CodaConfig, get_coda_model, soft_topk
+from .. import CodaConfig, get_coda_model, soft_topk
+from ..bindings import binding_for
+from ..files import write_json
 from .bench_models import bench_model
-from .bindings import binding_for
-from .files import write_json
 
 QUANTIZE_CHOICES = ("none", "int8")
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import CodaConfig, CodaModel, get_coda_model
+from .. import CodaConfig, CodaModel, get_coda_model
+from ..files import atomic_write, write_json
 from .bench import BenchRow, format_table, run_benchmark
+from .classify import check_int_option
 from .data import load_bbc_news
-from .files import atomic_write, write_json
-from .train import check_int_option
 
 
 @dataclass
@@ -160,7 +160,7 @@ def run_prefill_demo(
     """Time and score routed prefills; writes ``results.json`` and ``results.md`` to ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .pretrained import resolve_model_path
+    from .assets import resolve_model_path
 
     settings = dict(prompts=prompts, continuation=continuation, batch_size=batch_size, repeats=repeats)
     for name, value in settings.items():

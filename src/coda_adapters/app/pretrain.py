@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import CodaConfig
-from .files import write_json
-from .model import CodaModel, get_coda_model
-from .train import Encoded, OptimizerConfig, check_int_option, epoch_order, library_versions
+from ..config import CodaConfig
+from ..files import write_json
+from ..model import CodaModel, get_coda_model
+from .classify import Encoded, OptimizerConfig, check_int_option, epoch_order, library_versions
 
 OBJECTIVES = ("distill", "layerwise", "pooled", "mlm")
 PRETRAIN_METRICS_NAME = "pretrain_metrics.json"
@@ -55,7 +55,7 @@ def build_pretraining_model(model: str, coda_config: CodaConfig, objective: str)
     """The bare backbone (or, for ``mlm``, the masked-LM model) wrapped as a CoDA model, and its tokenizer."""
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-    from .pretrained import resolve_model_path
+    from .assets import resolve_model_path
 
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import CodaConfig
-from .files import read_json_object, write_json
-from .model import CodaModel, get_coda_model
+from ..config import CodaConfig
+from ..files import read_json_object, write_json
+from ..model import CodaModel, get_coda_model
 
 BACKBONE_INFO_NAME = "pretraining.json"
 RESULTS_NAME = "results.json"
@@ -250,7 +250,7 @@ def fit(
     validation accuracy)."""
     from transformers import get_linear_schedule_with_warmup
 
-    from .train import epoch_order
+    from .classify import epoch_order
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -553,7 +553,7 @@ def assemble_results(
     quick: bool,
 ) -> dict[str, Any]:
     """The ``results.json`` document."""
-    from .train import library_versions
+    from .classify import library_versions
 
     return {
         "demo": "vision",

@@ -1,6 +1,9 @@
-"""Pooling for classification heads."""
+"""Pooling for classification heads: the mean over real tokens, in place of the model's pooler or of
+the first token a head reads itself."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,3 +35,16 @@ class MeanPooler(nn.Module):
             weights = mask.to(hidden_states.dtype).unsqueeze(-1)
             pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
         return F.layer_norm(pooled, pooled.shape[-1:])
+
+
+class FirstTokenPooled(nn.Module):
+    """A head that reads ``features[:, 0]`` (RoBERTa's and MPNet's classifiers), given the pooled
+    features in that place: ``[batch, seq, hidden] -> head([batch, 1, hidden])``."""
+
+    def __init__(self, pooler: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.head = head
+
+    def forward(self, features: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.head(self.pooler(features).unsqueeze(1), *args, **kwargs)

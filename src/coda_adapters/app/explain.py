@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .model import CodaModel
+from ..model import CodaModel
 
 
 @dataclass

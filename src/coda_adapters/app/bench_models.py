@@ -97,7 +97,7 @@ def audio_frames_to_samples(frames: int, config: Any) -> int:
 def _pretrained_text_model(name: str) -> BenchModel:
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .pretrained import resolve_model_path
+    from .assets import resolve_model_path
 
     path = resolve_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)

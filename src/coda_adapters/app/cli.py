@@ -50,7 +50,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def coda_config_from(args: argparse.Namespace):
-    from .config import CodaConfig
+    from ..config import CodaConfig
 
     return CodaConfig(
         reduction=args.reduction,
@@ -170,8 +170,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from .classify import TrainConfig, build_classifier, load_backbone_adapter, train_classifier
     from .data import subsample
-    from .train import TrainConfig, build_classifier, load_backbone_adapter, train_classifier
 
     config = dataclass_from_args(TrainConfig, args)
     data = load_data_from(args)
@@ -218,9 +218,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from ..files import write_json
+    from .classify import evaluate, load_classifier
     from .data import LabelledTexts, encode_labels, read_labelled_file
-    from .files import write_json
-    from .train import evaluate, load_classifier
 
     model, tokenizer, task = load_classifier(args.adapter)
     if args.quantize == "int8":
@@ -262,7 +262,7 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from .train import Encoded, load_classifier, predict_probabilities
+    from .classify import Encoded, load_classifier, predict_probabilities
 
     texts = read_texts(args)
     model, tokenizer, task = load_classifier(args.adapter)
@@ -293,8 +293,8 @@ def add_explain_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_explain(args: argparse.Namespace) -> None:
+    from .classify import load_classifier
     from .explain import as_text, explain_texts, write_html, write_png
-    from .train import load_classifier
 
     if args.out and not args.out.lower().endswith((".html", ".png")):
         raise CommandError(f"--out must end in .html or .png, got {args.out!r}")
@@ -401,8 +401,8 @@ def add_bench_soft_topk_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_bench_soft_topk(args: argparse.Namespace) -> None:
+    from ..files import write_json
     from .bench import soft_topk_report
-    from .files import write_json
 
     if not 1 <= args.k <= args.n:
         raise CommandError(f"--k must be in [1, --n={args.n}], got {args.k}")
@@ -487,7 +487,7 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_vision(args: argparse.Namespace) -> None:
-    from .vision_demo import run_vision_demo
+    from .vision import run_vision_demo
 
     run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick)
     print(Path(args.out, "results.md").read_text(encoding="utf-8"))
@@ -526,7 +526,7 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
-    from .train import TrainingError
+    from .classify import TrainingError
 
     try:
         args.run(args)

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import CodaConfig
+from ..checkpoint import WEIGHTS_NAME, read_coda_config
+from ..config import CodaConfig
+from ..files import read_json_object, read_tensors, write_json, write_tensors
+from ..model import CodaModel, get_coda_model
+from ..version import __version__
 from .data import ClassificationData, LabelledTexts, stratified_split
-from .files import read_json_object, read_tensors, write_json, write_tensors
-from .model import WEIGHTS_NAME, CodaModel, get_coda_model, read_coda_config
 
 TASK_NAME = "coda_task.json"
 METRICS_NAME = "metrics.json"
@@ -97,7 +98,7 @@ def build_classifier(
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .pretrained import resolve_model_path
+    from .assets import resolve_model_path
 
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -131,7 +132,7 @@ def load_classifier(directory: str | Path) -> tuple[CodaModel, Any, dict[str, An
     """A classifier saved by ``coda train``: ``(model in eval mode, tokenizer, task)``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .pretrained import resolve_model_path
+    from .assets import resolve_model_path
 
     task = read_task(directory)
     path = resolve_model_path(task["model"])
