@@ -1,4 +1,5 @@
-"""CodaModel on the text families: equivalences with independent dense computations, invariants, training."""
+"""CodaModel on BERT-like text models and MiniLM: equivalences with independent dense computations, routing,
+training, pooling. (What every family must satisfy is in test_family_invariants.py.)"""
 
 import copy
 
@@ -7,59 +8,16 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.bindings import binding_for
 
-from conftest import FAMILY_ATTENTION, random_ids, randomize_trainable, tiny_model
-
-ATTENTION = ["eager", "sdpa"]
-
-
-def hand_adapter(adapter, x):
-    """The bottleneck adapter written out: scaling * (relu(x Wd^T + bd) Wu^T + bu)."""
-    hidden = torch.relu(x @ adapter.down.weight.T + adapter.down.bias)
-    return adapter.scaling * (hidden @ adapter.up.weight.T + adapter.up.bias)
-
-
-def dense_with_hand_adapters(dense_model, coda_model, placement="parallel"):
-    """Hook the adapters, computed by hand from the CoDA model's weights, onto every layer of a dense copy
-    (routed layers, and adapter-only ones such as T5's decoder)."""
-    routed = coda_model.binding.layers()
-    dense = binding_for(dense_model)
-
-    def make_hook(adapter):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # MPNet and T5 layers return tuples
-            hidden = hidden + hand_adapter(adapter, args[0] if placement == "parallel" else hidden)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
-
-    for index in coda_model.layer_indices:
-        dense.layers()[index].register_forward_hook(make_hook(routed[index].adapter))
-    for dense_layer, coda_layer in zip(dense.adapter_layers(), coda_model.binding.adapter_layers(), strict=True):
-        dense_layer.register_forward_hook(make_hook(coda_layer.adapter))
-    return dense_model
-
-
-def padded_batch(lengths, seq, seed=1):
-    ids = random_ids(len(lengths), seq, seed=seed)
-    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
-    return ids, mask
-
-
-@pytest.mark.parametrize(("family", "attn"), FAMILY_ATTENTION)
-@pytest.mark.parametrize("placement", ["parallel", "series"])
-def test_reduction_one_equals_dense_model_with_hand_computed_adapters(family, attn, placement):
-    dense = tiny_model(family, attn=attn)
-    coda = get_coda_model(copy.deepcopy(dense), CodaConfig(reduction=1, bottleneck=8, adapter=placement))
-    randomize_trainable(coda)
-    dense_with_hand_adapters(dense, coda, placement)
-    ids, mask = padded_batch([12, 7, 12], 12)
-    with torch.no_grad():
-        got = coda(input_ids=ids, attention_mask=mask).last_hidden_state
-        want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
-    valid = mask.bool()
-    assert (got - want)[valid].abs().max() <= 1e-5
+from helpers import (
+    ATTENTION,
+    assert_layer_runs_the_frozen_layer_on_the_selected_tokens,
+    dense_with_hand_adapters,
+    padded_batch,
+    random_ids,
+    randomize_trainable,
+    tiny_model,
+)
 
 
 def test_reduction_one_equals_dense_parallel_adapter_on_minilm(minilm, minilm_tokenizer):
@@ -90,24 +48,6 @@ def test_fresh_adapters_at_reduction_one_equal_the_frozen_base_model(minilm, min
     assert (got - want)[batch["attention_mask"].bool()].abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize(("family", "attn"), FAMILY_ATTENTION)
-def test_padding_invariance_at_reduction_three(family, attn):
-    coda = get_coda_model(tiny_model(family, attn=attn), CodaConfig(reduction=3, bottleneck=8))
-    randomize_trainable(coda)
-    ids, mask = padded_batch([7, 16, 11], 16)
-    with torch.no_grad():
-        batched = coda(input_ids=ids, attention_mask=mask).last_hidden_state
-        batched_trace = coda.routing_trace()
-        alone = coda(input_ids=ids[:1, :7], attention_mask=mask[:1, :7]).last_hidden_state
-        alone_trace = coda.routing_trace()
-    assert (batched[0, :7] - alone[0]).abs().max() <= 1e-4
-    for layer, positions in batched_trace.items():
-        kept = positions[0][positions[0] >= 0]
-        assert torch.equal(kept, alone_trace[layer][0])
-        for row, length in enumerate([7, 16, 11]):
-            assert (positions[row] < length).all()  # padding is never selected
-
-
 def test_padding_invariance_on_minilm(minilm, minilm_tokenizer):
     coda = get_coda_model(minilm, CodaConfig(reduction=3))
     randomize_trainable(coda, std=0.05)
@@ -119,30 +59,6 @@ def test_padding_invariance_on_minilm(minilm, minilm_tokenizer):
         single = coda(**alone).last_hidden_state
     length = alone["input_ids"].shape[1]
     assert (together[0, :length] - single[0]).abs().max() <= 1e-4
-
-
-def assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected, layer=0):
-    """A routed layer's output must be x + λ (F(x_sel) - x_sel) + A(x), with ``frozen_on_selected(x_sel,
-    positions)`` computing F densely on just the selected tokens, independently of the routing code."""
-    conditional = coda.conditional_layers()[layer]
-    seen = {}
-    hook = conditional.register_forward_hook(
-        lambda module, args, output: seen.update(x=args[0], y=output[0] if isinstance(output, tuple) else output)
-    )
-    with torch.no_grad():
-        coda(input_ids=ids, attention_mask=mask)
-        hook.remove()
-        x, y = seen["x"], seen["y"]
-        selection = coda.routing_state.selections[layer]
-        for row in range(ids.shape[0]):
-            positions = selection.index[row][selection.slot_mask[row]]
-            x_sel = x[row : row + 1, positions]
-            f_sel = frozen_on_selected(x_sel, positions)
-            lam = selection.weights[row][selection.slot_mask[row]]
-            want = x[row] + hand_adapter(conditional.adapter, x[row])
-            want[positions] += lam[:, None] * (f_sel[0] - x_sel[0])
-            valid = mask[row].bool()
-            assert (y[row, valid] - want[valid]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
@@ -157,29 +73,6 @@ def test_routed_layer_computes_the_frozen_layer_on_the_selected_tokens_only(attn
 
     ids, mask = padded_batch([15, 9], 15)
     assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
-
-
-def test_mpnet_routed_layer_sees_the_relative_position_bias_of_the_original_positions():
-    """The position bias of the selected tokens is built here from their original positions."""
-    base = tiny_model("mpnet")
-    frozen_layer = copy.deepcopy(base.encoder.layer[0])
-    coda = get_coda_model(base, CodaConfig(reduction=3, bottleneck=8, epsilon=0.5))
-    randomize_trainable(coda)
-    differences = []
-
-    def frozen_on_selected(x_sel, positions):
-        relative = positions[None, :] - positions[:, None]  # key position - query position
-        buckets = base.encoder.relative_position_bucket(relative, num_buckets=32)
-        bias = base.encoder.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
-        mask = create_bidirectional_mask(base.config, x_sel, torch.ones(1, len(positions)))
-        right = frozen_layer(x_sel, mask, bias)[0]
-        wrong = frozen_layer(x_sel, mask, base.encoder.compute_position_bias(x_sel))[0]  # positions 0..k-1
-        differences.append((right - wrong).abs().max())
-        return right
-
-    ids, mask = padded_batch([15, 10], 15)
-    assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
-    assert min(differences) > 1e-4  # the test can tell the original positions from renumbered ones
 
 
 def test_output_hidden_states_have_full_length_for_every_layer():

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2Model
 
 from coda_adapters import CodaConfig, get_coda_model
 
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 
 
 @pytest.mark.parametrize(

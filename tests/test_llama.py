@@ -5,24 +5,19 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from coda_adapters import CodaConfig, CodaModel, get_coda_model
 
-from conftest import randomize_trainable, tiny_model
-from test_coda_model import (
+from helpers import (
     ATTENTION,
     assert_layer_runs_the_frozen_layer_on_the_selected_tokens,
     dense_with_hand_adapters,
     padded_batch,
+    randomize_trainable,
+    tiny_causal_lm,
+    tiny_model,
 )
-
-
-def tiny_causal_lm(attn="sdpa", **overrides):
-    base = tiny_model("llama", attn=attn, **overrides)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(base.config).eval()
 
 
 def left_padded_batch(lengths, seq, seed=1):

@@ -5,26 +5,24 @@ import copy
 
 import pytest
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from coda_adapters import CodaConfig, CodaModel, get_coda_model
 
-from conftest import FAMILY_SETTINGS, TINY, randomize_trainable, tiny_model
-from test_coda_model import (
+from helpers import (
     ATTENTION,
     assert_layer_runs_the_frozen_layer_on_the_selected_tokens,
     dense_with_hand_adapters,
     padded_batch,
+    randomize_trainable,
+    tiny_model,
 )
 
 
 def tiny_t5(attn="eager", seed=0):
-    config = T5Config(**TINY, **FAMILY_SETTINGS["t5"], eos_token_id=1)
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval()
+    return tiny_model("t5", head=T5ForConditionalGeneration, attn=attn, seed=seed, eos_token_id=1)
 
 
 def relative_position_bias(attention, positions):

@@ -14,6 +14,12 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 POOLING_KINDS = ("cls", "mean")
 
 
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with a default and a help text (plus, for example, ``choices``) in its metadata,
+    as peft's configs do: the ``coda`` command line builds its options from them."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class CodaConfig:
     """Settings of a CoDA model (Lei et al. 2023).
@@ -44,53 +50,74 @@ class CodaConfig:
             takes the architecture's default (for example ``["classifier"]``).
     """
 
-    reduction: float = 3.0
-    adapter: str = "parallel"
-    bottleneck: int = 64
-    scaling: float = 1.0
-    activation: str = "relu"
-    router: str = "learned"
-    epsilon: float = 0.1
-    soft_topk_method: str = "exact"
-    soft_topk_iters: int = 20
-    epsilon_init: float = 4.0
-    epsilon_decay: float = 0.7
-    layers: list[int] | None = None
-    keep_pooled_token: bool = True
-    pooling: str = "cls"
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = None
-    modules_to_save: list[str] | None = field(default=None)
+    reduction: float = option(
+        3.0, "r: each routed layer runs its frozen layer on ceil(n/r) of the n tokens (1 = the dense parallel adapter)"
+    )
+    adapter: str = option(
+        "parallel",
+        "where the bottleneck adapter sits: beside the frozen layer, after it, or none (LoRA alone)",
+        choices=ADAPTER_KINDS,
+    )
+    bottleneck: int = option(64, "adapter width")
+    scaling: float = option(1.0, "factor on the adapter's output")
+    activation: str = option("relu", "adapter non-linearity", choices=ACTIVATIONS)
+    router: str = option(
+        "learned", "learned routers, or a random choice of tokens (the ablation baseline)", choices=ROUTER_KINDS
+    )
+    epsilon: float = option(0.1, "entropy weight of the soft top-k; smaller is closer to a hard top-k")
+    soft_topk_method: str = option(
+        "exact",
+        "soft top-k solver: exact closed form, or the paper's coordinate descent",
+        choices=SOFT_TOPK_METHODS,
+        aliases=("--soft-topk",),
+    )
+    soft_topk_iters: int = option(20, "coordinate-descent steps")
+    epsilon_init: float = option(4.0, "coordinate descent's starting epsilon")
+    epsilon_decay: float = option(0.7, "coordinate descent's epsilon decay per step")
+    layers: list[int] | None = option(None, "indices of the layers to route (None: all of them)")
+    keep_pooled_token: bool = option(True, "always route the token the classifier head reads ([CLS] for BERT)")
+    pooling: str = option(
+        "cls",
+        "what the classifier reads: the model's pooler on [CLS], or the mean of the last hidden states",
+        choices=POOLING_KINDS,
+    )
+    lora_rank: int = option(0, "rank of peft LoRA on the frozen layers (0 = none)")
+    lora_alpha: float = option(16.0, "LoRA alpha (peft's meaning)")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_target_modules: list[str] | None = option(
+        None, "module names LoRA targets (None: the architecture's query and value projections)"
+    )
+    modules_to_save: list[str] | None = option(
+        None, "modules trained and saved with the adapter (None: the architecture's task head)"
+    )
 
     def __post_init__(self) -> None:
-        _check_number("reduction", self.reduction, low=1)
-        _check_choice("adapter", self.adapter, ADAPTER_KINDS)
-        _check_int("bottleneck", self.bottleneck, low=1)
-        _check_number("scaling", self.scaling)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("router", self.router, ROUTER_KINDS)
-        _check_number("epsilon", self.epsilon, above=0)
-        _check_choice("soft_topk_method", self.soft_topk_method, SOFT_TOPK_METHODS)
-        _check_int("soft_topk_iters", self.soft_topk_iters, low=1)
-        _check_number("epsilon_init", self.epsilon_init, above=0)
-        _check_number("epsilon_decay", self.epsilon_decay, above=0, high=1)
+        check_number("reduction", self.reduction, low=1)
+        check_choice("adapter", self.adapter, ADAPTER_KINDS)
+        check_int("bottleneck", self.bottleneck, low=1)
+        check_number("scaling", self.scaling)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("router", self.router, ROUTER_KINDS)
+        check_number("epsilon", self.epsilon, above=0)
+        check_choice("soft_topk_method", self.soft_topk_method, SOFT_TOPK_METHODS)
+        check_int("soft_topk_iters", self.soft_topk_iters, low=1)
+        check_number("epsilon_init", self.epsilon_init, above=0)
+        check_number("epsilon_decay", self.epsilon_decay, above=0, high=1)
         if self.layers is not None:
             ok = isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
             ok = ok and all(_is_int(i) and i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers)
-            _require(ok, "layers", "None or a non-empty list of distinct layer indices >= 0", self.layers)
+            require(ok, "layers", "None or a non-empty list of distinct layer indices >= 0", self.layers)
             self.layers = sorted(self.layers)
-        _require(isinstance(self.keep_pooled_token, bool), "keep_pooled_token", "True or False", self.keep_pooled_token)
-        _check_choice("pooling", self.pooling, POOLING_KINDS)
-        _check_int("lora_rank", self.lora_rank, low=0)
-        _check_number("lora_alpha", self.lora_alpha, above=0)
-        _check_number("lora_dropout", self.lora_dropout, low=0, below=1)
+        require(isinstance(self.keep_pooled_token, bool), "keep_pooled_token", "True or False", self.keep_pooled_token)
+        check_choice("pooling", self.pooling, POOLING_KINDS)
+        check_int("lora_rank", self.lora_rank, low=0)
+        check_number("lora_alpha", self.lora_alpha, above=0)
+        check_number("lora_dropout", self.lora_dropout, low=0, below=1)
         for name in ("lora_target_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is not None:
                 ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
-                _require(ok, name, "None or a list of module names", value)
+                require(ok, name, "None or a list of module names", value)
                 setattr(self, name, list(value))
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,16 +141,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
+def require(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _require(value in choices, name, f"one of {choices}", value)
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    require(value in choices, name, f"one of {choices}", value)
 
 
-def _check_number(
+def check_number(
     name: str,
     value: Any,
     *,
@@ -132,14 +159,15 @@ def _check_number(
     high: float | None = None,
     below: float | None = None,
 ) -> None:
-    """A finite number within the given bounds (``low <=``, ``above <``, ``<= high``, ``< below``)."""
+    """Raise ``ValueError`` unless ``value`` is a finite number within the bounds given
+    (``low <=``, ``above <``, ``<= high``, ``< below``)."""
     bounds = [(low, ">=", lambda v, b: v >= b), (above, ">", lambda v, b: v > b)]
     bounds += [(high, "<=", lambda v, b: v <= b), (below, "<", lambda v, b: v < b)]
     active = [(bound, sign, test) for bound, sign, test in bounds if bound is not None]
     allowed = " ".join(["a finite number", " and ".join(f"{sign} {bound:g}" for bound, sign, _ in active)]).strip()
     ok = _is_number(value) and math.isfinite(value) and all(test(value, bound) for bound, _, test in active)
-    _require(ok, name, allowed, value)
+    require(ok, name, allowed, value)
 
 
-def _check_int(name: str, value: Any, *, low: int) -> None:
-    _require(_is_int(value) and value >= low, name, f"an int >= {low}", value)
+def check_int(name: str, value: Any, *, low: int) -> None:
+    require(_is_int(value) and value >= low, name, f"an int >= {low}", value)

@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import CodaConfig, get_coda_model, soft_topk
 from ..bindings import binding_for
+from ..config import check_choice, check_int, check_number
 from ..files import write_json
 from .bench_models import bench_model
+from .options import flag
+from .progress import progress_bar
 
 QUANTIZE_CHOICES = ("none", "int8")
 
@@ -224,7 +226,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
             step()
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in tqdm(range(repeats), desc="timing", unit="round", leave=False):
+    for round_index in progress_bar(range(repeats), desc="timing", unit="round", leave=False):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
@@ -365,15 +367,10 @@ def validate_bench_arguments(
             f"--reductions must include 1, the dense parallel adapter that speed-ups refer to; got {reductions}"
         )
     for r in reductions:
-        CodaConfig(reduction=r)  # validates
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"--quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        check_number("--reductions", r, low=1)
+    for name, value in (("batch_size", batch_size), ("threads", threads), ("repeats", repeats)):
+        check_int(flag(name), value, low=1)
+    check_choice(flag("quantize"), quantize, QUANTIZE_CHOICES)
 
 
 def format_table(rows: list[BenchRow]) -> str:

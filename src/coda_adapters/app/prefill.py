@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import CodaConfig, CodaModel, get_coda_model
+from ..config import check_int
 from ..files import atomic_write, write_json
 from .bench import BenchRow, format_table, run_benchmark
-from .classify import check_int_option
 from .data import load_bbc_news
+from .loop import Optimization, OptimizerConfig, run_epoch
+from .options import flag
 
 
 @dataclass
@@ -80,25 +81,22 @@ def distill_prefill(
     dense one does, minimising ``KL(dense || routed)`` at the prompt's next token and over the continuation
     decoded with the routed prefill's cache. ``windows`` ``[count, prompt_tokens + m]`` must not overlap the
     text the quality is measured on. Returns the loss of every step."""
-    parameters = [p for p in coda.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    config = OptimizerConfig(batch_size=batch_size, lr=lr, weight_decay=0.0, max_length=windows.shape[1])
+    optimization = Optimization([p for p in coda.parameters() if p.requires_grad], config, steps)
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    coda.train()
-    for _ in tqdm(range(steps), desc="prefill pretraining", unit="step"):
-        rows = torch.randperm(len(windows), generator=generator)[:batch_size]
+    batches = (torch.randperm(len(windows), generator=generator)[:batch_size] for _ in range(steps))
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
         prompt, rest = windows[rows, :prompt_tokens], windows[rows, prompt_tokens:]
         with coda.disable_adapters():
             teacher = prefill_log_probs(coda, prompt, rest)
         student = prefill_log_probs(coda, prompt, rest, grad=True)
-        loss = (teacher.exp() * (teacher - student)).sum(-1).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+    coda.train()
+    result = run_epoch(batches, loss_of, optimization, desc="prefill pretraining", total=steps)
     coda.eval()
-    return losses
+    return result.step_losses
 
 
 def compare(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
@@ -164,8 +162,8 @@ def run_prefill_demo(
 
     settings = dict(prompts=prompts, continuation=continuation, batch_size=batch_size, repeats=repeats)
     for name, value in settings.items():
-        check_int_option(name, value)
-    check_int_option("pretrain_steps", pretrain_steps, low=0)
+        check_int(flag(name), value, low=1)
+    check_int(flag("pretrain_steps"), pretrain_steps, low=0)
     settings["pretrain_steps"] = pretrain_steps
     if not reductions or any(r <= 1 for r in reductions):
         raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")

@@ -15,19 +15,19 @@ that the measurement can be repeated.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..config import CodaConfig
+from ..config import CodaConfig, check_choice, check_int, check_number, option
 from ..files import write_json
 from ..model import CodaModel, get_coda_model
-from .classify import Encoded, OptimizerConfig, check_int_option, epoch_order, library_versions
+from .classify import Encoded, library_versions
+from .loop import Optimization, OptimizerConfig, batches_for_steps, run_epoch
+from .options import flag
 
 OBJECTIVES = ("distill", "layerwise", "pooled", "mlm")
 PRETRAIN_METRICS_NAME = "pretrain_metrics.json"
@@ -37,18 +37,21 @@ PRETRAIN_METRICS_NAME = "pretrain_metrics.json"
 class PretrainConfig(OptimizerConfig):
     """CoDA pretraining: ``steps`` optimizer steps of ``objective`` on unlabelled text."""
 
-    objective: str = "distill"
-    steps: int = 200
-    mask_probability: float = 0.15
-    routers_only: bool = False
+    objective: str = option(
+        "distill",
+        "what the routed model learns: the dense final hidden states (distill), each dense layer's output "
+        "(layerwise), the dense mean-pooled embedding (pooled), or masked-LM (mlm)",
+        choices=OBJECTIVES,
+    )
+    steps: int = option(200, "optimizer steps")
+    mask_probability: float = option(0.15, "share of tokens masked for --objective mlm")
+    routers_only: bool = option(False, "train only the routers; the adapters keep their zero output")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        check_int_option("steps", self.steps)
-        if not 0 < self.mask_probability < 1:
-            raise ValueError(f"--mask-probability must be in (0, 1), got {self.mask_probability!r}")
+        check_choice(flag("objective"), self.objective, OBJECTIVES)
+        check_int(flag("steps"), self.steps, low=1)
+        check_number(flag("mask_probability"), self.mask_probability, above=0, below=1)
 
 
 def build_pretraining_model(model: str, coda_config: CodaConfig, objective: str) -> tuple[CodaModel, Any]:
@@ -126,8 +129,6 @@ def pretrain(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train routers and adapters for ``config.steps`` steps on ``texts`` and save them in ``out_dir``."""
-    from transformers import get_linear_schedule_with_warmup
-
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
     encoded = Encoded(tokenizer, texts, None, config.max_length)
@@ -135,35 +136,21 @@ def pretrain(
         for name, parameter in model.named_parameters():
             if ".router." not in name:
                 parameter.requires_grad_(False)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * config.steps), config.steps)
+    optimization = Optimization([p for p in model.parameters() if p.requires_grad], config, config.steps)
     model.train()
-    order: list[int] = []
-    epoch = 0
-    losses = []
-    start = time.perf_counter()
-    progress = tqdm(range(config.steps), desc=f"pretrain ({config.objective})", unit="step", disable=not show_progress)
-    for _ in progress:
-        if len(order) < config.batch_size:
-            order += epoch_order(len(encoded), config.seed, epoch)
-            epoch += 1
-        indices, order = order[: config.batch_size], order[config.batch_size :]
-        loss = pretraining_loss(model, encoded.batch(indices), config, tokenizer)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite pretraining loss ({loss.item()}); nothing was saved")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    result = run_epoch(
+        batches_for_steps(len(encoded), config.batch_size, config.steps, config.seed),
+        lambda indices: pretraining_loss(model, encoded.batch(indices), config, tokenizer),
+        optimization,
+        desc=f"pretrain ({config.objective})",
+        total=config.steps,
+        show_progress=show_progress,
+    )
     metrics = {
         "objective": config.objective,
-        "first_loss": losses[0],
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "pretrain_seconds": time.perf_counter() - start,
+        "first_loss": result.step_losses[0],
+        "final_loss": sum(result.step_losses[-20:]) / len(result.step_losses[-20:]),
+        "pretrain_seconds": result.seconds,
         "documents": len(texts),
         "pretrain_config": asdict(config),
         "coda_config": model.coda_config.to_dict(),

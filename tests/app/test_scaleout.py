@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from coda_adapters import CodaConfig, get_coda_model
 
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 
 # No dropout, so that the only difference between one and two processes is the order of float sums.
 ARGS = [

@@ -17,7 +17,7 @@ from coda_adapters.app.bench import (
 )
 from coda_adapters.app.bench_models import RANDOM_MODELS, audio_frames_to_samples, bench_model, text_batch
 
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 
 MINILM = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_attention_heads=12, model_type="bert")
 
@@ -94,9 +94,9 @@ def test_benchmark_rows_have_the_contract_keys(tmp_path):
     ("kwargs", "message"),
     [
         (dict(seq_lens=[1024]), "above the model's maximum of 512"),
-        (dict(batch_size=0), "--batch-size must be >= 1"),
+        (dict(batch_size=0), "--batch-size must be an int >= 1, got 0"),
         (dict(reductions=[3, 5]), "--reductions must include 1"),
-        (dict(reductions=[1, 0.5]), "reduction must be a finite number >= 1"),
+        (dict(reductions=[1, 0.5]), "--reductions must be a finite number >= 1, got 0.5"),
         (dict(quantize="int4"), "--quantize must be one of"),
     ],
 )

@@ -161,7 +161,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     result = coda("bench", "--seq-lens", "1024", check=False)
     assert result.returncode == 2 and "above the model's maximum of 512 positions" in result.stderr
     result = coda("bench", "--batch-size", "0", check=False)
-    assert result.returncode == 2 and "--batch-size must be >= 1" in result.stderr
+    assert result.returncode == 2 and "--batch-size must be an int >= 1, got 0" in result.stderr
     result = coda("bench", "--model", "no-such-model", check=False)
     assert result.returncode == 2 and "bundled model name" in result.stderr
 

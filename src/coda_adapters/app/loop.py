@@ -1,0 +1,250 @@
+"""The one training loop every job uses: AdamW over the trainable parameters, linear warm-up then
+linear decay, gradient clipping, a stop on a non-finite loss, and checkpoints that survive a crash.
+
+A job supplies its batches and a function that turns a batch into a loss; :func:`run_epoch` does the
+rest. ``coda train`` runs it once per epoch (under ``accelerate`` for DDP), ``coda pretrain`` and the
+prefill pretraining once over a fixed number of steps, the vision demo once per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import WEIGHTS_NAME, read_adapter_weights
+from ..config import check_int, check_number, option
+from ..files import read_json_object, read_tensors, write_json, write_tensors
+from ..model import CodaModel
+from .options import flag
+from .progress import progress_bar
+
+CHECKPOINTS = "checkpoints"
+OPTIMIZER_NAME = "optimizer.safetensors"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up and decay and gradient clipping, on batches of texts cut to ``max_length``."""
+
+    batch_size: int = option(16, "examples per optimizer step (the global batch, split across processes)")
+    lr: float = option(1e-3, "peak learning rate of AdamW")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "share of the steps spent warming the learning rate up from 0")
+    max_grad_norm: float = option(1.0, "gradients are clipped to this global norm")
+    max_length: int = option(256, "texts are cut to this many tokens (special tokens included)")
+    seed: int = option(0, "seed of the initial weights, the data order and the validation split")
+
+    def __post_init__(self) -> None:
+        check_int(flag("batch_size"), self.batch_size, low=1)
+        # a tokenizer silently ignores max_length < 2 (BERT's [CLS] and [SEP] alone take two tokens)
+        check_int(flag("max_length"), self.max_length, low=2)
+        check_number(flag("lr"), self.lr, above=0)
+        check_number(flag("max_grad_norm"), self.max_grad_norm, above=0)
+        check_number(flag("weight_decay"), self.weight_decay, low=0, below=1)
+        check_number(flag("warmup_ratio"), self.warmup_ratio, low=0, below=1)
+        check_int(flag("seed"), self.seed, low=0)
+
+
+class Optimization:
+    """AdamW over ``parameters`` with a linear warm-up over ``warmup_ratio`` of ``total_steps``, then a
+    linear decay to zero, and gradient clipping; :meth:`step` applies one loss."""
+
+    def __init__(self, parameters: list[nn.Parameter], config: OptimizerConfig, total_steps: int) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        if not parameters:
+            raise ValueError("nothing to train: the model has no parameter that requires a gradient")
+        self.parameters = parameters
+        self.max_grad_norm = config.max_grad_norm
+        self.optimizer: Any = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = round(config.warmup_ratio * total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
+        self.accelerator: Any = None
+
+    def prepare(self, accelerator: Any, model: nn.Module) -> nn.Module:
+        """Hand the model and optimizer to ``accelerate`` (DDP across processes); returns the wrapped model."""
+        self.accelerator = accelerator
+        wrapped, self.optimizer = accelerator.prepare(model, self.optimizer)
+        return wrapped
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, clip, AdamW step, schedule step, zero the gradients."""
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+            self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- state, for checkpoints ---------------------------------------------------------------------
+
+    def state_tensors(self, model: CodaModel) -> dict[str, torch.Tensor]:
+        """AdamW's moments by parameter name, as plain tensors (safetensors, no pickle)."""
+        names = {id(p): name for name, p in model.model.named_parameters()}
+        tensors = {}
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                for key, value in self.optimizer.state.get(parameter, {}).items():
+                    tensors[f"{names[id(parameter)]}::{key}"] = torch.as_tensor(value).detach().clone().cpu()
+        return tensors
+
+    def load_state(self, model: CodaModel, tensors: dict[str, torch.Tensor], scheduler_state: dict) -> None:
+        """Restore AdamW's moments and the schedule, and the learning rate the schedule had reached."""
+        parameters = dict(model.model.named_parameters())
+        for key, value in tensors.items():
+            name, _, state_field = key.partition("::")
+            if name not in parameters:
+                raise ValueError(f"checkpoint optimizer state names {name!r}, which this model does not have")
+            self.optimizer.state[parameters[name]][state_field] = value.clone()
+        self.scheduler.load_state_dict(scheduler_state)
+        # the scheduler sets the learning rate when it steps; a restored one must also set it now
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+
+
+@dataclass
+class EpochResult:
+    """What one pass of :func:`run_epoch` measured: the mean loss per example, each step's loss, seconds."""
+
+    loss: float
+    step_losses: list[float]
+    seconds: float
+
+
+def run_epoch(
+    batches: Iterable[Any],
+    loss_of: Callable[[Any], torch.Tensor],
+    optimization: Optimization,
+    *,
+    desc: str,
+    where: str | None = None,
+    stop_hint: str = "nothing was saved",
+    size_of: Callable[[Any], int] = len,
+    total: int | None = None,
+    show_progress: bool = True,
+) -> EpochResult:
+    """One optimizer step per batch: ``loss_of(batch)`` then :meth:`Optimization.step`.
+
+    A non-finite loss raises :class:`TrainingError` before the step (so the weights stay finite),
+    naming ``where`` it happened and ``stop_hint`` (what was kept). The mean loss weighs each batch by
+    ``size_of(batch)`` examples.
+    """
+    seen, loss_sum, step_losses = 0, 0.0, []
+    start = time.perf_counter()
+    bar = progress_bar(batches, desc=desc, unit="batch", total=total, enabled=show_progress)
+    for batch in bar:
+        loss = loss_of(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) at {where or desc}; stopped, {stop_hint}")
+        optimization.step(loss)
+        size = size_of(batch)
+        step_losses.append(loss.item())
+        seen, loss_sum = seen + size, loss_sum + step_losses[-1] * size
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_per_s=f"{seen / (time.perf_counter() - start):.1f}")
+    bar.close()
+    return EpochResult(loss_sum / max(seen, 1), step_losses, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------------
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a function of the seed and the epoch only (for --resume)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+def batches_for_steps(size: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """``steps`` batches of indices into ``size`` examples, passing over them epoch after epoch (for jobs
+    counted in steps rather than epochs, such as CoDA pretraining)."""
+    order: list[int] = []
+    epoch = 0
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += epoch_order(size, seed, epoch)
+            epoch += 1
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(out_dir: Path, model: CodaModel, optimization: Optimization, state: dict[str, Any]) -> Path:
+    """Write ``checkpoints/epoch-N`` through a temporary directory renamed at the end, then drop older ones.
+
+    Every file is flushed and fsynced before the rename, so a crash leaves either the previous
+    checkpoint or the new one, never half of one.
+    """
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch-{state['epoch']}"
+    temporary = root / f".tmp-epoch-{state['epoch']}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    model.save_pretrained(temporary)
+    tensors = optimization.state_tensors(model)
+    tensors["torch_rng_state"] = torch.get_rng_state()
+    write_tensors(temporary / OPTIMIZER_NAME, tensors)
+    write_json(temporary / TRAINER_STATE_NAME, {**state, "scheduler": optimization.scheduler.state_dict()})
+    _fsync_directory(temporary)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    _fsync_directory(root)
+    for older in completed_checkpoints(out_dir)[:-1]:
+        shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def completed_checkpoints(out_dir: Path) -> list[Path]:
+    """The complete ``checkpoints/epoch-N`` directories, oldest first."""
+    root = out_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("epoch-*") if (p / TRAINER_STATE_NAME).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resume_from_checkpoint(out_dir: Path, model: CodaModel, optimization: Optimization) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule and random state from the newest complete checkpoint;
+    returns its ``trainer_state.json`` (``epoch``, ``train_seconds``, ``history``, ...)."""
+    checkpoints = completed_checkpoints(out_dir)
+    if not checkpoints:
+        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINTS}")
+    latest = checkpoints[-1]
+    model.load_trainable_state_dict(read_adapter_weights(latest / WEIGHTS_NAME), source=latest / WEIGHTS_NAME)
+    tensors = read_tensors(latest / OPTIMIZER_NAME)
+    rng_state = tensors.pop("torch_rng_state")
+    state = read_json_object(latest / TRAINER_STATE_NAME, ("epoch", "train_seconds", "history", "scheduler"))
+    optimization.load_state(model, tensors, state["scheduler"])
+    torch.set_rng_state(rng_state)
+    print(f"resumed from {latest} (epoch {state['epoch']})")
+    return state
+
+
+def _fsync_directory(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

