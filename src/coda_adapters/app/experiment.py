@@ -195,11 +195,11 @@ def token_budget(preset: Preset, row: Row) -> int | None:
 def baseline_rows(preset: Preset) -> list[Row]:
     """For every CoDA reduction r in the preset: the dense adapter on the first ``ceil(max_length / r)``
     tokens, and a random router at r unless the preset has one; rows it already has are not repeated."""
-    coda_rows = [row for row in preset.rows if token_budget(preset, row) is not None]
-    budgets = sorted({token_budget(preset, row) for row in coda_rows}, reverse=True)
-    baselines = [truncation_row(budget) for budget in budgets if budget is not None]
-    random_at = {row_coda_config(preset, row).reduction for row in coda_rows if row.coda.get("router") == "random"}
-    for reduction in sorted({row_coda_config(preset, row).reduction for row in coda_rows} - random_at):
+    budgets = {budget for row in preset.rows if (budget := token_budget(preset, row)) is not None}
+    configs = [row_coda_config(preset, row) for row in preset.rows if token_budget(preset, row) is not None]
+    baselines = [truncation_row(budget) for budget in sorted(budgets, reverse=True)]
+    random_at = {config.reduction for config in configs if config.router == "random"}
+    for reduction in sorted({config.reduction for config in configs} - random_at):
         baselines.append(Row(f"CoDA r={reduction:g}, random router", {"reduction": reduction, "router": "random"}))
     names = {row.name for row in preset.rows}
     return [row for row in baselines if row.name not in names]
@@ -248,6 +248,7 @@ def summarize_row(row: Row, directories: list[Path], seeds: tuple[int, ...]) -> 
     macro_f1 = [run["macro_f1"] for run in runs]
     return {
         "name": row.name,
+        "truncation": row.truncation,
         "accuracy": statistics.mean(accuracy),
         "accuracy_std": sample_std(accuracy),
         "accuracy_per_seed": accuracy,
@@ -271,7 +272,7 @@ def sample_std(values: list[float]) -> float:
 
 
 def mean_or_none(values: list[float | None]) -> float | None:
-    return None if any(value is None for value in values) else statistics.mean(values)  # type: ignore[arg-type]
+    return None if any(value is None for value in values) else statistics.mean(values)
 
 
 def add_paired_differences(results: list[dict[str, Any]], rows: list[Row], preset: Preset) -> None:
@@ -282,7 +283,8 @@ def add_paired_differences(results: list[dict[str, Any]], rows: list[Row], prese
     for row in rows:
         result = by_name[row.name]
         result["diff_vs_dense"] = None if dense is None or row.name == DENSE else paired_difference(result, dense)
-        reference = truncation.get(token_budget(preset, row))  # type: ignore[arg-type]
+        budget = token_budget(preset, row)
+        reference = None if budget is None else truncation.get(budget)
         result["diff_vs_truncation"] = None if reference is None else paired_difference(result, reference)
 
 
@@ -419,4 +421,4 @@ def plot_results(results: list[dict[str, Any]], path: Path) -> None:
 def row_kind(result: dict[str, Any]) -> str:
     if result["coda_config"]["reduction"] > 1:
         return "coda"
-    return "truncation" if result["name"].startswith("Dense adapter, first") else "dense"
+    return "truncation" if result["truncation"] else "dense"

@@ -1,0 +1,170 @@
+"""`coda experiment`'s compute-matched baselines and seeds, on a tiny synthetic corpus (not BBC News)."""
+
+import json
+import math
+import random
+
+import pytest
+
+from coda_adapters.app.classify import TrainConfig
+from coda_adapters.app.data import ClassificationData, LabelledTexts
+from coda_adapters.app.experiment import (
+    DENSE,
+    PRESETS,
+    Preset,
+    Row,
+    baseline_rows,
+    experiment_rows,
+    row_directory,
+    run_experiment,
+)
+from coda_adapters.app.pretrain import PretrainConfig
+
+TOPICS = {
+    "sport": "match goal team coach league player score season",
+    "business": "market shares profit bank economy company price trade",
+    "tech": "software computer phone internet chip data network code",
+    "politics": "election minister party vote parliament law policy government",
+}
+FILLER = "the a of and to in on for with at by from this that it was"
+
+
+def synthetic_data(train_per_label: int = 8, test_per_label: int = 3) -> ClassificationData:
+    generator = random.Random(0)
+
+    def texts_of(count: int) -> LabelledTexts:
+        texts, labels = [], []
+        for label, words in enumerate(TOPICS.values()):
+            for _ in range(count):
+                picked = [generator.choice(words.split() if i % 2 else FILLER.split()) for i in range(24)]
+                texts.append(" ".join(picked))
+                labels.append(label)
+        return LabelledTexts(texts, labels)
+
+    return ClassificationData(texts_of(train_per_label), texts_of(test_per_label), list(TOPICS), "synthetic")
+
+
+def tiny_preset(rows: list[Row], baselines: bool = True) -> Preset:
+    return Preset(
+        rows=rows,
+        train=TrainConfig(epochs=1, batch_size=8, lr=3e-3, max_length=32, val_size=0),
+        pretrain=PretrainConfig(steps=1, batch_size=4, lr=1e-3, max_length=32, routers_only=True),
+        speed_batch=4,
+        speed_repeats=2,
+        baselines=baselines,
+    )
+
+
+def test_baselines_come_from_the_coda_reductions_and_do_not_repeat_rows():
+    preset = tiny_preset(
+        [
+            Row(DENSE, {"reduction": 1}),
+            Row("LoRA", {"reduction": 1, "adapter": "none", "lora_rank": 8}),
+            Row("CoDA r=2", {"reduction": 2}),
+            Row("CoDA r=2, random router", {"reduction": 2, "router": "random"}),
+            Row("CoDA r=4 + pretraining", {"reduction": 4}, pretrain=True),
+            Row("CoDA r=3, longer", {"reduction": 3}, train={"max_length": 64}),
+        ]
+    )
+    added = baseline_rows(preset)
+    truncations = {row.name: row.train["max_length"] for row in added if row.truncation}
+    # ceil(32 / 2), ceil(64 / 3), ceil(32 / 4): each row's own max_length
+    assert truncations == {
+        "Dense adapter, first 16 tokens": 16,
+        "Dense adapter, first 22 tokens": 22,
+        "Dense adapter, first 8 tokens": 8,
+    }
+    assert all(row.coda == {"reduction": 1} and not row.pretrain for row in added if row.truncation)
+    randoms = [row for row in added if not row.truncation]
+    assert [(row.name, row.coda) for row in randoms] == [
+        ("CoDA r=3, random router", {"reduction": 3, "router": "random"}),
+        ("CoDA r=4, random router", {"reduction": 4, "router": "random"}),
+    ]
+    assert experiment_rows(preset)[: len(preset.rows)] == preset.rows
+    assert experiment_rows(tiny_preset(preset.rows, baselines=False)) == preset.rows
+
+
+def test_presets_keep_their_rows_and_only_the_results_table_adds_baselines():
+    results = PRESETS["results"]
+    names = [row.name for row in experiment_rows(results)]
+    assert names[: len(results.rows)] == [row.name for row in results.rows]
+    assert names[len(results.rows) :] == [
+        "Dense adapter, first 86 tokens",
+        "Dense adapter, first 52 tokens",
+        "CoDA r=5, random router",
+    ]
+    assert not PRESETS["smoke"].baselines and experiment_rows(PRESETS["smoke"]) == PRESETS["smoke"].rows
+
+
+def test_one_seed_keeps_the_single_run_layout(tmp_path):
+    row = Row("CoDA r=3", {"reduction": 3})
+    assert row_directory(tmp_path, row, 0, (0,)) == tmp_path / "coda-r-3"
+    assert row_directory(tmp_path, row, 0, (0, 1)) == tmp_path / "coda-r-3" / "seed-0"
+    assert row_directory(tmp_path, row, 1, (0, 1)) == tmp_path / "coda-r-3" / "seed-1"
+    with pytest.raises(ValueError, match="--seeds"):
+        run_experiment(tiny_preset([row]), synthetic_data(), tmp_path, seeds=(1, 1))
+
+
+def metrics_of(directory):
+    return json.loads((directory / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_seeds_and_truncation_baselines_end_to_end(tmp_path, capsys, minilm_path):
+    preset = tiny_preset([Row(DENSE, {"reduction": 1}), Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True)])
+    seeds = (0, 1)
+    results = run_experiment(preset, synthetic_data(), tmp_path, model_name="minilm", seeds=seeds)
+    truncation, random_router = "Dense adapter, first 11 tokens", "CoDA r=3, random router"  # 11 = ceil(32 / 3)
+    by_name = {r["name"]: r for r in results}
+    assert list(by_name) == [DENSE, "CoDA r=3 + pretraining", truncation, random_router]
+    slugs = {DENSE: "dense-parallel-adapter-r-1", truncation: "dense-adapter-first-11-tokens"}
+    slugs.update({"CoDA r=3 + pretraining": "coda-r-3-pretraining", random_router: "coda-r-3-random-router"})
+
+    per_seed = {name: [metrics_of(tmp_path / slug / f"seed-{s}") for s in seeds] for name, slug in slugs.items()}
+    for name, runs in per_seed.items():
+        assert [run["train_config"]["seed"] for run in runs] == [0, 1]
+        accuracies = [run["accuracy"] for run in runs]
+        mean = sum(accuracies) / 2
+        result = by_name[name]
+        assert result["seeds"] == [0, 1] and result["accuracy_per_seed"] == accuracies
+        assert result["accuracy"] == pytest.approx(mean)
+        assert result["accuracy_std"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in accuracies)))
+        assert result["macro_f1_per_seed"] == [run["macro_f1"] for run in runs]
+    for s in seeds:
+        task = json.loads((tmp_path / slugs[truncation] / f"seed-{s}" / "coda_task.json").read_text())
+        assert task["max_length"] == 11
+        pretrained = json.loads(
+            (
+                tmp_path / slugs["CoDA r=3 + pretraining"] / f"seed-{s}" / "pretrain" / "pretrain_metrics.json"
+            ).read_text()
+        )
+        assert pretrained["pretrain_config"]["seed"] == s
+    assert by_name[truncation]["max_length"] == 11 and by_name[DENSE]["max_length"] == 32
+
+    def expected_difference(name, reference):
+        return [a["accuracy"] - b["accuracy"] for a, b in zip(per_seed[name], per_seed[reference], strict=True)]
+
+    assert by_name[DENSE]["diff_vs_dense"] is None and by_name[DENSE]["diff_vs_truncation"] is None
+    assert by_name[truncation]["diff_vs_truncation"] is None
+    for name in ("CoDA r=3 + pretraining", random_router, truncation):
+        difference = by_name[name]["diff_vs_dense"]
+        assert difference["against"] == DENSE
+        assert difference["accuracy_per_seed"] == pytest.approx(expected_difference(name, DENSE))
+        assert difference["accuracy"] == pytest.approx(sum(expected_difference(name, DENSE)) / 2)
+    for name in ("CoDA r=3 + pretraining", random_router):
+        difference = by_name[name]["diff_vs_truncation"]
+        values = expected_difference(name, truncation)
+        assert difference["against"] == truncation and difference["accuracy_per_seed"] == pytest.approx(values)
+        assert difference["accuracy_std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in document["rows"]] == list(by_name)
+    assert document["rows"][0]["inference_speedup"] == 1.0 and document["rows"][0]["training_speedup"] == 1.0
+    table = (tmp_path / "results.md").read_text()
+    assert "±" in table and all(name in table for name in by_name)
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+    capsys.readouterr()
+    again = run_experiment(preset, synthetic_data(), tmp_path, model_name="minilm", seeds=seeds)
+    assert capsys.readouterr().out.count("done before, kept") == 8
+    assert [r["accuracy_per_seed"] for r in again] == [r["accuracy_per_seed"] for r in results]
