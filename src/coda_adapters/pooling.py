@@ -3,13 +3,14 @@ the first token a head reads itself."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import RoutingState
+if TYPE_CHECKING:  # only for the annotation: pooling sits below the layer and the bindings
+    from .layer import RoutingState
 
 
 class MeanPooler(nn.Module):

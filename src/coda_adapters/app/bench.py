@@ -504,3 +504,22 @@ def soft_topk_report(
         "cost_ratio_exact_over_cd": times["exact"] / times["coordinate_descent"],
         "cost_ratio_exact_over_cd_with_backward": times["exact +backward"] / times["coordinate_descent +backward"],
     }
+
+
+def format_soft_topk_report(report: dict[str, Any]) -> str:
+    """The report of :func:`soft_topk_report` as a few lines of text."""
+    lines = [
+        f"n = {report['n']}, k = {report['k']}, batch = {report['batch']}; scores ~ N(0, 1)",
+        f"{'epsilon':>8} {'exact max err':>14} {'CD max err':>11} {'exact min sum':>14} {'CD min sum':>11}",
+    ]
+    for row in report["errors"]:
+        lines.append(
+            f"{row['epsilon']:>8g} {row['exact_max_error']:>14.2e} {row['coordinate_descent_max_error']:>11.2e} "
+            f"{row['exact_min_row_sum']:>14.3f} {row['coordinate_descent_min_row_sum']:>11.3f}"
+        )
+    lines += [f"{name:<30} {micros:8.1f} us per call (epsilon 0.03)" for name, micros in report["microseconds"].items()]
+    lines.append(
+        f"cost exact / coordinate descent (20 steps): {report['cost_ratio_exact_over_cd']:.2f} forward, "
+        f"{report['cost_ratio_exact_over_cd_with_backward']:.2f} forward+backward"
+    )
+    return "\n".join(lines)

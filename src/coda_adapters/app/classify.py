@@ -226,6 +226,15 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
     }
 
 
+def format_confusion_matrix(names: list[str], matrix: list[list[int]]) -> str:
+    """Rows: true label, columns: predicted, names cut to six characters."""
+    width = max(len(n) for n in names)
+    lines = ["confusion matrix (rows: true label, columns: predicted):"]
+    lines.append(" " * (width + 1) + " ".join(f"{n[:6]:>6}" for n in names))
+    lines += [f"{name:<{width}} " + " ".join(f"{v:>6}" for v in row) for name, row in zip(names, matrix, strict=True)]
+    return "\n".join(lines)
+
+
 def evaluate(
     model: nn.Module, tokenizer: Any, data: LabelledTexts, label_names: list[str], max_length: int, batch_size: int
 ) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def run_experiment(
     for result in results:
         result["inference_speedup"] = speedups[result["name"]]
         result["training_speedup"] = dense["epoch_seconds"] / result["epoch_seconds"]
-    write_results(results, preset, out_dir)
+    write_results(results, preset, out_dir, title=f"{data.source}, {model_name}")
     return results
 
 
@@ -346,13 +346,13 @@ def merge_lora(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_results(results: list[dict[str, Any]], preset: Preset, out_dir: Path) -> None:
+def write_results(results: list[dict[str, Any]], preset: Preset, out_dir: Path, title: str) -> None:
     document = {"rows": results, "train_config": asdict(preset.train), "pretrain_config": asdict(preset.pretrain)}
     write_json(out_dir / "results.json", document)
     table = format_results(results)
     (out_dir / "results.md").write_text(table + "\n")
     print(table)
-    plot_results(results, out_dir / "results.png")
+    plot_results(results, out_dir / "results.png", title)
 
 
 def format_results(results: list[dict[str, Any]]) -> str:
@@ -389,7 +389,7 @@ def format_difference(difference: dict[str, Any] | None) -> str:
 MARKERS = {"dense": "s", "truncation": "v", "coda": "o"}
 
 
-def plot_results(results: list[dict[str, Any]], path: Path) -> None:
+def plot_results(results: list[dict[str, Any]], path: Path, title: str) -> None:
     """Accuracy (with std over seeds as error bars) against the inference speed-up; one legend entry per row."""
     import matplotlib
 
@@ -410,7 +410,7 @@ def plot_results(results: list[dict[str, Any]], path: Path) -> None:
         )
     axis.set_xlabel("measured inference speed-up over the dense parallel adapter")
     axis.set_ylabel(f"test accuracy (%), mean ± std over {len(results[0]['seeds'])} seed(s)")
-    axis.set_title("BBC News, all-MiniLM-L6-v2")
+    axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     figure.tight_layout()

@@ -1,4 +1,5 @@
-"""Command-line options built from the settings dataclasses, so the two never drift apart.
+"""Command-line options built from the settings dataclasses, so the two never drift apart; checks of
+output paths; the one-line error a command stops with.
 
 Each field of :class:`~coda_adapters.config.CodaConfig`, ``TrainConfig`` or ``PretrainConfig`` becomes
 one option: its name (``batch_size`` -> ``--batch-size``), type, default and help text (the field's
@@ -11,7 +12,12 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any
+
+
+class CommandError(Exception):
+    """A problem with the user's input: printed as one line, without a traceback."""
 
 
 def flag(name: str) -> str:
@@ -64,3 +70,22 @@ def _kind(annotation: Any) -> dict[str, Any]:
     if typing.get_origin(annotation) in (list, tuple):
         return {"nargs": "+", "type": typing.get_args(annotation)[0]}
     return {"type": annotation}
+
+
+def output_directory(path: str | Path, option: str = "--out") -> Path:
+    """Create ``path`` (and its parents) or stop with a one-line error naming the option."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"{option} {path}: cannot create this directory ({error.strerror or error})") from None
+    return path
+
+
+def output_file(path: str | Path, option: str) -> Path:
+    """Check that the file ``path`` can be written (its directory is created), or stop naming the option."""
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{option} {path}: is a directory; give a file name")
+    output_directory(path.parent, option)
+    return path
