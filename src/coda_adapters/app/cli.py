@@ -329,8 +329,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preset",
         default="results",
-        choices=["demo", "mpnet", "results", "smoke"],
-        help="which rows and recipe: the README table, the short demo, the MPNet point, or a smoke test",
+        choices=["aggressive", "demo", "mpnet", "results", "smoke"],
+        help="which rows and recipe: the README table, r = 8 and 16, the short demo, the MPNet point, a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")

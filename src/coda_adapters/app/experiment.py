@@ -90,6 +90,14 @@ PRESETS = {
         pretrain=PretrainConfig(steps=200, batch_size=16, lr=1e-3, max_length=256, routers_only=True),
         baselines=True,  # + dense adapter on the first 86 and 52 tokens, + random router at r=5
     ),
+    # aggressive reductions at 256 tokens, where truncation keeps little more than the headline
+    # (`coda experiment --preset aggressive --seeds 0 1 2`, about 80 minutes on 2 cores)
+    "aggressive": Preset(
+        rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=8", {"reduction": 8}), Row("CoDA r=16", {"reduction": 16})],
+        train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_length=256),
+        pretrain=PretrainConfig(steps=200, batch_size=16, lr=1e-3, max_length=256, routers_only=True),  # unused
+        baselines=True,  # + dense adapter on the first 32 and 16 tokens, + random routers at r=8 and r=16
+    ),
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True)],
         train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_length=128),
