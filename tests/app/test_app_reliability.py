@@ -39,7 +39,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
         ["a", "b", "c"],
         "test",
     )
-    config = TrainConfig(epochs=2, batch_size=8, max_length=16, val_size=0)
+    config = TrainConfig(epochs=2, min_steps=0, batch_size=8, max_length=16, val_size=0)
 
     steps = {"count": 0}
 

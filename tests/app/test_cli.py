@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 
 from coda_adapters.app.data import bbc_news_split
 
-QUICK = ["--max-length", "48", "--max-train-examples", "240", "--batch-size", "16", "--epochs", "3", "--lr", "3e-3"]
+QUICK = [
+    *("--max-length", "48", "--max-train-examples", "240", "--batch-size", "16", "--epochs", "3", "--lr", "3e-3"),
+    *("--min-steps", "0"),
+]
 
 
 def coda(*args, check=True, **kwargs):
@@ -126,6 +129,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path):
         "8",
         "--epochs",
         "4",
+        "--min-steps",
+        "0",
         "--val-size",
         "0",
     ]

@@ -47,7 +47,7 @@ def synthetic_data(train_per_label: int = 8, test_per_label: int = 3) -> Classif
 def tiny_preset(rows: list[Row], baselines: bool = True) -> Preset:
     return Preset(
         rows=rows,
-        train=TrainConfig(epochs=1, batch_size=8, lr=3e-3, max_length=32, val_size=0),
+        train=TrainConfig(epochs=1, min_steps=0, batch_size=8, lr=3e-3, max_length=32, val_size=0),
         pretrain=PretrainConfig(steps=1, batch_size=4, lr=1e-3, max_length=32, routers_only=True),
         speed_batch=4,
         speed_repeats=2,

@@ -106,3 +106,21 @@ def test_progress_in_a_log_is_whole_lines_without_carriage_returns(capsys):
         pass
     err = capsys.readouterr().err
     assert "\r" not in err and "work" in err and "3/3" in err.splitlines()[-1]
+
+
+def test_small_data_gets_enough_epochs_to_make_the_minimum_steps(capsys):
+    from coda_adapters.app.classify import TrainConfig, planned_epochs
+
+    assert planned_epochs(TrainConfig(epochs=3, min_steps=250), steps_per_epoch=96) == 3  # BBC News: 288 steps
+    assert planned_epochs(TrainConfig(epochs=3, min_steps=250), steps_per_epoch=19) == 14  # 300 examples
+    assert "training 14 epochs instead of 3 to make --min-steps 250" in capsys.readouterr().err
+    assert planned_epochs(TrainConfig(epochs=3, min_steps=0), steps_per_epoch=1) == 3
+
+
+def test_a_last_epoch_that_still_raised_validation_accuracy_is_flagged():
+    from coda_adapters.app.classify import still_improving
+
+    assert still_improving([{"val_accuracy": 0.5}, {"val_accuracy": 0.7}])
+    assert not still_improving([{"val_accuracy": 0.7}, {"val_accuracy": 0.7}])
+    assert not still_improving([{"val_accuracy": 0.7}])
+    assert not still_improving([{"train_loss": 1.0}, {"train_loss": 0.5}])  # no validation split

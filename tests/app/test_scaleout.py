@@ -27,6 +27,8 @@ ARGS = [
     "8",
     "--epochs",
     "2",
+    "--min-steps",
+    "0",
     "--val-size",
     "0",
     "--dropout",

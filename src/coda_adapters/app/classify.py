@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,15 +41,20 @@ METRICS_NAME = "metrics.json"
 
 @dataclass
 class TrainConfig(OptimizerConfig):
-    """Fine-tuning: ``epochs`` passes, evaluation on a ``val_size`` split and a checkpoint after each."""
+    """Fine-tuning: ``epochs`` passes (more if that is under ``min_steps`` optimizer steps), evaluation on a
+    ``val_size`` split and a checkpoint after each."""
 
-    epochs: int = option(3, "passes over the training data")
+    epochs: int = option(3, "passes over the training data (more on small data: see --min-steps)")
+    min_steps: int = option(
+        250, "optimizer steps at least: small data sets get more epochs (0 = exactly --epochs epochs)"
+    )
     val_size: float = option(0.1, "share of the training data held out for validation (0 = none)")
     eval_batch_size: int = option(32, "examples per batch in evaluation")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(flag("epochs"), self.epochs, low=1)
+        check_int(flag("min_steps"), self.min_steps, low=0)
         check_int(flag("eval_batch_size"), self.eval_batch_size, low=1)
         check_number(flag("val_size"), self.val_size, low=0, below=1)
 
@@ -282,9 +288,8 @@ def train_classifier(
     check_labels(train_part, len(data.label_names))
     encoded = Encoded(tokenizer, train_part.texts, train_part.labels, config.max_length)
     steps_per_epoch = len(epoch_batches(len(encoded), config, 0, min_size=accelerator.num_processes))
-    optimization = Optimization(
-        [p for p in model.parameters() if p.requires_grad], config, steps_per_epoch * config.epochs
-    )
+    epochs = planned_epochs(config, steps_per_epoch, show_note=accelerator.is_main_process)
+    optimization = Optimization([p for p in model.parameters() if p.requires_grad], config, steps_per_epoch * epochs)
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
     if resume:
@@ -295,13 +300,13 @@ def train_classifier(
     def loss_of(indices: list[int]) -> torch.Tensor:
         return wrapped(**shard(encoded.batch(indices), accelerator)).loss
 
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, epochs):
         wrapped.train()
         result = run_epoch(
             epoch_batches(len(encoded), config, epoch, min_size=accelerator.num_processes),
             loss_of,
             optimization,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
+            desc=f"epoch {epoch + 1}/{epochs}",
             where=f"epoch {epoch + 1}",
             stop_hint=f"the last good checkpoint in {out_dir / CHECKPOINTS} is kept",
             show_progress=show_progress and accelerator.is_main_process,
@@ -320,7 +325,15 @@ def train_classifier(
 
     metrics = {}
     if accelerator.is_main_process:
+        if val_part is not None and still_improving(history):
+            print(
+                f"note: validation accuracy was still rising in the last epoch "
+                f"({history[-2]['val_accuracy']:.4f} -> {history[-1]['val_accuracy']:.4f}); more epochs may help",
+                file=sys.stderr,
+            )
         run = {
+            "epochs": epochs,
+            "still_improving": val_part is not None and still_improving(history),
             "train_seconds": train_seconds,
             "epoch_seconds": [r["epoch_seconds"] for r in history],
             "train_examples": len(train_part.texts),
@@ -335,6 +348,28 @@ def train_classifier(
         write_json(out_dir / METRICS_NAME, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def planned_epochs(config: TrainConfig, steps_per_epoch: int, show_note: bool = True) -> int:
+    """``config.epochs``, or more if that many epochs make fewer than ``config.min_steps`` optimizer steps.
+
+    The usual recipe (3 epochs) is a few hundred steps on thousands of documents, but only a few dozen
+    on a few hundred, where the adapters and routers are still far from trained when it stops.
+    """
+    epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
+    if epochs > config.epochs and show_note:
+        print(
+            f"note: {steps_per_epoch} steps per epoch; training {epochs} epochs instead of {config.epochs} to make "
+            f"--min-steps {config.min_steps} (--min-steps 0 turns this off)",
+            file=sys.stderr,
+        )
+    return epochs
+
+
+def still_improving(history: list[dict[str, Any]]) -> bool:
+    """Whether validation accuracy rose in the last epoch (a sign that training stopped early)."""
+    accuracies = [record["val_accuracy"] for record in history if "val_accuracy" in record]
+    return len(accuracies) >= 2 and accuracies[-1] > accuracies[-2]
 
 
 def final_metrics(

@@ -85,7 +85,7 @@ PRESETS = {
                 {"reduction": 3, "soft_topk_method": "coordinate_descent", "epsilon": 0.03},
             ),
         ],
-        train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_length=256),
+        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=256),
         # routers only: distilling with the adapters too shrank the features and cost accuracy (README)
         pretrain=PretrainConfig(steps=200, batch_size=16, lr=1e-3, max_length=256, routers_only=True),
         baselines=True,  # + dense adapter on the first 86 and 52 tokens, + random router at r=5
@@ -94,20 +94,20 @@ PRESETS = {
     # (`coda experiment --preset aggressive --seeds 0 1 2`, about 80 minutes on 2 cores)
     "aggressive": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=8", {"reduction": 8}), Row("CoDA r=16", {"reduction": 16})],
-        train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_length=256),
+        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=256),
         pretrain=PretrainConfig(steps=200, batch_size=16, lr=1e-3, max_length=256, routers_only=True),  # unused
         baselines=True,  # + dense adapter on the first 32 and 16 tokens, + random routers at r=8 and r=16
     ),
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True)],
-        train=TrainConfig(epochs=3, batch_size=16, lr=1e-3, max_length=128),
+        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=128),
         pretrain=PretrainConfig(steps=40, batch_size=16, lr=1e-3, max_length=128, routers_only=True),
         max_train_examples=800,
     ),
     # MPNet-base (run with --model mpnet): a subset and one epoch keep it under 10 minutes on 2 cores
     "mpnet": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_length=128),
+        train=TrainConfig(epochs=1, min_steps=0, batch_size=16, lr=1e-3, max_length=128),
         pretrain=PretrainConfig(steps=1, batch_size=16, lr=1e-3, max_length=128, routers_only=True),  # unused
         max_train_examples=400,
     ),
@@ -118,7 +118,7 @@ PRESETS = {
             Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True),
             Row("LoRA (peft, rank 8)", {"reduction": 1, "adapter": "none", "lora_rank": 8}, train={"lr": 2e-3}),
         ],
-        train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, max_length=32, val_size=0.2),
+        train=TrainConfig(epochs=1, min_steps=0, batch_size=8, lr=1e-3, max_length=32, val_size=0.2),
         pretrain=PretrainConfig(steps=2, batch_size=4, lr=1e-3, max_length=32, routers_only=True),
         max_train_examples=48,
         speed_repeats=2,

@@ -156,7 +156,8 @@ def run_epoch(
         size = size_of(batch)
         step_losses.append(loss.item())
         seen, loss_sum = seen + size, loss_sum + step_losses[-1] * size
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_per_s=f"{seen / (time.perf_counter() - start):.1f}")
+        rate = seen / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_per_s=f"{rate:.1f}", refresh=False)  # the bar redraws itself
     bar.close()
     return EpochResult(loss_sum / max(seen, 1), step_losses, time.perf_counter() - start)
 

@@ -1,0 +1,548 @@
+"""``coda export``: a trained CoDA classifier as an ONNX graph that routes by itself, checked against PyTorch.
+
+The graph keeps the routing: every routed layer scores its tokens, takes the top ``k = ceil(n_valid / r)`` per
+example with a TopK whose ``k`` is computed from the attention mask, gathers them, runs the frozen layer on
+them and scatters the update back. One file therefore serves any batch size, any sequence length and padded
+batches whose rows differ in length.
+
+It is traced with PyTorch's TorchScript exporter (``dynamo=False``). The ``torch.export`` exporter (the
+default since torch 2.9) stops at the library's Python-side checks on tensor values (``if (n_valid ==
+0).any()``, the router's finiteness check, ``int(k.max())``), which it cannot trace without library changes.
+The tracer evaluates such checks once, on the example batch, so while it runs :func:`traceable_routing`
+swaps in a few export-friendly equivalents (see there). Every export is then checked against the unchanged
+PyTorch model with ONNX Runtime, on batches of other sizes and lengths than the traced one; a difference
+in probabilities above :data:`TOLERANCE` is an error and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import layer as layer_module
+from .. import routing as routing_module
+from ..files import write_json
+from ..routing import token_budget as library_token_budget
+from ..version import __version__
+from .classify import TASK_NAME, Encoded, length_sorted_batches, load_classifier, predict_probabilities
+from .onnx_classifier import INPUT_NAMES, INT8_NAME, ONNX_NAME, OUTPUT_NAME, OnnxClassifier, run_logits
+
+REPORT_NAME = "coda_export.json"
+DEFAULT_OPSET = 17
+# ScatterElements(reduction="add") needs 16; the TorchScript exporter goes up to 20
+OPSET_RANGE = (16, 20)
+TOLERANCE = 1e-3  # max absolute difference in class probabilities between ONNX Runtime and PyTorch
+
+# The built-in check: sentences of different lengths, and one longer than any max_length (it is truncated)
+CHECK_SENTENCES = (
+    "Shares rose sharply after the company reported record quarterly profits.",
+    "Rain.",
+    "The match ended in a draw, leaving both teams level on points at the top of the table with two games left.",
+    "Parliament votes next week on a budget that raises spending on schools and hospitals and cuts some taxes.",
+    "A phone with a folding screen goes on sale on Friday.",
+)
+LONG_TEXT = " ".join(CHECK_SENTENCES * 12)
+CHECK_TEXTS = (*CHECK_SENTENCES, LONG_TEXT)
+# The traced batch: two rows of different lengths, none of the check's shapes
+TRACE_TEXTS = ("an example sentence to trace the graph with", "a shorter one")
+
+
+class ExportCheckError(RuntimeError):
+    """The exported graph does not reproduce the PyTorch model (nothing was written)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Export-friendly routing, while the tracer runs
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_tokens(hidden_states: torch.Tensor, flat_index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``layer.add_tokens_`` as an out-of-place scatter-add.
+
+    The library adds in place through a view (``index_add_``), a mutation the TorchScript tracer loses: the
+    frozen layers' updates vanished from the graph. And the exporter writes ``index_add`` as a plain scatter,
+    which keeps only one of several updates to the same row; empty slots point at position 0 with a zero
+    update, which would erase the real update of the [CLS] token. ``scatter_add`` becomes
+    ``ScatterElements(reduction="add")``, which sums them.
+    """
+    hidden = hidden_states.shape[-1]
+    rows = flat_index.unsqueeze(-1).expand(-1, hidden)
+    flat = hidden_states.reshape(-1, hidden).scatter_add(0, rows, update.reshape(-1, hidden))
+    return flat.reshape(hidden_states.shape)
+
+
+def _token_budget(
+    padding_mask: torch.Tensor | None,
+    shape: tuple[int, int],
+    reduction: float,
+    forced_position: int | str | None,
+    device: torch.device | str = "cpu",
+) -> routing_module.TokenBudget:
+    """``routing.token_budget`` without shortcuts that depend on the batch's values.
+
+    ``dense`` (every example keeps all its tokens) and ``uniform`` (one ``k`` for all examples) are Python
+    booleans the tracer would freeze at the example batch's values: a graph traced on equal lengths would
+    never mask empty slots. The general path is exact for every batch, so both are off unless they hold for
+    every batch (``r = 1``; no padding mask). A forced position is marked without the in-place ``&=``,
+    which the exporter cannot translate.
+    """
+    position = forced_position if isinstance(forced_position, int) and forced_position >= 0 else None
+    budget = library_token_budget(
+        padding_mask, shape, reduction, None if position is not None else forced_position, device
+    )
+    forced = budget.forced
+    if position is not None:
+        forced = budget.valid & (torch.arange(shape[1], device=budget.valid.device) == position)
+    dense = budget.dense and reduction <= 1
+    uniform = budget.uniform and padding_mask is None
+    return budget._replace(forced=forced, dense=dense, uniform=uniform)
+
+
+def _rank_top_k(
+    scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``routing._rank_top_k`` with ``max(k)`` passed to ``topk`` as a tensor: the library's ``int(k.max())``
+    would become the example batch's constant, while a tensor becomes the TopK's ``k`` input, computed from
+    each batch's attention mask."""
+    ranking = scores.detach().masked_fill(~valid, float("-inf"))
+    if forced is not None:
+        ranking = ranking.masked_fill(forced, float("inf"))
+    top_values, top_index = ranking.topk(k.max(), dim=-1)
+    in_top = torch.arange(top_index.shape[-1], device=scores.device) < k[:, None]
+    return top_values, top_index, in_top
+
+
+def _constant(g: Any, value: Any, like: Any = None) -> Any:
+    """An ONNX constant, cast to the type of ``like`` if given (CastLike: opset 15)."""
+    constant = g.op("Constant", value_t=torch.tensor(value))
+    return constant if like is None else g.op("CastLike", constant, like)
+
+
+def _reduce_last_axis(g: Any, op: str, values: Any, keepdims: int) -> Any:
+    """ReduceMax / ReduceSum over the last axis (axes became an input in opset 13 for ReduceSum, 18 for the rest)."""
+    if g.opset >= 18 or (op == "ReduceSum" and g.opset >= 13):
+        return g.op(op, values, _constant(g, [-1]), keepdims_i=keepdims)
+    return g.op(op, values, axes_i=[-1], keepdims_i=keepdims)
+
+
+def _log_sum_exp_last_axis(g: Any, values: Any) -> Any:
+    """log Σ exp over the last axis, shifted by the maximum: exact where entries are -inf (all -inf gives -inf)."""
+    peak = _reduce_last_axis(g, "ReduceMax", values, keepdims=1)
+    peak = g.op("Where", g.op("IsInf", peak), _constant(g, 0.0, like=peak), peak)
+    total = _reduce_last_axis(g, "ReduceSum", g.op("Exp", g.op("Sub", values, peak)), keepdims=0)
+    return g.op("Add", g.op("Log", total), g.op("Squeeze", peak, _constant(g, [-1])))
+
+
+@torch.onnx.symbolic_helper.parse_args("v", "i")
+def _logcumsumexp_symbolic(g: Any, values: Any, dim: int) -> Any:
+    """``aten::logcumsumexp`` along the last axis, which the TorchScript exporter lacks (the exact soft top-k
+    uses it on the top-k scores). Output ``i`` is a log-sum-exp over the entries ``j <= i``, taken pairwise
+    (``k × k`` per row): a running sum of ``exp(x - max)`` would underflow for scores far below the row's
+    maximum, which a trained router produces."""
+    rank = values.type().dim()
+    if dim != -1 and (rank is None or dim != rank - 1):
+        raise torch.onnx.errors.SymbolicValueError("logcumsumexp is exported along the last dimension only", values)
+    size = g.op("Gather", g.op("Shape", values), _constant(g, -1), axis_i=0)
+    positions = g.op("Range", _constant(g, 0), size, _constant(g, 1))
+    later = g.op(
+        "Greater", g.op("Unsqueeze", positions, _constant(g, [0])), g.op("Unsqueeze", positions, _constant(g, [1]))
+    )
+    infinity = _constant(g, float("-inf"), like=values)
+    pairs = g.op("Where", later, infinity, g.op("Unsqueeze", values, _constant(g, [-2])))
+    return _log_sum_exp_last_axis(g, pairs)
+
+
+@torch.onnx.symbolic_helper.parse_args("v", "v")
+def _logaddexp_symbolic(g: Any, first: Any, second: Any) -> Any:
+    """``aten::logaddexp``, which the TorchScript exporter lacks, shifted by the larger input (exact at -inf)."""
+    peak = g.op("Max", first, second)
+    peak = g.op("Where", g.op("IsInf", peak), _constant(g, 0.0, like=peak), peak)
+    total = g.op("Add", g.op("Exp", g.op("Sub", first, peak)), g.op("Exp", g.op("Sub", second, peak)))
+    return g.op("Add", g.op("Log", total), peak)
+
+
+SYMBOLICS: dict[str, Callable[..., Any]] = {
+    "aten::logcumsumexp": _logcumsumexp_symbolic,
+    "aten::logaddexp": _logaddexp_symbolic,
+}
+SYMBOLIC_OPSET = 9  # registered from this opset up
+
+
+@contextlib.contextmanager
+def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def traceable_routing() -> Iterator[None]:
+    """While the tracer runs: export-friendly equivalents of three library functions (:func:`_add_tokens`,
+    :func:`_token_budget`, :func:`_rank_top_k`) and ONNX translations of two operators the exporter lacks.
+
+    The equivalents compute the same values as the library for every batch (the export's check and the tests
+    compare against the unpatched model). They are module attributes swapped for the duration only, so the
+    library's files stay as they are; a PyTorch forward in another thread meanwhile would take them too, and
+    get the same results.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_replaced(layer_module, "add_tokens_", _add_tokens))
+        stack.enter_context(_replaced(layer_module, "token_budget", _token_budget))
+        stack.enter_context(_replaced(routing_module, "_rank_top_k", _rank_top_k))
+        for name, symbolic in SYMBOLICS.items():
+            torch.onnx.register_custom_op_symbolic(name, symbolic, SYMBOLIC_OPSET)
+            stack.callback(torch.onnx.unregister_custom_op_symbolic, name, SYMBOLIC_OPSET)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+class LogitsOnly(nn.Module):
+    """The classifier as the graph sees it: ``(input_ids, attention_mask) -> logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def trace_to_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Tensor], opset: int) -> None:
+    """Write ``model`` (a CoDA sequence classifier in eval mode) to ``path`` with dynamic batch and sequence axes.
+
+    The tracer's warnings are silenced: they flag the Python-side checks it evaluates once (analysed in
+    :func:`traceable_routing`), and the export's check against PyTorch is what decides.
+    """
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    with traceable_routing(), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            LogitsOnly(model).eval(),
+            (example["input_ids"], example["attention_mask"]),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def export_onnx(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    opset: int | None = None,
+    quantize_int8: bool = False,
+    check_texts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Export the ``coda train`` classifier in ``adapter_dir`` to a deployable directory ``out_dir``.
+
+    ``out_dir`` receives ``model.onnx`` (inputs ``input_ids`` and ``attention_mask``, int64 ``[batch, sequence]``;
+    output ``logits`` ``[batch, labels]``), the tokenizer, ``coda_task.json``, ``coda_export.json`` (this
+    report) and, with ``quantize_int8``, ``model.int8.onnx`` (ONNX Runtime's dynamic int8 quantisation).
+
+    The export is checked with ONNX Runtime against the PyTorch model on ``check_texts`` (default: built-in
+    sentences of different lengths), as one padded batch and in batches of two: a probability difference
+    above :data:`TOLERANCE` raises :class:`ExportCheckError` and ``out_dir`` is left as it was. The int8
+    model's difference and argmax agreement are reported, not enforced. A missing or corrupt adapter
+    directory raises ``ValueError``.
+    """
+    start = time.perf_counter()
+    opset = check_opset(opset)
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    model, tokenizer, task = load_exportable(adapter_dir)
+    texts = list(CHECK_TEXTS if check_texts is None else check_texts)
+    if not texts:
+        raise ValueError("check_texts must hold at least one text")
+    if out_dir.resolve() == adapter_dir.resolve():
+        raise ValueError(f"--out must be another directory than the adapter's ({adapter_dir})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".coda-export-") as staging_name:
+        staging = Path(staging_name)
+        trace_to_onnx(model, staging / ONNX_NAME, example_batch(tokenizer, task["max_length"]), opset)
+        tokenizer.save_pretrained(staging)
+        shutil.copy2(adapter_dir / TASK_NAME, staging / TASK_NAME)
+        report = {
+            "source": str(adapter_dir),
+            "onnx": ONNX_NAME,
+            "opset": opset,
+            "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)",
+            "inputs": list(INPUT_NAMES),
+            "output": OUTPUT_NAME,
+            "label_names": list(task["label_names"]),
+            "max_length": task["max_length"],
+            "coda_config": model.coda_config.to_dict(),
+            "check": check_export(model, tokenizer, task["max_length"], OnnxClassifier(staging), texts),
+            "int8": None,
+        }
+        if quantize_int8:
+            quantize_int8_model(staging / ONNX_NAME, staging / INT8_NAME)
+            int8 = OnnxClassifier(staging, int8=True)
+            report["int8"] = {"onnx": INT8_NAME, **compare_int8(model, tokenizer, task["max_length"], int8, texts)}
+        report["versions"] = export_versions()
+        report["export_seconds"] = time.perf_counter() - start
+        write_json(staging / REPORT_NAME, report)
+        install(staging, out_dir, remove=() if quantize_int8 else (INT8_NAME,))
+    return report
+
+
+def check_opset(opset: int | None) -> int:
+    if opset is None:
+        return DEFAULT_OPSET
+    low, high = OPSET_RANGE
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ValueError(f"opset must be an int from {low} to {high}, got {opset!r}")
+    return opset
+
+
+def load_exportable(adapter_dir: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The classifier of ``adapter_dir`` (``load_classifier``), or a ``ValueError`` saying what is wrong with it."""
+    if not adapter_dir.is_dir():
+        raise ValueError(f"{adapter_dir}: no such directory (expected a `coda train` output directory)")
+    try:
+        model, tokenizer, task = load_classifier(adapter_dir)
+    except OSError as error:  # transformers' errors for unreadable model or tokenizer files
+        raise ValueError(f"{adapter_dir}: cannot load the classifier ({error})") from None
+    if model.coda_config.router == "random":
+        raise ValueError(f"{adapter_dir}: a random router picks different tokens on every call; it has no fixed graph")
+    return model, tokenizer, task
+
+
+def example_batch(tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    """The traced batch: two rows of different lengths, padded. Nothing of its shape or values stays in the
+    graph (the check runs other shapes); padding just keeps the trace on the general path."""
+    encoded = Encoded(tokenizer, list(TRACE_TEXTS), None, max_length)
+    return encoded.batch(list(range(len(encoded))))
+
+
+def install(staging: Path, out_dir: Path, remove: tuple[str, ...]) -> None:
+    """Move the checked files into ``out_dir``, the model last, and drop ``remove`` left by an earlier export
+    (an int8 model that no longer matches)."""
+    for name in remove:
+        (out_dir / name).unlink(missing_ok=True)
+    names = sorted(p.name for p in staging.iterdir())
+    for name in sorted(names, key=lambda n: n.endswith(".onnx")):
+        os.replace(staging / name, out_dir / name)
+
+
+def export_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "coda_adapters": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks against PyTorch
+# --------------------------------------------------------------------------------------------------
+
+
+def check_batch_sizes(count: int) -> list[int]:
+    """One padded batch of everything, and batches of two (other shapes, rows of other lengths)."""
+    return sorted({count, min(2, count)}, reverse=True)
+
+
+def torch_probabilities(model: nn.Module, encoded: Encoded, batch_size: int) -> torch.Tensor:
+    """The PyTorch model's probabilities, batched as ``coda eval`` batches them."""
+    return predict_probabilities(model, encoded, batch_size)[0].float()
+
+
+def compare_probabilities(
+    model: nn.Module, tokenizer: Any, max_length: int, classifier: OnnxClassifier, texts: list[str]
+) -> tuple[float, float, list[list[int]]]:
+    """``(max |p_onnx - p_torch|, argmax agreement, batch shapes)`` over :func:`check_batch_sizes`."""
+    encoded = Encoded(tokenizer, texts, None, max_length)
+    if classifier.encode(texts).ids != encoded.ids:
+        raise ExportCheckError(f"the tokenizer saved in {classifier.directory} encodes the check texts differently")
+    worst, agree, shapes = 0.0, 1.0, []
+    for batch_size in check_batch_sizes(len(texts)):
+        reference = torch_probabilities(model, encoded, batch_size)
+        exported = classifier.predict_encoded(encoded, batch_size)
+        worst = max(worst, float((reference - exported).abs().max()))
+        agree = min(agree, float((reference.argmax(-1) == exported.argmax(-1)).float().mean()))
+        shapes += [
+            [len(batch), max(len(encoded.ids[i]) for i in batch)]
+            for batch in length_sorted_batches(encoded, batch_size)
+        ]
+    return worst, agree, shapes
+
+
+def check_export(
+    model: nn.Module,
+    tokenizer: Any,
+    max_length: int,
+    classifier: OnnxClassifier,
+    texts: list[str],
+    tolerance: float = TOLERANCE,
+) -> dict[str, Any]:
+    """Compare the exported model with PyTorch; :class:`ExportCheckError` above ``tolerance``."""
+    worst, agreement, shapes = compare_probabilities(model, tokenizer, max_length, classifier, texts)
+    if not worst <= tolerance:  # NaN fails too
+        raise ExportCheckError(
+            f"the exported model differs from PyTorch: max |probability difference| {worst:.3g} > {tolerance:g} "
+            f"on {len(texts)} texts (batch shapes {shapes}); nothing was written. This architecture or setting "
+            "may not trace correctly: please report it with the adapter's coda_config.json"
+        )
+    return {
+        "texts": len(texts),
+        "batch_shapes": shapes,
+        "max_probability_difference": worst,
+        "argmax_agreement": agreement,
+        "tolerance": tolerance,
+    }
+
+
+def compare_int8(
+    model: nn.Module, tokenizer: Any, max_length: int, classifier: OnnxClassifier, texts: list[str]
+) -> dict[str, Any]:
+    """The int8 model against PyTorch (informational: quantisation changes the numbers by design)."""
+    worst, agreement, _ = compare_probabilities(model, tokenizer, max_length, classifier, texts)
+    return {"texts": len(texts), "max_probability_difference": worst, "argmax_agreement": agreement}
+
+
+def quantize_int8_model(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic quantisation: int8 weights, activations quantised per call (MatMul, Gather)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+
+
+def format_export_report(report: dict[str, Any], out_dir: str | Path) -> str:
+    """A few lines for the terminal."""
+    check = report["check"]
+    lines = [
+        f"wrote {Path(out_dir) / report['onnx']} (opset {report['opset']}) in {report['export_seconds']:.1f} s",
+        f"check against PyTorch on {check['texts']} texts: max probability difference "
+        f"{check['max_probability_difference']:.2e} (tolerance {check['tolerance']:g}), "
+        f"argmax agreement {check['argmax_agreement']:.0%}",
+    ]
+    if report["int8"] is not None:
+        int8 = report["int8"]
+        lines.append(
+            f"int8: {Path(out_dir) / int8['onnx']}: max probability difference {int8['max_probability_difference']:.2e}, "
+            f"argmax agreement {int8['argmax_agreement']:.0%} (informational)"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed: PyTorch against ONNX Runtime, side by side
+# --------------------------------------------------------------------------------------------------
+
+
+def timing_batch(tokenizer: Any, seq_len: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """``batch_size`` rows of exactly ``seq_len`` tokens (no padding), from the built-in sentences."""
+    encoded = tokenizer(
+        [LONG_TEXT] * batch_size, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt"
+    )
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    if ids.shape[1] != seq_len or not bool(mask.all()):
+        raise ValueError(f"could not build a batch of {seq_len} tokens per row (got {tuple(ids.shape)})")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def compare_speed(
+    adapter_dir: str | Path,
+    export_dir: str | Path | None = None,
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Latency of the PyTorch model against its ONNX export (and the int8 one, if there), in one process.
+
+    ``export_dir`` is a ``coda export`` output of ``adapter_dir``; None exports to a temporary directory
+    (with int8). Each round runs every variant once, in a rotating order
+    (:func:`coda_adapters.app.bench.time_interleaved`); the medians are reported, with
+    ``speedup_vs_pytorch`` = PyTorch's median / the variant's. ``threads`` (default: torch's current
+    setting) applies to PyTorch and ONNX Runtime alike.
+    """
+    if export_dir is None:
+        with tempfile.TemporaryDirectory(prefix="coda-export-") as temporary:
+            export_onnx(adapter_dir, temporary, quantize_int8=True)
+            return compare_speed(
+                adapter_dir,
+                temporary,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                repeats=repeats,
+                warmup=warmup,
+                threads=threads,
+            )
+    from .bench import inference_step, time_interleaved
+    from .onnx_classifier import inference_session
+
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    model, tokenizer, _ = load_exportable(Path(adapter_dir))
+    positions = getattr(model.config, "max_position_embeddings", seq_len)
+    if seq_len > positions:
+        raise ValueError(f"seq_len {seq_len} is more than the model's {positions} positions")
+    batch = timing_batch(tokenizer, seq_len, batch_size)
+    threads = threads or torch.get_num_threads()
+    steps = {"pytorch": inference_step(model, batch)}
+    for name, file in (("onnxruntime", ONNX_NAME), ("onnxruntime int8", INT8_NAME)):
+        if (Path(export_dir) / file).is_file():
+            steps[name] = _onnx_step(inference_session(Path(export_dir) / file, threads), batch)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = time_interleaved(steps, repeats, warmup)
+    finally:
+        torch.set_num_threads(previous)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "threads": threads,
+        "repeats": repeats,
+        "latency_ms": {name: 1e3 * median for name, median in medians.items()},
+        "speedup_vs_pytorch": {name: medians["pytorch"] / medians[name] for name in medians if name != "pytorch"},
+    }
+
+
+def _onnx_step(session: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        run_logits(session, batch["input_ids"], batch["attention_mask"])
+
+    return step
+
+
+def format_speed_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"batch {report['batch_size']} x {report['seq_len']} tokens, {report['threads']} threads, median of {report['repeats']}"
+    ]
+    for name, latency in report["latency_ms"].items():
+        ratio = report["speedup_vs_pytorch"].get(name)
+        lines.append(f"{name:<18} {latency:9.1f} ms" + ("" if ratio is None else f"   x{ratio:.2f} vs PyTorch"))
+    return "\n".join(lines)

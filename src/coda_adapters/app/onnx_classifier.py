@@ -1,0 +1,110 @@
+"""Serve a classifier exported by ``coda export`` with ONNX Runtime: no PyTorch model, no base weights.
+
+The export directory holds ``model.onnx`` (and ``model.int8.onnx`` with ``--int8``), the tokenizer and
+``coda_task.json``. Texts are tokenised and batched exactly as ``coda eval`` does for the PyTorch model
+(:class:`~coda_adapters.app.classify.Encoded`: truncated to ``max_length``, padded per batch, batches of
+similar length), so both runtimes see the same inputs and their metrics are comparable.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .classify import Encoded, classification_metrics, length_sorted_batches, read_task
+from .data import LabelledTexts
+
+ONNX_NAME = "model.onnx"
+INT8_NAME = "model.int8.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "logits"
+
+
+def inference_session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for ``path``; ``threads`` sets its intra-op threads (None: ORT's default).
+
+    Warnings are silenced: ORT logs harmless notes about unused initialisers of the traced graph.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_logits(session: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    """Logits ``[batch, labels]`` for int64 ``[batch, seq]`` inputs (right-padded, 1 = token)."""
+    feeds = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
+    return session.run([OUTPUT_NAME], feeds)[0]
+
+
+class OnnxClassifier:
+    """A ``coda export`` directory loaded for ONNX Runtime.
+
+    Args:
+        directory: the export directory (``model.onnx``, tokenizer files, ``coda_task.json``).
+        int8: use ``model.int8.onnx`` (dynamic int8 quantisation) instead of ``model.onnx``.
+        threads: ONNX Runtime intra-op threads (None: its default, one per core).
+    """
+
+    def __init__(self, directory: str | Path, *, int8: bool = False, threads: int | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.directory = Path(directory)
+        self.path = self.directory / (INT8_NAME if int8 else ONNX_NAME)
+        if not self.path.is_file():
+            hint = "export with `coda export --int8`" if int8 else "not a `coda export` output directory"
+            raise ValueError(f"{self.path}: no such file ({hint})")
+        task = read_task(self.directory)
+        self.label_names: list[str] = list(task["label_names"])
+        self.max_length: int = int(task["max_length"])
+        self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
+        self.session = inference_session(self.path, threads)
+
+    def predict_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, labels]`` of one already tokenised, right-padded batch."""
+        return torch.from_numpy(run_logits(self.session, input_ids, attention_mask))
+
+    def predict_probabilities(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        """Class probabilities ``[len(texts), labels]`` (float32) in the input order.
+
+        Batches are formed as in ``coda eval`` (length-sorted, padded per batch), so the result matches
+        :func:`coda_adapters.app.classify.predict_probabilities` on the PyTorch model.
+        """
+        return self.predict_encoded(self.encode(texts), batch_size)
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """Token ids of ``texts``, truncated to the task's ``max_length`` (what ``coda eval`` does)."""
+        return Encoded(self.tokenizer, list(texts), None, self.max_length)
+
+    def predict_encoded(self, encoded: Encoded, batch_size: int) -> torch.Tensor:
+        """Probabilities for texts already encoded with :meth:`encode` (kept apart so that timing can leave
+        tokenisation out, as ``coda eval`` does for PyTorch)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        probabilities = torch.zeros(len(encoded), len(self.label_names))
+        for indices in length_sorted_batches(encoded, batch_size):
+            batch = encoded.batch(indices)
+            logits = self.predict_logits(batch["input_ids"], batch["attention_mask"])
+            probabilities[indices] = logits.float().softmax(-1)
+        return probabilities
+
+
+def evaluate_onnx(classifier: OnnxClassifier, data: LabelledTexts, batch_size: int) -> dict[str, Any]:
+    """The metrics of :func:`coda_adapters.app.classify.evaluate` (accuracy, macro-F1, per class, confusion
+    matrix, examples per second), computed with ONNX Runtime; ``runtime`` names the model file used."""
+    encoded = classifier.encode(data.texts)
+    start = time.perf_counter()
+    probabilities = classifier.predict_encoded(encoded, batch_size)
+    seconds = time.perf_counter() - start
+    metrics = classification_metrics(data.labels, probabilities.argmax(-1).tolist(), classifier.label_names)
+    metrics["eval_examples_per_second"] = len(data.texts) / seconds
+    metrics["eval_examples"] = len(data.texts)
+    metrics["runtime"] = f"onnxruntime ({classifier.path.name})"
+    return metrics
