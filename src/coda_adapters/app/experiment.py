@@ -141,8 +141,8 @@ def run_experiment(
             shutil.rmtree(out_dir / row.slug, ignore_errors=True)
     if preset.max_train_examples is not None:  # one subsample for every seed: the seeds vary the runs, not the data
         data = replace(data, train=subsample(data.train, preset.max_train_examples, preset.train.seed))
-    for row in rows:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed, so that an interrupted run has every row for the seeds it finished
+        for row in rows:
             directory = row_directory(out_dir, row, seed, seeds)
             what = row.name if seeds == (0,) else f"{row.name}, seed {seed}"
             if (directory / METRICS_NAME).is_file():

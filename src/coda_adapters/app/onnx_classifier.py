@@ -77,6 +77,8 @@ class OnnxClassifier:
         Batches are formed as in ``coda eval`` (length-sorted, padded per batch), so the result matches
         :func:`coda_adapters.app.classify.predict_probabilities` on the PyTorch model.
         """
+        if not texts:  # the tokenizer rejects an empty list
+            return torch.zeros(0, len(self.label_names))
         return self.predict_encoded(self.encode(texts), batch_size)
 
     def encode(self, texts: list[str]) -> Encoded:
