@@ -7,10 +7,23 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from .options import CommandError, add_dataclass_options, dataclass_from_args, output_directory, output_file
+from .commands import (
+    add_bench_parser,
+    add_bench_soft_topk_parser,
+    add_experiment_parser,
+    add_prefill_parser,
+    add_vision_parser,
+)
+from .options import (
+    CommandError,
+    add_dataclass_options,
+    add_subcommand,
+    dataclass_from_args,
+    output_directory,
+    output_file,
+)
 from .serve import add_serve_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
@@ -26,11 +39,6 @@ CLI_CODA_DEFAULTS = {"pooling": "mean"}
 # --------------------------------------------------------------------------------------------------
 # Shared options
 # --------------------------------------------------------------------------------------------------
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` shows every option's default."""
-    return subparsers.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +99,7 @@ def read_texts(args: argparse.Namespace) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# pretrain / train / eval / predict / explain
+# pretrain / train / eval / export / predict / explain (serve: serve.py; the rest: commands.py)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -193,6 +201,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=["none", "int8"],
         help="int8 dynamic quantisation of the frozen layers' linear layers",
     )
+    parser.add_argument(
+        "--runtime",
+        default="pytorch",
+        choices=["pytorch", "onnxruntime"],
+        help="onnxruntime: --adapter is a `coda export` directory (with --quantize int8: its model.int8.onnx)",
+    )
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     parser.set_defaults(run=run_eval)
 
@@ -204,12 +218,18 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if args.json:
         output_file(args.json, "--json")
-    model, tokenizer, task = load_classifier(args.adapter)
-    if args.quantize == "int8":
-        from .bench import quantize_frozen_linears
+    if args.runtime == "onnxruntime":
+        from .onnx_classifier import OnnxClassifier, evaluate_onnx
 
-        quantize_frozen_linears(model)
-    names = task["label_names"]
+        classifier = OnnxClassifier(args.adapter, int8=args.quantize == "int8")
+        names = classifier.label_names
+    else:
+        model, tokenizer, task = load_classifier(args.adapter)
+        if args.quantize == "int8":
+            from .bench import quantize_frozen_linears
+
+            quantize_frozen_linears(model)
+        names = task["label_names"]
     if args.data == "bbc-news":
         data = load_data_from(args)
         if data.label_names != names:
@@ -218,7 +238,10 @@ def run_eval(args: argparse.Namespace) -> None:
     else:  # a user file is evaluated whole
         texts, raw, lines = read_labelled_file(args.data, args.text_column, args.label_column)
         test = LabelledTexts(texts, encode_labels(args.data, raw, lines, names))
-    metrics = evaluate(model, tokenizer, test, names, task["max_length"], args.batch_size)
+    if args.runtime == "onnxruntime":
+        metrics = evaluate_onnx(classifier, test, args.batch_size)
+    else:
+        metrics = evaluate(model, tokenizer, test, names, task["max_length"], args.batch_size)
     print(
         f"{len(test.texts)} examples: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
         f"{metrics['eval_examples_per_second']:.1f} examples/s"
@@ -226,6 +249,35 @@ def run_eval(args: argparse.Namespace) -> None:
     print(format_confusion_matrix(names, metrics["confusion_matrix"]))
     if args.json:
         write_json(args.json, metrics)
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "export",
+        help="a trained classifier as an ONNX graph that routes by itself, checked against PyTorch",
+    )
+    parser.add_argument("--adapter", required=True, help="a `coda train` output directory")
+    parser.add_argument("--out", required=True, help="directory for model.onnx, the tokenizer and coda_task.json")
+    parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (onnxruntime dynamic int8)")
+    parser.add_argument("--opset", type=int, help="ONNX opset, 16 to 20 (None: 17)")
+    parser.add_argument(
+        "--bench", action="store_true", help="then time PyTorch against ONNX Runtime side by side (256 tokens)"
+    )
+    parser.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .export import ExportCheckError, compare_speed, export_onnx, format_export_report, format_speed_report
+
+    output_directory(args.out)
+    try:
+        report = export_onnx(args.adapter, args.out, opset=args.opset, quantize_int8=args.int8)
+    except ExportCheckError as error:
+        raise CommandError(str(error)) from None
+    print(format_export_report(report, args.out))
+    if args.bench:
+        print(format_speed_report(compare_speed(args.adapter, args.out)))
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -320,224 +372,13 @@ def run_explain(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_subcommand(
-        subparsers,
-        "experiment",
-        help="train every baseline and CoDA variant with one recipe and time them side by side (the README table)",
-    )
-    parser.add_argument(
-        "--preset",
-        default="results",
-        choices=["aggressive", "demo", "mpnet", "results", "smoke"],
-        help="which rows and recipe: the README table, r = 8 and 16, the short demo, the MPNet point, a smoke test",
-    )
-    parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
-    parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
-    parser.add_argument("--fresh", action="store_true", help="retrain every row (default: keep finished rows)")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[0],
-        metavar="SEED",
-        help="train every row once per seed; the table gives mean ± std and paired differences against the "
-        "dense adapter and the truncated input (one seed keeps the layout OUT/<row>/)",
-    )
-    parser.set_defaults(run=run_experiment_command)
-
-
-def run_experiment_command(args: argparse.Namespace) -> None:
-    from .data import bbc_news_split
-    from .experiment import PRESETS, run_experiment
-
-    output_directory(args.out)
-    run_experiment(
-        PRESETS[args.preset],
-        bbc_news_split(),
-        args.out,
-        model_name=args.model,
-        fresh=args.fresh,
-        seeds=tuple(args.seeds),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Benchmarks
-# --------------------------------------------------------------------------------------------------
-
-
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_subcommand(
-        subparsers,
-        "bench",
-        help="time CoDA against the dense parallel adapter, the frozen model and merged LoRA",
-        description="Time forwards (or training steps with --train) side by side, settings interleaved.",
-    )
-    parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512], help="tokens per example")
-    parser.add_argument(
-        "--reductions",
-        type=float,
-        nargs="+",
-        default=[1, 3, 5],
-        help="CoDA reductions r (1, the dense adapter, is required)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per timed call")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each setting first")
-    parser.add_argument("--bottleneck", type=int, default=64, help="adapter width")
-    parser.add_argument("--train", action="store_true", help="time forward + backward + AdamW step")
-    parser.add_argument(
-        "--quantize",
-        default="none",
-        choices=["none", "int8"],
-        help="int8 dynamic quantisation of the frozen layers' linear layers",
-    )
-    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length padded batches")
-    parser.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler)")
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    parser.add_argument("--plot", help="write a speed-up plot (PNG) to this file")
-    parser.set_defaults(run=run_bench)
-
-
-def run_bench(args: argparse.Namespace) -> None:
-    from .bench import format_table, plot_speedups, run_benchmark, write_bench_json
-
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            output_file(path, option)
-    rows = run_benchmark(
-        model_name=args.model,
-        seq_lens=args.seq_lens,
-        reductions=args.reductions,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        train=args.train,
-        quantize=args.quantize,
-        mixed=not args.no_mixed,
-        bottleneck=args.bottleneck,
-        profile=args.profile,
-    )
-    print(format_table(rows))
-    if args.json:
-        write_bench_json(rows, args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot_speedups(rows, args.plot)
-        print(f"wrote {args.plot}")
-
-
-def add_bench_soft_topk_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_subcommand(
-        subparsers,
-        "bench-soft-topk",
-        help="soft top-k: error against a float64 reference and cost, exact vs the paper's solver",
-    )
-    parser.add_argument("--n", type=int, default=512, help="scores per row")
-    parser.add_argument("--k", type=int, default=171, help="how many to select")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows")
-    parser.add_argument("--repeats", type=int, default=200, help="timed calls (the median is reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--json", help="write the report to this JSON file")
-    parser.set_defaults(run=run_bench_soft_topk)
-
-
-def run_bench_soft_topk(args: argparse.Namespace) -> None:
-    from ..files import write_json
-    from .bench import format_soft_topk_report, soft_topk_report
-
-    if not 1 <= args.k <= args.n:
-        raise CommandError(f"--k must be in [1, --n={args.n}], got {args.k}")
-    report = soft_topk_report(n=args.n, batch=args.batch_size, k=args.k, repeats=args.repeats, threads=args.threads)
-    print(format_soft_topk_report(report))
-    if args.json:
-        write_json(args.json, report)
-
-
-# --------------------------------------------------------------------------------------------------
-# Demos beyond text classification
-# --------------------------------------------------------------------------------------------------
-
-
-def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_subcommand(
-        subparsers,
-        "prefill",
-        help="routed prompt processing on SmolLM2: speed-up and effect on the next-token distribution",
-        description="Time routed prefills against the dense parallel adapter and compare what the model "
-        "predicts next (KL divergence) on BBC News text; writes results.json and results.md.",
-    )
-    parser.add_argument("--model", default="smollm2", help="bundled decoder LM name or local model directory")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
-    parser.add_argument("--reductions", type=float, nargs="+", default=[3, 5], help="CoDA reductions r > 1")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts scored per length")
-    parser.add_argument("--continuation", type=int, default=16, help="tokens scored after each prompt")
-    parser.add_argument("--batch-size", type=int, default=2, help="prompts per timed forward")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
-    parser.add_argument(
-        "--pretrain-steps",
-        type=int,
-        default=0,
-        help="also score each routed prefill after this many steps of prefill pretraining (distillation)",
-    )
-    parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
-    parser.add_argument("--out", default="runs/prefill", help="output directory")
-    parser.set_defaults(run=run_prefill)
-
-
-def run_prefill(args: argparse.Namespace) -> None:
-    from .prefill import run_prefill_demo
-
-    output_directory(args.out)
-    run_prefill_demo(
-        args.out,
-        lengths=tuple(args.seq_lens),
-        reductions=tuple(args.reductions),
-        prompts=args.prompts,
-        continuation=args.continuation,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        pretrain_steps=args.pretrain_steps,
-        model_name=args.model,
-        time_prefill=not args.no_timing,
-    )
-    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
-
-
-def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_subcommand(
-        subparsers,
-        "vision",
-        help="ViT demo: pretrain a small ViT on MNIST-5k here, then CoDA-adapt it to scikit-learn's digits",
-        description="There is no pretrained ViT offline: a small ViT is pretrained densely on MNIST-5k "
-        "(cached), frozen, and adapted to the 8x8 digits upscaled to 28x28 with the dense parallel adapter and "
-        "CoDA; reports accuracy and the side-by-side inference speed-up.",
-    )
-    parser.add_argument("--out", default="runs/vision", help="output directory")
-    parser.add_argument("--cache-dir", help="where the pretrained backbone is kept (default: the user cache)")
-    parser.add_argument("--quick", action="store_true", help="a tiny ViT and one epoch: a smoke test, not a result")
-    parser.set_defaults(run=run_vision)
-
-
-def run_vision(args: argparse.Namespace) -> None:
-    from .vision import run_vision_demo
-
-    output_directory(args.out)
-    output_directory(args.out)
-    run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick)
-    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
-
-
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_serve_parser,
     add_pretrain_parser,
     add_train_parser,
     add_eval_parser,
+    add_export_parser,
     add_predict_parser,
+    add_serve_parser,
     add_explain_parser,
     add_experiment_parser,
     add_bench_parser,

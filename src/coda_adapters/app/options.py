@@ -47,6 +47,11 @@ def add_dataclass_options(
             parser._actions[-1].choices = f.metadata["choices"]
 
 
+def add_subcommand(subparsers: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows every option's default."""
+    return subparsers.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """An instance of the dataclass ``cls`` from the options of the same names (the rest keep their defaults)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}

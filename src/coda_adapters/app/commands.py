@@ -1,0 +1,223 @@
+"""The ``coda`` subcommands that measure and demonstrate: ``experiment``, ``bench``, ``bench-soft-topk``,
+``prefill`` and ``vision``. Each module they run is imported when the command runs, not when ``coda``
+builds its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import CommandError, add_subcommand, output_directory, output_file
+
+
+def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "experiment",
+        help="train every baseline and CoDA variant with one recipe and time them side by side (the README table)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="results",
+        choices=["aggressive", "demo", "mpnet", "results", "smoke"],
+        help="which rows and recipe: the README table, r = 8 and 16, the short demo, the MPNet point, a smoke test",
+    )
+    parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
+    parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
+    parser.add_argument("--fresh", action="store_true", help="retrain every row (default: keep finished rows)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="SEED",
+        help="train every row once per seed; the table gives mean ± std and paired differences against the "
+        "dense adapter and the truncated input (one seed keeps the layout OUT/<row>/)",
+    )
+    parser.set_defaults(run=run_experiment_command)
+
+
+def run_experiment_command(args: argparse.Namespace) -> None:
+    from .data import bbc_news_split
+    from .experiment import PRESETS, run_experiment
+
+    output_directory(args.out)
+    run_experiment(
+        PRESETS[args.preset],
+        bbc_news_split(),
+        args.out,
+        model_name=args.model,
+        fresh=args.fresh,
+        seeds=tuple(args.seeds),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------------
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "bench",
+        help="time CoDA against the dense parallel adapter, the frozen model and merged LoRA",
+        description="Time forwards (or training steps with --train) side by side, settings interleaved.",
+    )
+    parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512], help="tokens per example")
+    parser.add_argument(
+        "--reductions",
+        type=float,
+        nargs="+",
+        default=[1, 3, 5],
+        help="CoDA reductions r (1, the dense adapter, is required)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per timed call")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each setting first")
+    parser.add_argument("--bottleneck", type=int, default=64, help="adapter width")
+    parser.add_argument("--train", action="store_true", help="time forward + backward + AdamW step")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8"],
+        help="int8 dynamic quantisation of the frozen layers' linear layers",
+    )
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length padded batches")
+    parser.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler)")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--plot", help="write a speed-up plot (PNG) to this file")
+    parser.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from .bench import format_table, plot_speedups, run_benchmark, write_bench_json
+
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            output_file(path, option)
+    rows = run_benchmark(
+        model_name=args.model,
+        seq_lens=args.seq_lens,
+        reductions=args.reductions,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        train=args.train,
+        quantize=args.quantize,
+        mixed=not args.no_mixed,
+        bottleneck=args.bottleneck,
+        profile=args.profile,
+    )
+    print(format_table(rows))
+    if args.json:
+        write_bench_json(rows, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_speedups(rows, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def add_bench_soft_topk_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "bench-soft-topk",
+        help="soft top-k: error against a float64 reference and cost, exact vs the paper's solver",
+    )
+    parser.add_argument("--n", type=int, default=512, help="scores per row")
+    parser.add_argument("--k", type=int, default=171, help="how many to select")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows")
+    parser.add_argument("--repeats", type=int, default=200, help="timed calls (the median is reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--json", help="write the report to this JSON file")
+    parser.set_defaults(run=run_bench_soft_topk)
+
+
+def run_bench_soft_topk(args: argparse.Namespace) -> None:
+    from ..files import write_json
+    from .bench import format_soft_topk_report, soft_topk_report
+
+    if not 1 <= args.k <= args.n:
+        raise CommandError(f"--k must be in [1, --n={args.n}], got {args.k}")
+    report = soft_topk_report(n=args.n, batch=args.batch_size, k=args.k, repeats=args.repeats, threads=args.threads)
+    print(format_soft_topk_report(report))
+    if args.json:
+        write_json(args.json, report)
+
+
+# --------------------------------------------------------------------------------------------------
+# Demos beyond text classification
+# --------------------------------------------------------------------------------------------------
+
+
+def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "prefill",
+        help="routed prompt processing on SmolLM2: speed-up and effect on the next-token distribution",
+        description="Time routed prefills against the dense parallel adapter and compare what the model "
+        "predicts next (KL divergence) on BBC News text; writes results.json and results.md.",
+    )
+    parser.add_argument("--model", default="smollm2", help="bundled decoder LM name or local model directory")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
+    parser.add_argument("--reductions", type=float, nargs="+", default=[3, 5], help="CoDA reductions r > 1")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts scored per length")
+    parser.add_argument("--continuation", type=int, default=16, help="tokens scored after each prompt")
+    parser.add_argument("--batch-size", type=int, default=2, help="prompts per timed forward")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="also score each routed prefill after this many steps of prefill pretraining (distillation)",
+    )
+    parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
+    parser.add_argument("--out", default="runs/prefill", help="output directory")
+    parser.set_defaults(run=run_prefill)
+
+
+def run_prefill(args: argparse.Namespace) -> None:
+    from .prefill import run_prefill_demo
+
+    output_directory(args.out)
+    run_prefill_demo(
+        args.out,
+        lengths=tuple(args.seq_lens),
+        reductions=tuple(args.reductions),
+        prompts=args.prompts,
+        continuation=args.continuation,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        pretrain_steps=args.pretrain_steps,
+        model_name=args.model,
+        time_prefill=not args.no_timing,
+    )
+    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
+
+
+def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "vision",
+        help="ViT demo: pretrain a small ViT on MNIST-5k here, then CoDA-adapt it to scikit-learn's digits",
+        description="There is no pretrained ViT offline: a small ViT is pretrained densely on MNIST-5k "
+        "(cached), frozen, and adapted to the 8x8 digits upscaled to 28x28 with the dense parallel adapter and "
+        "CoDA; reports accuracy and the side-by-side inference speed-up.",
+    )
+    parser.add_argument("--out", default="runs/vision", help="output directory")
+    parser.add_argument("--cache-dir", help="where the pretrained backbone is kept (default: the user cache)")
+    parser.add_argument("--quick", action="store_true", help="a tiny ViT and one epoch: a smoke test, not a result")
+    parser.set_defaults(run=run_vision)
+
+
+def run_vision(args: argparse.Namespace) -> None:
+    from .vision import run_vision_demo
+
+    output_directory(args.out)
+    output_directory(args.out)
+    run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick)
+    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
