@@ -2,20 +2,16 @@
 
 import shutil
 
+import onnx  # the app extra installs onnx and onnxruntime: a missing one fails here, it is not skipped
 import pytest
 import torch
-
-pytest.importorskip("onnx", reason="coda export needs the onnx package")
-pytest.importorskip("onnxruntime", reason="coda export needs the onnxruntime package")
-
-import onnx
 
 from coda_adapters.app import export
 from coda_adapters.app.classify import Encoded, evaluate, load_classifier, predict_probabilities
 from coda_adapters.app.data import LabelledTexts
 from coda_adapters.app.export import ExportCheckError, compare_speed, export_onnx
-from coda_adapters.app.onnx_tracing import traceable_routing
 from coda_adapters.app.onnx_classifier import OnnxClassifier, evaluate_onnx
+from coda_adapters.app.onnx_tracing import traceable_routing
 
 from helpers import padded_batch, save_tiny_base, save_tiny_classifier
 
