@@ -1,5 +1,6 @@
 """`coda export`: the ONNX graph keeps the routing and matches PyTorch on batches it was not traced on."""
 
+import json
 import shutil
 
 import onnx  # the app extra installs onnx and onnxruntime: a missing one fails here, it is not skipped
@@ -191,3 +192,22 @@ def test_minilm_classifier_exports_within_tolerance(minilm_path, tmp_path):
     assert report["check"]["max_probability_difference"] <= 1e-3
     assert report["check"]["batch_shapes"][0] == [len(export.CHECK_TEXTS), 512]
     assert report["int8"]["argmax_agreement"] >= 0.5
+
+
+def test_coda_export_and_eval_with_onnxruntime_from_the_command_line(classifier_dir, tmp_path, capsys):
+    from coda_adapters.app.cli import main
+
+    out = tmp_path / "export"
+    assert main(["export", "--adapter", str(classifier_dir), "--out", str(out)]) == 0
+    assert "max probability difference" in capsys.readouterr().out
+    data = tmp_path / "test.csv"
+    data.write_text("text,label\n" + "".join(f"some text number {i},{LABELS[i % 3]}\n" for i in range(12)))
+    runs = {}
+    for runtime, adapter in (("pytorch", classifier_dir), ("onnxruntime", out)):
+        metrics = tmp_path / f"{runtime}.json"
+        argv = ["eval", "--adapter", str(adapter), "--data", str(data), "--runtime", runtime, "--json", str(metrics)]
+        assert main(argv) == 0
+        runs[runtime] = json.loads(metrics.read_text())
+    assert runs["onnxruntime"]["confusion_matrix"] == runs["pytorch"]["confusion_matrix"]
+    assert main(["export", "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing: no such directory" in capsys.readouterr().err
