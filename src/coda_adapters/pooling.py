@@ -3,14 +3,17 @@ the first token a head reads itself."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # only for the annotation: pooling sits below the layer and the bindings
-    from .layer import RoutingState
+
+class PaddingMaskSource(Protocol):
+    """What the pooler reads the padding mask from: the model's ``RoutingState``, filled at each forward."""
+
+    padding_mask: torch.Tensor | None
 
 
 class MeanPooler(nn.Module):
@@ -24,7 +27,7 @@ class MeanPooler(nn.Module):
     from the routing state, which the CoDA model fills from the inputs of the same forward.
     """
 
-    def __init__(self, state: RoutingState) -> None:
+    def __init__(self, state: PaddingMaskSource) -> None:
         super().__init__()
         object.__setattr__(self, "state", state)  # shared, holds no weights
 
