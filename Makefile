@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup mpnet smollm2 demo demo-mpnet demo-llm demo-vision demo-speech results bench bench-mpnet bench-families test test-fast fuzz lint clean
+.PHONY: setup mpnet smollm2 loadtest demo demo-mpnet demo-llm demo-vision demo-speech results bench bench-mpnet bench-families test test-fast fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,10 @@ demo-speech: setup
 	mkdir -p runs/bench
 	$(PY) -m coda_adapters bench --model wav2vec2-base --seq-lens 499 --reductions 1 3 5 --batch-size 2 --repeats 7 --json runs/bench/wav2vec2.json
 	$(PY) -m coda_adapters bench --model wav2vec2-base-encoder --seq-lens 499 --reductions 1 3 5 --batch-size 2 --repeats 7 --json runs/bench/wav2vec2-encoder.json
+
+# load test of `coda serve`: CoDA r = 1, 3, 5 on MiniLM, 1/4/16 concurrent clients, 256-token BBC texts
+loadtest: setup
+	$(PY) -m coda_adapters loadtest --out runs/loadtest
 
 # random-weight T5 v1.1 base encoder and ViT-B/16 (no weights offline)
 bench-families: setup

@@ -16,6 +16,7 @@ from .commands import (
     add_prefill_parser,
     add_vision_parser,
 )
+from .loadtest import add_loadtest_parser
 from .options import (
     CommandError,
     add_dataclass_options,
@@ -379,6 +380,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export_parser,
     add_predict_parser,
     add_serve_parser,
+    add_loadtest_parser,
     add_explain_parser,
     add_experiment_parser,
     add_bench_parser,

