@@ -372,26 +372,33 @@ def format_results(results: list[dict[str, Any]]) -> str:
     for r in results:
         pretrain = f" (+{r['pretrain_seconds']:.0f} s pretraining)" if r["pretrain_seconds"] else ""
         lines.append(
-            f"| {r['name']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}% "
-            f"| {100 * r['macro_f1']:.1f} ± {100 * r['macro_f1_std']:.1f} "
+            f"| {r['name']} | {mean_and_spread(r['accuracy'], r['accuracy_std'], r['seeds'])}% "
+            f"| {mean_and_spread(r['macro_f1'], r['macro_f1_std'], r['seeds'])} "
             f"| {format_difference(r['diff_vs_dense'])} | {format_difference(r['diff_vs_truncation'])} "
             f"| {r['eval_examples_per_second']:.1f} | {r['inference_speedup']:.2f}x "
             f"| {r['epoch_seconds']:.0f}{pretrain} | {r['training_speedup']:.2f}x |"
         )
     seeds = ", ".join(map(str, results[0]["seeds"]))
+    spread = f"Mean ± sample std over seeds {seeds}" if len(results[0]["seeds"]) > 1 else f"One run (seed {seeds})"
     lines += [
         "",
-        f"Mean ± sample std over seeds {seeds}. Δ: paired differences in accuracy points (each seed against the "
+        f"{spread}. Δ: paired differences in accuracy points (each seed against the "
         "same seed), mean ± std, against the dense adapter and against the dense adapter on the first "
         "ceil(max_length / r) tokens (the same token budget).",
     ]
     return "\n".join(lines)
 
 
+def mean_and_spread(mean: float, std: float, seeds: list[int], sign: str = "") -> str:
+    """``mean ± std`` in points; one seed has no spread to show."""
+    text = f"{100 * mean:{sign}.1f}"
+    return text if len(seeds) < 2 else f"{text} ± {100 * std:.1f}"
+
+
 def format_difference(difference: dict[str, Any] | None) -> str:
     if difference is None:
         return "–"
-    return f"{100 * difference['accuracy']:+.1f} ± {100 * difference['accuracy_std']:.1f}"
+    return mean_and_spread(difference["accuracy"], difference["accuracy_std"], difference["seeds"], sign="+")
 
 
 MARKERS = {"dense": "s", "truncation": "v", "coda": "o"}
