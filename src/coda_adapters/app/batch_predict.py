@@ -62,9 +62,11 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from ..config import check_int
 from ..files import atomic_write, read_json_object, write_json
 from .classify import TASK_NAME, Encoded, load_classifier, predict_probabilities, read_task
 from .data import Row, count_rows, iter_rows
+from .options import flag
 from .progress import progress_bar
 
 PROGRESS_SUFFIX = ".progress.json"
@@ -515,8 +517,7 @@ def _predict_remaining(
 
 def _check_arguments(input_path: Path, output_path: Path, batch_size: int, chunk_size: int) -> None:
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        check_int(flag(name), value, low=1)
     if output_path.resolve() == input_path.resolve():
         raise ValueError(f"{output_path}: the output would overwrite the input; choose another --out")
     if not output_path.parent.is_dir():

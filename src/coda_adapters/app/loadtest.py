@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import check_number
 from ..files import atomic_write, read_json_object, write_json
-from .options import add_subcommand, output_directory
+from .options import add_subcommand, flag, output_directory
 
 BASELINE = 1.0  # the dense parallel adapter: ratios are against it
 TEXT_SEED = 0  # the order BBC News texts are taken in
@@ -448,8 +449,8 @@ def check_settings(reductions: tuple[float, ...], concurrency: tuple[int, ...], 
     if not concurrency or any(c < 1 for c in concurrency) or len(set(concurrency)) != len(concurrency):
         raise ValueError(f"--concurrency must be distinct positive integers, got {concurrency}")
     for name, value in numbers.items():
-        if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None:
+            check_number(flag(name), value, above=0)
 
 
 def run_load_test(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import check_int
 from .classify import Encoded, classification_metrics, length_sorted_batches, read_task
 from .data import LabelledTexts
 
@@ -88,8 +89,7 @@ class OnnxClassifier:
     def predict_encoded(self, encoded: Encoded, batch_size: int) -> torch.Tensor:
         """Probabilities for texts already encoded with :meth:`encode` (kept apart so that timing can leave
         tokenisation out, as ``coda eval`` does for PyTorch)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        check_int("batch_size", batch_size, low=1)
         probabilities = torch.zeros(len(encoded), len(self.label_names))
         for indices in length_sorted_batches(encoded, batch_size):
             batch = encoded.batch(indices)
