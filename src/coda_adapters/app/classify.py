@@ -325,7 +325,8 @@ def train_classifier(
 
     metrics = {}
     if accelerator.is_main_process:
-        if val_part is not None and still_improving(history):
+        improving = still_improving(history)  # False without a validation split
+        if improving:
             print(
                 f"note: validation accuracy was still rising in the last epoch "
                 f"({history[-2]['val_accuracy']:.4f} -> {history[-1]['val_accuracy']:.4f}); more epochs may help",
@@ -333,7 +334,7 @@ def train_classifier(
             )
         run = {
             "epochs": epochs,
-            "still_improving": val_part is not None and still_improving(history),
+            "still_improving": improving,
             "train_seconds": train_seconds,
             "epoch_seconds": [r["epoch_seconds"] for r in history],
             "train_examples": len(train_part.texts),

@@ -84,6 +84,14 @@ def load_data_from(args: argparse.Namespace):
     )
 
 
+def add_text_input_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """A trained classifier and the texts it runs on (what :func:`read_texts` reads)."""
+    parser.add_argument("--adapter", required=True, help="a `coda train` output directory")
+    parser.add_argument("texts", nargs="*", help=f"texts to {verb}")
+    parser.add_argument("--file", help="texts from a file: one per line (.txt) or a CSV/TSV/JSONL column")
+    parser.add_argument("--text-column", default="text", help="the column holding the texts (CSV/TSV/JSONL)")
+
+
 def read_texts(args: argparse.Namespace) -> list[str]:
     """Texts from the command line or ``--file`` (one per line, or a CSV/TSV/JSONL column)."""
     from .data import load_corpus
@@ -283,10 +291,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = add_subcommand(subparsers, "predict", help="labels with probabilities for new texts")
-    parser.add_argument("--adapter", required=True, help="a `coda train` output directory")
-    parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--file", help="texts from a file: one per line (.txt) or a CSV/TSV/JSONL column")
-    parser.add_argument("--text-column", default="text", help="the column holding the texts (CSV/TSV/JSONL)")
+    add_text_input_arguments(parser, "classify")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch")
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
     group = parser.add_argument_group("batch prediction (with --file and --out)")
@@ -347,10 +352,7 @@ def predict_to_file(args: argparse.Namespace) -> None:
 
 def add_explain_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = add_subcommand(subparsers, "explain", help="which tokens each layer's router kept, as text, HTML or PNG")
-    parser.add_argument("--adapter", required=True, help="a `coda train` output directory")
-    parser.add_argument("texts", nargs="*", help="texts to explain")
-    parser.add_argument("--file", help="texts from a file: one per line (.txt) or a CSV/TSV/JSONL column")
-    parser.add_argument("--text-column", default="text", help="the column holding the texts (CSV/TSV/JSONL)")
+    add_text_input_arguments(parser, "explain")
     parser.add_argument("--out", help="also write an .html page or a .png heat-map")
     parser.set_defaults(run=run_explain)
 
