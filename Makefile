@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup mpnet smollm2 loadtest demo demo-mpnet demo-llm demo-vision demo-speech results bench bench-mpnet bench-families test test-fast fuzz lint clean
+.PHONY: setup mpnet smollm2 loadtest demo demo-mpnet demo-llm demo-vision demo-speech results routing needle bench bench-mpnet bench-families test test-fast fuzz lint clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,16 @@ demo: setup
 results: setup
 	$(PY) -m coda_adapters experiment --preset results --out runs/results
 	cp runs/results/results.png docs/results.png
+
+# The README's routing tables, 3 seeds each (finished runs are kept on a rerun): BBC News at r = 3 to 16
+# against truncation and random routers (about 3 hours on 2 cores), and bbc-needle (about an hour).
+routing: setup
+	$(PY) -m coda_adapters experiment --preset routing --seeds 0 1 2 --out runs/routing
+	cp runs/routing/results.png docs/results-routing.png
+
+needle: setup
+	$(PY) -m coda_adapters experiment --preset needle --seeds 0 1 2 --out runs/needle
+	cp runs/needle/results.png docs/results-needle.png
 
 # The README's speed table and plot.
 bench: setup

@@ -98,6 +98,19 @@ def test_routing_trace_lists_sorted_positions_padded_with_minus_one():
         assert (positions[1, 2:] == -1).all() and (positions[1, :2] >= 0).all()
 
 
+def test_the_reduction_can_change_between_forwards_but_not_below_one():
+    model = get_coda_model(tiny_model("bert"), CodaConfig(reduction=4))
+    ids = random_ids(2, 12)
+    model(input_ids=ids)
+    assert model.reduction == 4.0 and model.routing_trace()[0].shape == (2, 3)
+    model.reduction = 2
+    model(input_ids=ids)
+    assert model.routing_trace()[0].shape == (2, 6) and model.coda_config.reduction == 4.0  # the saved setting stays
+    with pytest.raises(ValueError, match="reduction must be a finite number >= 1, got 0.5"):
+        model.reduction = 0.5
+    assert model.reduction == 2.0
+
+
 def test_keep_pooled_token_false_lets_the_router_drop_cls():
     coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=4, keep_pooled_token=False))
     router = coda.conditional_layers()[0].router

@@ -14,7 +14,7 @@ from torch import nn
 from .adapters import BottleneckAdapter
 from .bindings import Binding, binding_for
 from .checkpoint import WEIGHTS_NAME, check_adapter_weights, read_adapter_weights, read_coda_config, write_adapter
-from .config import CodaConfig
+from .config import CodaConfig, check_number
 from .layer import ConditionalLayer, RoutingState
 from .pooling import MeanPooler
 from .routing import Router
@@ -67,6 +67,17 @@ class CodaModel(nn.Module):
             if name == "model":  # not set up yet (inside copy.deepcopy, for example)
                 raise
             return getattr(self.model, name)
+
+    @property
+    def reduction(self) -> float:
+        """The reduction the routed layers run at now. It starts at ``coda_config.reduction``, which is what
+        is saved; a training schedule may change it (``coda train --reduction-warmup`` starts at 1)."""
+        return self.routing_state.reduction
+
+    @reduction.setter
+    def reduction(self, value: float) -> None:
+        check_number("reduction", value, low=1)
+        self.routing_state.reduction = float(value)
 
     def routing_trace(self) -> dict[int, torch.Tensor]:
         """For the last forward: per routed layer index, a LongTensor ``[batch, k_max]`` of the positions

@@ -108,7 +108,7 @@ def test_test_label_unseen_in_training(tmp_path):
 
 
 def test_missing_file_and_bad_test_size(tmp_path):
-    with pytest.raises(DataError, match="--data must be one of \\['bbc-news'\\]"):
+    with pytest.raises(DataError, match="--data must be one of \\['bbc-news', 'bbc-needle'\\]"):
         load_classification_data(str(tmp_path / "nope.csv"))
     path = write(tmp_path / "d.csv", "text,label\na,x\nb,y\nc,x\n")
     with pytest.raises(DataError, match="--test-size must be in \\(0, 1\\)"):

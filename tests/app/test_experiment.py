@@ -84,15 +84,29 @@ def test_baselines_come_from_the_coda_reductions_and_do_not_repeat_rows():
     assert experiment_rows(tiny_preset(preset.rows, baselines=False)) == preset.rows
 
 
-def test_presets_keep_their_rows_and_only_the_results_table_adds_baselines():
-    results = PRESETS["results"]
-    names = [row.name for row in experiment_rows(results)]
-    assert names[: len(results.rows)] == [row.name for row in results.rows]
-    assert names[len(results.rows) :] == [
+def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
+    def added(preset):
+        names = [row.name for row in experiment_rows(preset)]
+        assert names[: len(preset.rows)] == [row.name for row in preset.rows]
+        return names[len(preset.rows) :]
+
+    assert added(PRESETS["results"]) == [
         "Dense adapter, first 86 tokens",
         "Dense adapter, first 52 tokens",
         "CoDA r=5, random router",
     ]
+    assert added(PRESETS["routing"]) == [
+        *(f"Dense adapter, first {n} tokens" for n in (86, 52, 32, 16)),
+        *(f"CoDA r={r}, random router" for r in (3, 5, 8, 16)),
+    ]
+    # the needle rows without warm-up share r = 3's budget: one truncation row per budget
+    assert added(PRESETS["needle"]) == [
+        "Dense adapter, first 43 tokens",
+        "Dense adapter, first 26 tokens",
+        "CoDA r=3, random router",
+        "CoDA r=5, random router",
+    ]
+    assert PRESETS["needle"].data == "bbc-needle" and PRESETS["routing"].data == "bbc-news"
     assert not PRESETS["smoke"].baselines and experiment_rows(PRESETS["smoke"]) == PRESETS["smoke"].rows
 
 

@@ -11,6 +11,7 @@ from coda_adapters.app.loop import (
     batches_for_steps,
     epoch_order,
     run_epoch,
+    warmed_up_reduction,
 )
 from coda_adapters.app.progress import progress_bar
 
@@ -25,7 +26,7 @@ def linear_problem(seed=0):
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():
     model, _, _ = linear_problem()
-    optimization = Optimization(list(model.parameters()), OptimizerConfig(lr=0.1, warmup_ratio=0.2), total_steps=10)
+    optimization = Optimization(model, OptimizerConfig(lr=0.1, warmup_ratio=0.2), total_steps=10)
     used = []  # the learning rate each of the 10 steps ran with
     for _ in range(10):
         used.append(optimization.optimizer.param_groups[0]["lr"])
@@ -36,7 +37,7 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
 
 def test_gradients_are_clipped_to_the_configured_norm():
     model, inputs, targets = linear_problem()
-    optimization = Optimization(list(model.parameters()), OptimizerConfig(max_grad_norm=0.01), total_steps=1)
+    optimization = Optimization(model, OptimizerConfig(max_grad_norm=0.01), total_steps=1)
     seen = {}
     optimization.optimizer.register_step_pre_hook(
         lambda optimizer, args, kwargs: seen.update(
@@ -51,7 +52,7 @@ def test_run_epoch_lowers_the_loss_and_weighs_batches_by_size():
     model, inputs, targets = linear_problem()
     config = OptimizerConfig(lr=0.05, warmup_ratio=0.0)
     batches = list(batches_for_steps(len(inputs), 8, steps=200, seed=0))
-    optimization = Optimization(list(model.parameters()), config, total_steps=len(batches))
+    optimization = Optimization(model, config, total_steps=len(batches))
     result = run_epoch(
         batches, lambda i: ((model(inputs[i]) - targets[i]) ** 2).mean(), optimization, desc="fit", show_progress=False
     )
@@ -61,7 +62,7 @@ def test_run_epoch_lowers_the_loss_and_weighs_batches_by_size():
 
 def test_a_non_finite_loss_stops_before_the_step_and_names_where():
     model, inputs, targets = linear_problem()
-    optimization = Optimization(list(model.parameters()), OptimizerConfig(), total_steps=3)
+    optimization = Optimization(model, OptimizerConfig(), total_steps=3)
     before = [p.detach().clone() for p in model.parameters()]
 
     def loss_of(i):
@@ -75,7 +76,31 @@ def test_a_non_finite_loss_stops_before_the_step_and_names_where():
 def test_nothing_to_train_is_an_error():
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
-        Optimization([p for p in model.parameters() if p.requires_grad], OptimizerConfig(), total_steps=1)
+        Optimization(model, OptimizerConfig(), total_steps=1)
+
+
+def test_routers_learn_at_their_own_rate_and_follow_the_same_schedule():
+    from coda_adapters.routing import Router
+
+    model = nn.ModuleDict({"router": Router(4), "head": nn.Linear(4, 2)})
+    config = OptimizerConfig(lr=0.1, warmup_ratio=0.0, router_lr_scale=5.0)
+    optimization = Optimization(model, config, total_steps=4)
+    groups = {id(p): g for g in optimization.optimizer.param_groups for p in g["params"]}
+    assert groups[id(model["router"].weight)]["lr"] == pytest.approx(0.5)
+    assert groups[id(model["head"].weight)]["lr"] == pytest.approx(0.1)
+    assert len(optimization.parameters) == 3  # router weight, head weight and bias, each once
+    optimization.step(model["head"](model["router"].weight).sum())
+    assert groups[id(model["router"].weight)]["lr"] == pytest.approx(0.5 * 3 / 4)  # decayed like the rest
+    with pytest.raises(ValueError, match="--router-lr-scale must be a finite number > 0"):
+        OptimizerConfig(router_lr_scale=0)
+
+
+def test_reduction_warmup_starts_dense_and_shrinks_the_kept_share_linearly_to_one_over_r():
+    values = [warmed_up_reduction(4.0, step, total_steps=10, warmup_ratio=0.5) for step in range(11)]
+    assert values[0] == 1.0 and values[5:] == [pytest.approx(4.0)] * 6
+    assert [1 / v for v in values[:6]] == pytest.approx([1 - 0.15 * i for i in range(6)])  # 1 -> 1/4 in 5 steps
+    assert warmed_up_reduction(4.0, 0, total_steps=10, warmup_ratio=0.0) == 4.0  # no warm-up: r from the start
+    assert warmed_up_reduction(1.0, 3, total_steps=10, warmup_ratio=0.5) == 1.0
 
 
 def test_steps_pass_over_every_example_once_per_epoch_in_the_epoch_order():

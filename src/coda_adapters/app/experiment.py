@@ -64,11 +64,40 @@ class Preset:
     speed_repeats: int = 10
     base: dict[str, Any] = field(default_factory=dict)  # CodaConfig settings shared by all rows
     baselines: bool = False  # add truncation and random-router rows for every CoDA reduction (baseline_rows)
+    data: str = "bbc-news"  # a built-in dataset (data.BUILTIN_DATASETS)
 
 
 DENSE = "Dense parallel adapter (r=1)"
 
+# The recipe of the routing tables: 3 epochs, and routing that starts dense and reaches r halfway
+# (TrainConfig.reduction_warmup; without it the learned routers fail on bbc-needle, README "Routing")
+ROUTING_RECIPE = dict(epochs=3, min_steps=0, batch_size=16, lr=1e-3, reduction_warmup=0.5)
+NO_WARMUP = {"reduction_warmup": 0.0}
+
 PRESETS = {
+    # BBC News at 256 tokens, r = 3 to 16, each against truncation to its budget and a random router
+    # (`coda experiment --preset routing --seeds 0 1 2`, about 3 hours on 2 cores)
+    "routing": Preset(
+        rows=[Row(DENSE, {"reduction": 1})] + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5, 8, 16)],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=256),
+        pretrain=PretrainConfig(steps=1, max_length=256),  # unused
+        baselines=True,
+    ),
+    # bbc-needle at 128 tokens: the evidence is a few tokens at a random place (app/needle.py)
+    # (`coda experiment --preset needle --seeds 0 1 2`, about an hour on 2 cores)
+    "needle": Preset(
+        rows=[
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=3", {"reduction": 3}),
+            Row("CoDA r=5", {"reduction": 5}),
+            Row("CoDA r=3, no reduction warm-up", {"reduction": 3}, train=NO_WARMUP),
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
+        pretrain=PretrainConfig(steps=1, max_length=128),  # unused
+        baselines=True,
+        data="bbc-needle",
+    ),
+    # The tables below were made before the reduction warm-up existed and keep their recipe (no warm-up).
     "results": Preset(
         rows=[
             Row(DENSE, {"reduction": 1}),
@@ -85,7 +114,7 @@ PRESETS = {
                 {"reduction": 3, "soft_topk_method": "coordinate_descent", "epsilon": 0.03},
             ),
         ],
-        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=256),
+        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=256, **NO_WARMUP),
         # routers only: distilling with the adapters too shrank the features and cost accuracy (README)
         pretrain=PretrainConfig(steps=200, batch_size=16, lr=1e-3, max_length=256, routers_only=True),
         baselines=True,  # + dense adapter on the first 86 and 52 tokens, + random router at r=5
@@ -94,20 +123,20 @@ PRESETS = {
     # (`coda experiment --preset aggressive --seeds 0 1 2`, about 80 minutes on 2 cores)
     "aggressive": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=8", {"reduction": 8}), Row("CoDA r=16", {"reduction": 16})],
-        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=256),
+        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=256, **NO_WARMUP),
         pretrain=PretrainConfig(steps=200, batch_size=16, lr=1e-3, max_length=256, routers_only=True),  # unused
         baselines=True,  # + dense adapter on the first 32 and 16 tokens, + random routers at r=8 and r=16
     ),
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True)],
-        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=128),
+        train=TrainConfig(epochs=3, min_steps=0, batch_size=16, lr=1e-3, max_length=128, **NO_WARMUP),
         pretrain=PretrainConfig(steps=40, batch_size=16, lr=1e-3, max_length=128, routers_only=True),
         max_train_examples=800,
     ),
     # MPNet-base (run with --model mpnet): a subset and one epoch keep it under 10 minutes on 2 cores
     "mpnet": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
-        train=TrainConfig(epochs=1, min_steps=0, batch_size=16, lr=1e-3, max_length=128),
+        train=TrainConfig(epochs=1, min_steps=0, batch_size=16, lr=1e-3, max_length=128, **NO_WARMUP),
         pretrain=PretrainConfig(steps=1, batch_size=16, lr=1e-3, max_length=128, routers_only=True),  # unused
         max_train_examples=400,
     ),
@@ -152,6 +181,8 @@ def run_experiment(
             train_row(row, preset, data, directory, model_name, seed)
     results = [summarize_row(row, [row_directory(out_dir, row, seed, seeds) for seed in seeds], seeds) for row in rows]
     add_paired_differences(results, rows, preset)
+    if preset.data == "bbc-needle":
+        add_routed_evidence(results, rows, data, out_dir, seeds)
     timed = {row.name: row_directory(out_dir, row, seeds[0], seeds) for row in rows}
     speedups = measure_inference_speedups(preset, data, timed)
     dense = next(r for r in results if r["name"] == DENSE)
@@ -307,6 +338,27 @@ def paired_difference(result: dict[str, Any], reference: dict[str, Any]) -> dict
     return difference
 
 
+def add_routed_evidence(
+    results: list[dict[str, Any]], rows: list[Row], data: ClassificationData, out_dir: Path, seeds: tuple[int, ...]
+) -> None:
+    """``routed_needle`` of every routed row on bbc-needle: per layer, the share of test texts whose needle
+    colour, "access" and distractor colours its frozen layer ran on (:func:`needle.routed_evidence`), mean
+    over the seeds."""
+    from .needle import routed_evidence
+
+    for row, result in zip(rows, results, strict=True):
+        if result["coda_config"]["reduction"] <= 1:
+            continue
+        per_seed = []
+        for seed in seeds:
+            model, tokenizer, task = load_classifier(row_directory(out_dir, row, seed, seeds))
+            per_seed.append(routed_evidence(model, tokenizer, data.test.texts, task["max_length"]))
+        result["routed_needle"] = {
+            str(layer): {name: statistics.mean(run[layer][name] for run in per_seed) for name in shares}
+            for layer, shares in per_seed[0].items()
+        }
+
+
 # --------------------------------------------------------------------------------------------------
 # Inference speed
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +409,7 @@ def merge_lora(model: torch.nn.Module) -> None:
 def write_results(results: list[dict[str, Any]], preset: Preset, out_dir: Path, title: str) -> None:
     document = {"rows": results, "train_config": asdict(preset.train), "pretrain_config": asdict(preset.pretrain)}
     write_json(out_dir / "results.json", document)
-    table = format_results(results)
+    table = format_results(results) + format_routed_evidence(results)
     (out_dir / "results.md").write_text(table + "\n")
     print(table)
     plot_results(results, out_dir / "results.png", title)
@@ -386,6 +438,30 @@ def format_results(results: list[dict[str, Any]]) -> str:
         "same seed), mean ± std, against the dense adapter and against the dense adapter on the first "
         "ceil(max_length / r) tokens (the same token budget).",
     ]
+    return "\n".join(lines)
+
+
+def format_routed_evidence(results: list[dict[str, Any]]) -> str:
+    """bbc-needle's second table: per routed row and layer, how often the frozen layer ran on the evidence."""
+    routed = [r for r in results if r.get("routed_needle")]
+    if not routed:
+        return ""
+    layers = list(routed[0]["routed_needle"])
+    lines = [
+        "",
+        "",
+        'Share of test texts whose needle colour / the word "access" / a distractor colour went through each '
+        "frozen layer (%, mean over seeds):",
+        "",
+        "| model | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
+        "|---|" + "---|" * len(layers),
+    ]
+    for r in routed:
+        cells = [
+            " / ".join(f"{100 * shares[name]:.0f}" for name in ("key", "access", "distractor"))
+            for shares in r["routed_needle"].values()
+        ]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

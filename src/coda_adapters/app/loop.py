@@ -46,6 +46,7 @@ class OptimizerConfig:
     max_grad_norm: float = option(1.0, "gradients are clipped to this global norm")
     max_length: int = option(256, "texts are cut to this many tokens (special tokens included)")
     seed: int = option(0, "seed of the initial weights, the data order and the validation split")
+    router_lr_scale: float = option(1.0, "the routers' learning rate is --lr times this")
 
     def __post_init__(self) -> None:
         check_int(flag("batch_size"), self.batch_size, low=1)
@@ -56,23 +57,36 @@ class OptimizerConfig:
         check_number(flag("weight_decay"), self.weight_decay, low=0, below=1)
         check_number(flag("warmup_ratio"), self.warmup_ratio, low=0, below=1)
         check_int(flag("seed"), self.seed, low=0)
+        check_number(flag("router_lr_scale"), self.router_lr_scale, above=0)
 
 
 class Optimization:
-    """AdamW over ``parameters`` with a linear warm-up over ``warmup_ratio`` of ``total_steps``, then a
-    linear decay to zero, and gradient clipping; :meth:`step` applies one loss."""
+    """AdamW over the trainable parameters of ``model`` with a linear warm-up over ``warmup_ratio`` of
+    ``total_steps``, then a linear decay to zero, and gradient clipping; :meth:`step` applies one loss.
 
-    def __init__(self, parameters: list[nn.Parameter], config: OptimizerConfig, total_steps: int) -> None:
+    The routers learn at ``router_lr_scale`` times the rate of the rest: a router is one vector whose
+    scale sets how sharply the soft top-k separates tokens, and it may need to move faster than the
+    adapters it routes for.
+    """
+
+    def __init__(self, model: nn.Module, config: OptimizerConfig, total_steps: int) -> None:
         from transformers import get_linear_schedule_with_warmup
 
-        if not parameters:
+        routers, others = trainable_parameters(model)
+        self.parameters = routers + others
+        if not self.parameters:
             raise ValueError("nothing to train: the model has no parameter that requires a gradient")
-        self.parameters = parameters
         self.max_grad_norm = config.max_grad_norm
-        self.optimizer: Any = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        groups = [{"params": others}, {"params": routers, "lr": config.lr * config.router_lr_scale}]
+        groups = [group for group in groups if group["params"]]
+        self.optimizer: Any = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         warmup = round(config.warmup_ratio * total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
         self.accelerator: Any = None
+
+    @property
+    def steps_taken(self) -> int:
+        return self.scheduler.last_epoch
 
     def prepare(self, accelerator: Any, model: nn.Module) -> nn.Module:
         """Hand the model and optimizer to ``accelerate`` (DDP across processes); returns the wrapped model."""
@@ -118,6 +132,15 @@ class Optimization:
             group["lr"] = lr
 
 
+def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(routers' weights, every other parameter that requires a gradient)`` of ``model``."""
+    from ..routing import Router
+
+    routers = [p for m in model.modules() if isinstance(m, Router) for p in m.parameters() if p.requires_grad]
+    router_ids = {id(p) for p in routers}
+    return routers, [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
+
+
 @dataclass
 class EpochResult:
     """What one pass of :func:`run_epoch` measured: the mean loss per example, each step's loss, seconds."""
@@ -160,6 +183,19 @@ def run_epoch(
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_per_s=f"{rate:.1f}", refresh=False)  # the bar redraws itself
     bar.close()
     return EpochResult(loss_sum / max(seen, 1), step_losses, time.perf_counter() - start)
+
+
+def warmed_up_reduction(target: float, step: int, total_steps: int, warmup_ratio: float) -> float:
+    """The reduction to train step ``step`` at: the share of tokens kept, ``1/r``, falls linearly from 1 (every
+    token) to ``1/target`` over the first ``warmup_ratio`` of ``total_steps``, then stays there.
+
+    Routing from the first step asks routers and adapters to learn together from nothing; starting dense
+    lets the adapters find the task while the routers learn which tokens can go, as the budget shrinks.
+    """
+    warmup_steps = warmup_ratio * total_steps
+    progress = 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+    kept = 1.0 - progress * (1.0 - 1.0 / target)
+    return 1.0 / kept
 
 
 # --------------------------------------------------------------------------------------------------

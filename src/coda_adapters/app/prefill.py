@@ -82,7 +82,7 @@ def distill_prefill(
     decoded with the routed prefill's cache. ``windows`` ``[count, prompt_tokens + m]`` must not overlap the
     text the quality is measured on. Returns the loss of every step."""
     config = OptimizerConfig(batch_size=batch_size, lr=lr, weight_decay=0.0, max_length=windows.shape[1])
-    optimization = Optimization([p for p in coda.parameters() if p.requires_grad], config, steps)
+    optimization = Optimization(coda, config, steps)
     generator = torch.Generator().manual_seed(0)
     batches = (torch.randperm(len(windows), generator=generator)[:batch_size] for _ in range(steps))
 

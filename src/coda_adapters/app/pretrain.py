@@ -136,7 +136,7 @@ def pretrain(
         for name, parameter in model.named_parameters():
             if ".router." not in name:
                 parameter.requires_grad_(False)
-    optimization = Optimization([p for p in model.parameters() if p.requires_grad], config, config.steps)
+    optimization = Optimization(model, config, config.steps)
     model.train()
     result = run_epoch(
         batches_for_steps(len(encoded), config.batch_size, config.steps, config.seed),

@@ -173,9 +173,7 @@ def fit(
         seed=settings.seed,
     )
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
-    optimization = Optimization(
-        [p for p in model.parameters() if p.requires_grad], config, steps_per_epoch * settings.epochs
-    )
+    optimization = Optimization(model, config, steps_per_epoch * settings.epochs)
     generator = torch.Generator().manual_seed(settings.seed)
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
