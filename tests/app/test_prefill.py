@@ -39,3 +39,16 @@ def test_prefill_pretraining_lowers_the_kl_and_trains_only_routers_and_adapters(
     losses = distill_prefill(coda, windows, prompt_tokens=16, steps=30, lr=1e-2)
     assert all(torch.equal(p, frozen[name]) for name, p in coda.named_parameters() if not p.requires_grad)
     assert sum(losses[-5:]) < 0.75 * sum(losses[:5])
+
+
+def test_prefill_pretraining_with_a_warmup_starts_dense_and_ends_at_r():
+    coda = get_coda_model(tiny_causal_lm(initializer_range=0.3), CodaConfig(reduction=3, bottleneck=8))
+    seen = []
+    coda.model.model.register_forward_pre_hook(
+        lambda module, args: seen.append(coda.reduction) if coda.training else None
+    )
+    windows = torch.randint(3, 100, (4, 20), generator=torch.Generator().manual_seed(0))
+    losses = distill_prefill(coda, windows, prompt_tokens=16, steps=6, lr=1e-2, reduction_warmup=0.5)
+    assert seen[0] == 1.0 and max(seen) == 3.0 and seen == sorted(seen)
+    assert losses[0] < 1e-6  # at r = 1 with fresh adapters the routed prefill is the dense one
+    assert coda.reduction == 3.0 and not coda.training

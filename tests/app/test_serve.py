@@ -105,6 +105,38 @@ def test_predictions_equal_predict_probabilities(adapters):
         assert prediction["label"] == TOPICS[int(row.argmax())]
 
 
+def test_an_onnx_export_is_served_with_onnxruntime_beside_the_pytorch_adapter(adapters, tmp_path):
+    from coda_adapters.app.export import export_onnx
+
+    export = tmp_path / "export"
+    export_onnx(adapters["topics"], export, quantize_int8=True)
+    served = {"torch": adapters["topics"], "onnx": export, "int8": export / "model.int8.onnx"}
+    app = build_app(served, ServeSettings(max_batch_size=2))
+
+    async def scenario():
+        async with client_for(app) as client:
+            health = await client.get("/health")
+            answers = {
+                name: await client.post("/v1/classify", json={"adapter": name, "texts": TEXTS}) for name in served
+            }
+            return health, answers
+
+    health, answers = run(scenario())
+    assert health.json()["adapters"] == ["torch", "onnx", "int8"]
+    assert all(response.status_code == 200 for response in answers.values())
+
+    def probabilities(name):
+        rows = [p["probabilities"] for p in answers[name].json()["predictions"]]
+        return torch.tensor([[row[label] for label in TOPICS] for row in rows])
+
+    expected = expected_probabilities(adapters["topics"], TEXTS, batch_size=2)
+    assert torch.allclose(probabilities("torch"), expected, atol=1e-5)
+    assert torch.allclose(probabilities("onnx"), expected, atol=1e-3)  # the export's own tolerance
+    assert probabilities("int8").shape == expected.shape and not torch.equal(
+        probabilities("int8"), probabilities("onnx")
+    )
+
+
 def test_adapters_share_the_frozen_backbone_and_answer_as_if_loaded_alone(adapters):
     app = build_app(adapters, ServeSettings(max_batch_size=4, max_wait_ms=50))
     served = app.state.service.adapters

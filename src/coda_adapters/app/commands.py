@@ -179,6 +179,12 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="also score each routed prefill after this many steps of prefill pretraining (distillation)",
     )
+    parser.add_argument(
+        "--reduction-warmup",
+        type=float,
+        default=0.0,
+        help="share of the pretraining steps over which the routed prefill goes from every token to r (0 = none)",
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     parser.add_argument("--out", default="runs/prefill", help="output directory")
     parser.set_defaults(run=run_prefill)
@@ -197,6 +203,7 @@ def run_prefill(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         repeats=args.repeats,
         pretrain_steps=args.pretrain_steps,
+        reduction_warmup=args.reduction_warmup,
         model_name=args.model,
         time_prefill=not args.no_timing,
     )

@@ -193,8 +193,9 @@ def warmed_up_reduction(target: float, step: int, total_steps: int, warmup_ratio
     lets the adapters find the task while the routers learn which tokens can go, as the budget shrinks.
     """
     warmup_steps = warmup_ratio * total_steps
-    progress = 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
-    kept = 1.0 - progress * (1.0 - 1.0 / target)
+    if step >= warmup_steps:
+        return target
+    kept = 1.0 - step / warmup_steps * (1.0 - 1.0 / target)
     return 1.0 / kept
 
 

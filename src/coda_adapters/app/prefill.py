@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from .. import CodaConfig, CodaModel, get_coda_model
-from ..config import check_int
+from ..config import check_int, check_number
 from ..files import atomic_write, write_json
 from .bench import BenchRow, format_table, run_benchmark
 from .data import load_bbc_news
-from .loop import Optimization, OptimizerConfig, run_epoch
+from .loop import Optimization, OptimizerConfig, run_epoch, warmed_up_reduction
 from .options import flag
 
 
@@ -75,18 +75,28 @@ def prefill_log_probs(
 
 
 def distill_prefill(
-    coda: CodaModel, windows: torch.Tensor, prompt_tokens: int, steps: int, lr: float = 1e-3, batch_size: int = 2
+    coda: CodaModel,
+    windows: torch.Tensor,
+    prompt_tokens: int,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 2,
+    reduction_warmup: float = 0.0,
 ) -> list[float]:
     """CoDA pretraining for prefill: routers and adapters learn to make the routed prefill predict what the
     dense one does, minimising ``KL(dense || routed)`` at the prompt's next token and over the continuation
     decoded with the routed prefill's cache. ``windows`` ``[count, prompt_tokens + m]`` must not overlap the
-    text the quality is measured on. Returns the loss of every step."""
+    text the quality is measured on. With ``reduction_warmup``, the routed prefill keeps every token at
+    first and reaches ``r`` after that share of the steps (:func:`~.loop.warmed_up_reduction`). Returns
+    the loss of every step."""
     config = OptimizerConfig(batch_size=batch_size, lr=lr, weight_decay=0.0, max_length=windows.shape[1])
     optimization = Optimization(coda, config, steps)
     generator = torch.Generator().manual_seed(0)
     batches = (torch.randperm(len(windows), generator=generator)[:batch_size] for _ in range(steps))
+    target = coda.reduction
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        coda.reduction = warmed_up_reduction(target, optimization.steps_taken, steps, reduction_warmup)
         prompt, rest = windows[rows, :prompt_tokens], windows[rows, prompt_tokens:]
         with coda.disable_adapters():
             teacher = prefill_log_probs(coda, prompt, rest)
@@ -95,6 +105,7 @@ def distill_prefill(
 
     coda.train()
     result = run_epoch(batches, loss_of, optimization, desc="prefill pretraining", total=steps)
+    coda.reduction = target
     coda.eval()
     return result.step_losses
 
@@ -115,6 +126,7 @@ def measure_quality(
     continuation: int,
     pretrain_steps: int = 0,
     pretrain_windows: int = 64,
+    reduction_warmup: float = 0.0,
 ) -> list[PrefillQuality]:
     """Routed and truncated prefills against the dense one on ``count`` windows of BBC News text; with
     ``pretrain_steps``, also the routed prefill after that many steps of :func:`distill_prefill` on
@@ -132,9 +144,10 @@ def measure_quality(
             PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, prefill_log_probs(coda, prompts, rest)))
         )
         if pretrain_steps:
-            distill_prefill(coda, windows, prompt_tokens, pretrain_steps)
+            distill_prefill(coda, windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup)
             routed = prefill_log_probs(coda, prompts, rest)
-            method = f"coda r={r:g}, {pretrain_steps} steps of prefill pretraining"
+            warmup = f", reduction warm-up {reduction_warmup:g}" if reduction_warmup else ""
+            method = f"coda r={r:g}, {pretrain_steps} steps of prefill pretraining{warmup}"
             rows.append(PrefillQuality(prompt_tokens, method, r, *compare(dense, routed)))
         keep = math.ceil(prompt_tokens / r)
         truncated = prefill_log_probs(model, prompts[:, -keep:], rest)
@@ -152,6 +165,7 @@ def run_prefill_demo(
     batch_size: int = 2,
     repeats: int = 3,
     pretrain_steps: int = 0,
+    reduction_warmup: float = 0.0,
     model_name: str = "smollm2",
     time_prefill: bool = True,
 ) -> dict[str, Any]:
@@ -164,7 +178,8 @@ def run_prefill_demo(
     for name, value in settings.items():
         check_int(flag(name), value, low=1)
     check_int(flag("pretrain_steps"), pretrain_steps, low=0)
-    settings["pretrain_steps"] = pretrain_steps
+    check_number(flag("reduction_warmup"), reduction_warmup, low=0, high=1)
+    settings.update(pretrain_steps=pretrain_steps, reduction_warmup=reduction_warmup)
     if not reductions or any(r <= 1 for r in reductions):
         raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")
     out = Path(out_dir)
@@ -186,7 +201,16 @@ def run_prefill_demo(
     quality = [
         row
         for n in lengths
-        for row in measure_quality(model, tokenizer, n, list(reductions), prompts, continuation, pretrain_steps)
+        for row in measure_quality(
+            model,
+            tokenizer,
+            n,
+            list(reductions),
+            prompts,
+            continuation,
+            pretrain_steps,
+            reduction_warmup=reduction_warmup,
+        )
     ]
     results = {
         "model": model_name,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 # serving.py imports torch and the model: loaded when a server starts, not whenever `coda` builds its parser
 if TYPE_CHECKING:
-    from .serving import ServedAdapter, ServeSettings
+    from .serving import OnnxServedAdapter, ServedAdapter, ServeSettings
 
 logger = logging.getLogger("coda.serve")
 
@@ -49,7 +49,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="NAME=DIR",
-        help="a `coda train` output served as NAME (repeat for several; same base model = shared weights)",
+        help="a `coda train` output served as NAME (repeat for several; same base model = shared weights), or a "
+        "`coda export` output (or its model.int8.onnx) served with ONNX Runtime",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -139,7 +140,7 @@ class ApiError(Exception):
 class Service:
     """What the routes share: the adapters, the batcher and the metrics."""
 
-    def __init__(self, adapters: Mapping[str, ServedAdapter], settings: ServeSettings) -> None:
+    def __init__(self, adapters: Mapping[str, ServedAdapter | OnnxServedAdapter], settings: ServeSettings) -> None:
         from .serving import Batcher, Metrics
 
         self.adapters = dict(adapters)
@@ -157,7 +158,7 @@ def build_app(adapters: Mapping[str, str | Path], settings: ServeSettings | None
     from .serving import ServeSettings, load_adapters
 
     settings = settings or ServeSettings()
-    return app_for(Service(load_adapters(adapters), settings))
+    return app_for(Service(load_adapters(adapters, threads=settings.threads), settings))
 
 
 def app_for(service: Service) -> Any:

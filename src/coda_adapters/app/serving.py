@@ -73,8 +73,46 @@ class ServedAdapter:
         return probabilities, sizes
 
 
-def load_adapters(directories: Mapping[str, str | Path]) -> dict[str, ServedAdapter]:
+@dataclass
+class OnnxServedAdapter:
+    """A ``coda export`` output served with ONNX Runtime (no PyTorch model): what :class:`ServedAdapter` answers."""
+
+    name: str
+    classifier: Any  # onnx_classifier.OnnxClassifier
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.classifier.label_names
+
+    @property
+    def max_length(self) -> int:
+        return self.classifier.max_length
+
+    def classify(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, list[int]]:
+        """As :meth:`ServedAdapter.classify`: probabilities in input order, and the size of each model call."""
+        encoded = self.classifier.encode(texts)
+        sizes = [len(batch) for batch in length_sorted_batches(encoded, batch_size)]
+        return self.classifier.predict_encoded(encoded, batch_size), sizes
+
+
+def onnx_export_of(path: str | Path) -> tuple[Path, bool] | None:
+    """``(export directory, int8?)`` if ``path`` is a ``coda export`` directory (served as its ``model.onnx``)
+    or one of its ``.onnx`` files (``model.int8.onnx``: the int8 graph); None for a ``coda train`` output."""
+    from .onnx_classifier import INT8_NAME, ONNX_NAME
+
+    path = Path(path)
+    if path.is_file() and path.name in (ONNX_NAME, INT8_NAME):
+        return path.parent, path.name == INT8_NAME
+    if (path / ONNX_NAME).is_file():
+        return path, False
+    return None
+
+
+def load_adapters(
+    directories: Mapping[str, str | Path], threads: int | None = None
+) -> dict[str, ServedAdapter | OnnxServedAdapter]:
     """Load each ``coda train`` output; those naming the same base model share one copy of its weights.
+    A ``coda export`` output (or one of its ``.onnx`` files) runs on ONNX Runtime with ``threads`` threads.
 
     The base model of each group is read once (a *reference*); every adapter then gets its own copy of
     the module tree whose frozen parameters are the reference's tensors (see :func:`attach_adapter`).
@@ -82,10 +120,15 @@ def load_adapters(directories: Mapping[str, str | Path]) -> dict[str, ServedAdap
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .assets import resolve_model_path
+    from .onnx_classifier import OnnxClassifier
 
     backbones: dict[str, tuple[nn.Module, Any]] = {}
-    served = {}
+    served: dict[str, ServedAdapter | OnnxServedAdapter] = {}
     for name, directory in directories.items():
+        export = onnx_export_of(directory)
+        if export is not None:
+            served[name] = OnnxServedAdapter(name, OnnxClassifier(export[0], int8=export[1], threads=threads))
+            continue
         task = read_task(directory)
         num_labels = len(task["label_names"])
         path = resolve_model_path(task["model"])
@@ -269,7 +312,9 @@ class Batcher:
     window is full at once. Model work runs off the event loop, which keeps accepting and answering.
     """
 
-    def __init__(self, adapters: Mapping[str, ServedAdapter], settings: ServeSettings, metrics: Metrics) -> None:
+    def __init__(
+        self, adapters: Mapping[str, ServedAdapter | OnnxServedAdapter], settings: ServeSettings, metrics: Metrics
+    ) -> None:
         self.adapters = adapters
         self.settings = settings
         self.metrics = metrics
