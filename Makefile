@@ -71,9 +71,9 @@ demo-speech: setup
 	$(PY) -m coda_adapters bench --model wav2vec2-base --seq-lens 499 --reductions 1 3 5 --batch-size 2 --repeats 7 --json runs/bench/wav2vec2.json
 	$(PY) -m coda_adapters bench --model wav2vec2-base-encoder --seq-lens 499 --reductions 1 3 5 --batch-size 2 --repeats 7 --json runs/bench/wav2vec2-encoder.json
 
-# load test of `coda serve`: CoDA r = 1, 3, 5 on MiniLM, 1/4/16 concurrent clients, 256-token BBC texts
+# load test of `coda serve`: CoDA r = 1, 3, 5 on MiniLM (PyTorch, ONNX Runtime, ONNX int8), 1/4/16 concurrent clients, 256-token BBC texts
 loadtest: setup
-	$(PY) -m coda_adapters loadtest --out runs/loadtest
+	$(PY) -m coda_adapters loadtest --runtimes pytorch onnxruntime int8 --out runs/loadtest
 
 # random-weight T5 v1.1 base encoder and ViT-B/16 (no weights offline)
 bench-families: setup

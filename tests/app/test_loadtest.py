@@ -12,6 +12,7 @@ from coda_adapters.app.loadtest import (
     format_load_report,
     percentile,
     prepare_adapters,
+    prepare_exports,
     request_texts,
     run_load_test,
     split_rounds,
@@ -21,6 +22,7 @@ from helpers import save_tiny_base
 
 REDUCTIONS = (1, 3)
 CONCURRENCY = (1, 2)
+RUNTIMES = ("pytorch", "onnxruntime", "int8")
 REQUESTS = 6
 SEQ_LEN = 32
 
@@ -45,14 +47,15 @@ def run(tiny_base, tmp_path_factory):
         max_wait_ms=2,
         rounds=2,
         timeout=120,
+        runtimes=RUNTIMES,
     )
     return out, report
 
 
 def test_every_cell_is_measured_and_every_request_answered(run):
     _, report = run
-    cells = {(cell["reduction"], cell["concurrency"]): cell for cell in report["cells"]}
-    assert set(cells) == {(r, c) for r in REDUCTIONS for c in CONCURRENCY}
+    cells = {(cell["runtime"], cell["reduction"], cell["concurrency"]): cell for cell in report["cells"]}
+    assert set(cells) == {(runtime, r, c) for runtime in RUNTIMES for r in REDUCTIONS for c in CONCURRENCY}
     for key, cell in cells.items():
         assert cell["status"] == {"200": REQUESTS, "503": 0, "other": 0}, (key, cell["errors"])
         assert cell["requests"] == cell["texts"] == REQUESTS
@@ -60,7 +63,8 @@ def test_every_cell_is_measured_and_every_request_answered(run):
         assert 0 < cell["p50_ms"] <= cell["p99_ms"]
         assert cell["mean_batch_size"] >= 1
         assert cell["throughput_vs_r1"] > 0 and cell["p99_vs_r1"] > 0
-    assert all(cells[1, c]["throughput_vs_r1"] == 1 for c in CONCURRENCY)
+    assert all(cells["pytorch", 1, c]["throughput_vs_r1"] == 1 for c in CONCURRENCY)
+    assert cells["int8", 3, 1]["adapter"] == "r3-int8" and cells["onnxruntime", 1, 2]["adapter"] == "r1-onnx"
     assert report["server_exit_code"] == 0
 
 
@@ -68,12 +72,14 @@ def test_report_files_are_written(run):
     out, report = run
     assert json.loads((out / "loadtest.json").read_text()) == json.loads(json.dumps(report))
     markdown = (out / "loadtest.md").read_text()
-    assert markdown.count("\n| ") == 1 + len(REDUCTIONS) * len(CONCURRENCY)  # header and one row per cell
+    cells = len(RUNTIMES) * len(REDUCTIONS) * len(CONCURRENCY)
+    assert markdown.count("\n| ") == 1 + cells  # header and one row per cell
     assert (out / "loadtest.png").read_bytes().startswith(b"\x89PNG")
     assert "Uvicorn running" in (out / "server.log").read_text()
     assert not list(out.glob(".*tmp*")) and not list((out / "adapters").glob("*.partial"))
     terminal = format_load_report(report).splitlines()
-    assert len(terminal) == 2 + len(REDUCTIONS) * len(CONCURRENCY) and "server exit code 0" in terminal[0]
+    assert len(terminal) == 2 + cells and "server exit code 0" in terminal[0]
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["r1", "r3"]
 
 
 def test_adapters_are_reused_unless_a_setting_changed(run, tiny_base):
@@ -85,6 +91,12 @@ def test_adapters_are_reused_unless_a_setting_changed(run, tiny_base):
     assert {r: path.stat().st_mtime_ns for r, path in weights.items()} == before
     task = json.loads((out / "adapters" / "r3" / "coda_task.json").read_text())
     assert task["max_length"] == SEQ_LEN and task["model"] == tiny_base
+    graphs = sorted((out / "exports").glob("*/*.onnx"))
+    exported = {path: path.stat().st_mtime_ns for path in graphs}
+    adapters = {f"r{r}": out / "adapters" / f"r{r}" for r in REDUCTIONS}
+    served = prepare_exports(out, adapters, ("pytorch", "int8"))
+    assert {path: path.stat().st_mtime_ns for path in graphs} == exported and len(graphs) == 4
+    assert served == {f"r{r}-int8": out / "exports" / f"r{r}" / "model.int8.onnx" for r in REDUCTIONS}
 
 
 def test_texts_have_exactly_seq_len_tokens(tiny_base):
@@ -106,6 +118,8 @@ def test_helpers_and_settings_checks(tmp_path):
         (dict(concurrency=(0,)), "--concurrency"),
         (dict(requests_per_level=0), "--requests"),
         (dict(seq_len=-1), "--seq-len"),
+        (dict(runtimes=("onnxruntime",)), "--runtimes must .* include pytorch"),
+        (dict(runtimes=("pytorch", "tensorrt")), "--runtimes"),
     ]:
         with pytest.raises(ValueError, match=match):
             run_load_test(tmp_path, **bad)

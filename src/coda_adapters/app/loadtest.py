@@ -8,6 +8,9 @@ Within a concurrency level the adapters take turns in rounds, their order rotate
 noise from the machine (2 shared cores, other jobs) hits every reduction alike; ratios are against
 ``r = 1`` (the dense parallel adapter) at the same concurrency.
 
+With ``--runtimes onnxruntime int8`` every adapter is also exported (``coda export --int8``) and served
+from the same server on ONNX Runtime, float and int8, beside its PyTorch self.
+
 The adapters have random weights: the work per request is fixed by shapes (each routed layer runs on
 ``k = ceil(n / r)`` tokens; the top-k and the exact soft top-k are sorts), not by the weights' values, so
 the speed is that of a trained adapter. The load generator runs on the same machine as the server and
@@ -56,9 +59,13 @@ BATCH_SIZE_LINE = re.compile(r'^coda_batch_size_(sum|count)\{adapter="([^"]*)"\}
 # --------------------------------------------------------------------------------------------------
 
 
-def adapter_name(reduction: float) -> str:
-    """The served name of the adapter at ``reduction``: ``r1``, ``r3``, ``r2.5``."""
-    return f"r{reduction:g}"
+RUNTIMES = ("pytorch", "onnxruntime", "int8")  # int8: the export's model.int8.onnx on ONNX Runtime
+RUNTIME_SUFFIX = {"pytorch": "", "onnxruntime": "-onnx", "int8": "-int8"}
+
+
+def adapter_name(reduction: float, runtime: str = "pytorch") -> str:
+    """The served name of the adapter at ``reduction`` on ``runtime``: ``r1``, ``r3-onnx``, ``r2.5-int8``."""
+    return f"r{reduction:g}{RUNTIME_SUFFIX[runtime]}"
 
 
 def model_reference(model: str) -> str:
@@ -118,6 +125,28 @@ def _build_adapter(directory: Path, model: str, reduction: float, labels: list[s
     save_task(staging, model_reference(model), labels, max_length=seq_len)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
+
+
+def prepare_exports(out_dir: Path, adapters: dict[str, Path], runtimes: tuple[str, ...]) -> dict[str, Path]:
+    """``{name: path}`` that ``coda serve`` takes for the ONNX Runtime settings: each adapter exported once
+    (``coda export --int8``) to ``out_dir/exports/<name>``, reused while it is newer than the adapter's weights."""
+    from ..checkpoint import WEIGHTS_NAME
+    from .export import export_onnx
+    from .onnx_classifier import INT8_NAME, ONNX_NAME
+
+    served = {}
+    for name, directory in adapters.items():
+        export = out_dir / "exports" / name
+        made = [export / ONNX_NAME, export / INT8_NAME]
+        if not all(
+            path.is_file() and path.stat().st_mtime > (directory / WEIGHTS_NAME).stat().st_mtime for path in made
+        ):
+            export_onnx(directory, export, quantize_int8=True)
+        if "onnxruntime" in runtimes:
+            served[name + RUNTIME_SUFFIX["onnxruntime"]] = export
+        if "int8" in runtimes:
+            served[name + RUNTIME_SUFFIX["int8"]] = export / INT8_NAME
+    return served
 
 
 def request_texts(model: str, seq_len: int, count: int) -> tuple[list[str], list[str]]:
@@ -323,18 +352,21 @@ def summarize(
     results: dict[tuple[str, int], tuple[Tally, float | None]],
     reductions: tuple[float, ...],
     concurrency: tuple[int, ...],
+    runtimes: tuple[str, ...] = ("pytorch",),
 ) -> list[dict[str, Any]]:
-    """One row per (reduction, concurrency), with throughput and p99 ratios against r = 1 at that concurrency."""
+    """One row per (concurrency, runtime, reduction), with throughput and p99 ratios against r = 1 on PyTorch
+    at that concurrency."""
     cells = []
     for c in concurrency:
-        for r in reductions:
-            tally, batch = results[adapter_name(r), c]
+        for runtime, r in ((runtime, r) for runtime in runtimes for r in reductions):
+            tally, batch = results[adapter_name(r, runtime), c]
             ms = [1000 * s for s in tally.latencies]
             cells.append(
                 {
                     "reduction": r,
+                    "runtime": runtime,
                     "concurrency": c,
-                    "adapter": adapter_name(r),
+                    "adapter": adapter_name(r, runtime),
                     "requests": sum(tally.statuses.values()),
                     "status": {key: tally.statuses[key] for key in ("200", "503", "other")},
                     "errors": tally.errors,
@@ -347,7 +379,11 @@ def summarize(
                 }
             )
     for cell in cells:
-        base = next(b for b in cells if b["reduction"] == BASELINE and b["concurrency"] == cell["concurrency"])
+        base = next(
+            b
+            for b in cells
+            if (b["reduction"], b["runtime"], b["concurrency"]) == (BASELINE, "pytorch", cell["concurrency"])
+        )
         cell["throughput_vs_r1"] = _ratio(cell["throughput"], base["throughput"])
         cell["p99_vs_r1"] = _ratio(cell["p99_ms"], base["p99_ms"])
     return cells
@@ -361,7 +397,8 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-COLUMNS = {  # the table both reports show, one row per (concurrency, reduction)
+COLUMNS = {  # the table both reports show, one row per (concurrency, runtime, reduction)
+    "runtime": lambda cell: cell["runtime"],
     "r": lambda cell: f"{cell['reduction']:g}",
     "clients": lambda cell: str(cell["concurrency"]),
     "requests": lambda cell: str(cell["requests"]),
@@ -370,8 +407,8 @@ COLUMNS = {  # the table both reports show, one row per (concurrency, reduction)
     "p50": lambda cell: _fmt(cell["p50_ms"], "{:.0f} ms"),
     "p99": lambda cell: _fmt(cell["p99_ms"], "{:.0f} ms"),
     "texts/call": lambda cell: _fmt(cell["mean_batch_size"], "{:.1f}"),
-    "texts/s vs r=1": lambda cell: _fmt(cell["throughput_vs_r1"], "{:.2f}x"),
-    "p99 vs r=1": lambda cell: _fmt(cell["p99_vs_r1"], "{:.2f}x"),
+    "texts/s vs r=1 (PyTorch)": lambda cell: _fmt(cell["throughput_vs_r1"], "{:.2f}x"),
+    "p99 vs r=1 (PyTorch)": lambda cell: _fmt(cell["p99_vs_r1"], "{:.2f}x"),
 }
 
 
@@ -407,18 +444,20 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_load(report: dict[str, Any], path: Path) -> None:
-    """Throughput and p99 latency against concurrency, one line per reduction."""
+    """Throughput and p99 latency against concurrency, one line per runtime and reduction."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in dict.fromkeys(cell["reduction"] for cell in report["cells"]):
-        cells = [cell for cell in report["cells"] if cell["reduction"] == r]
+    for runtime, r in dict.fromkeys((cell["runtime"], cell["reduction"]) for cell in report["cells"]):
+        cells = [cell for cell in report["cells"] if (cell["runtime"], cell["reduction"]) == (runtime, r)]
         x = [cell["concurrency"] for cell in cells]
-        left.plot(x, [cell["throughput"] for cell in cells], marker="o", label=f"r = {r:g}")
-        right.plot(x, [cell["p99_ms"] or math.nan for cell in cells], marker="o", label=f"r = {r:g}")
+        label = f"r = {r:g}" + ("" if runtime == "pytorch" else f", {runtime}")
+        style = {"pytorch": "-", "onnxruntime": "--", "int8": ":"}[runtime]
+        left.plot(x, [cell["throughput"] for cell in cells], style, marker="o", label=label)
+        right.plot(x, [cell["p99_ms"] or math.nan for cell in cells], style, marker="o", label=label)
     for axis, label in ((left, "throughput (texts/s)"), (right, "p99 latency (ms)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent clients")
@@ -443,7 +482,11 @@ def write_outputs(out_dir: Path, report: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_settings(reductions: tuple[float, ...], concurrency: tuple[int, ...], numbers: dict[str, Any]) -> None:
+def check_settings(
+    reductions: tuple[float, ...], concurrency: tuple[int, ...], runtimes: tuple[str, ...], numbers: dict[str, Any]
+) -> None:
+    if "pytorch" not in runtimes or not set(runtimes) <= set(RUNTIMES) or len(set(runtimes)) != len(runtimes):
+        raise ValueError(f"--runtimes must be distinct, among {list(RUNTIMES)}, and include pytorch, got {runtimes}")
     if BASELINE not in reductions or any(r < 1 for r in reductions) or len(set(reductions)) != len(reductions):
         raise ValueError(f"--reductions must be distinct, at least 1, and include 1 (the baseline), got {reductions}")
     if not concurrency or any(c < 1 for c in concurrency) or len(set(concurrency)) != len(concurrency):
@@ -467,6 +510,7 @@ def run_load_test(
     max_wait_ms: float = 10,
     rounds: int = 4,
     timeout: float = 1800,
+    runtimes: tuple[str, ...] = ("pytorch",),
 ) -> dict[str, Any]:
     """Build the adapters, serve them, load the server level by level, stop it; write and return the report.
 
@@ -476,14 +520,16 @@ def run_load_test(
     report (which records it) is written.
     """
     reductions, concurrency = tuple(float(r) for r in reductions), tuple(int(c) for c in concurrency)
+    runtimes = tuple(runtimes)
     settings = dict(locals())  # the parameters as given (normalised above), recorded in the report
     del settings["out_dir"]
     numbers = dict(requests=requests_per_level, texts_per_request=texts_per_request, seq_len=seq_len, rounds=rounds)
-    check_settings(reductions, concurrency, {**numbers, "threads": threads, "timeout": timeout})
+    check_settings(reductions, concurrency, runtimes, {**numbers, "threads": threads, "timeout": timeout})
     begin = time.monotonic()
     out = output_directory(out_dir)
     texts, labels = request_texts(model, seq_len, min(256, requests_per_level * texts_per_request))
     adapters = prepare_adapters(out, model, reductions, labels, seq_len)
+    adapters.update(prepare_exports(out, dict(adapters), runtimes) if len(runtimes) > 1 else {})
     options = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
     options += ["--max-queue", str(max(256, max(concurrency) * texts_per_request))]  # measure latency, not refusals
     options += ["--threads", str(threads)] if threads is not None else []
@@ -495,7 +541,7 @@ def run_load_test(
         finally:
             exit_code = stop_server(process)
     report = {**settings, "cpus": os.cpu_count(), "server_exit_code": exit_code, "note": NOTE}
-    report.update(wall_seconds=time.monotonic() - begin, cells=summarize(results, reductions, concurrency))
+    report.update(wall_seconds=time.monotonic() - begin, cells=summarize(results, reductions, concurrency, runtimes))
     write_outputs(out, report)
     if exit_code != 0:
         raise ChildProcessError(f"the server exited with code {exit_code}, not 0 (see {out / 'server.log'})")
@@ -522,6 +568,13 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
     parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        default=["pytorch"],
+        choices=RUNTIMES,
+        help="serve each adapter on these runtimes too (onnxruntime, int8: its `coda export --int8` output)",
+    )
+    parser.add_argument(
         "--requests",
         dest="requests_per_level",
         metavar="N",
@@ -540,7 +593,7 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_loadtest(args: argparse.Namespace) -> None:
     options = ("model", "reductions", "concurrency", "requests_per_level", "texts_per_request", "seq_len", "threads")
-    options += ("max_batch_size", "max_wait_ms", "timeout")
+    options += ("max_batch_size", "max_wait_ms", "timeout", "runtimes")
     report = run_load_test(args.out, **{name: getattr(args, name) for name in options})
     print(format_load_report(report))
     print(f"wrote {Path(args.out, 'loadtest.json')}, loadtest.md and loadtest.png")
