@@ -185,6 +185,14 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="share of the pretraining steps over which the routed prefill goes from every token to r (0 = none)",
     )
+    parser.add_argument(
+        "--passkey",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the pass-key probe on N prompts per length (with --pretrain-steps, pretraining reads "
+        "other pass-key prompts)",
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     parser.add_argument("--out", default="runs/prefill", help="output directory")
     parser.set_defaults(run=run_prefill)
@@ -204,6 +212,7 @@ def run_prefill(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         pretrain_steps=args.pretrain_steps,
         reduction_warmup=args.reduction_warmup,
+        passkey=args.passkey,
         model_name=args.model,
         time_prefill=not args.no_timing,
     )

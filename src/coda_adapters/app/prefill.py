@@ -166,20 +166,25 @@ def run_prefill_demo(
     repeats: int = 3,
     pretrain_steps: int = 0,
     reduction_warmup: float = 0.0,
+    passkey: int = 0,
     model_name: str = "smollm2",
     time_prefill: bool = True,
 ) -> dict[str, Any]:
-    """Time and score routed prefills; writes ``results.json`` and ``results.md`` to ``out_dir``."""
+    """Time and score routed prefills; with ``passkey``, also the pass-key probe on that many prompts per
+    length (:mod:`.passkey`; its pretraining, with ``pretrain_steps``, reads pass-key prompts); writes
+    ``results.json`` and ``results.md`` to ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model_path
+    from .passkey import measure_passkey
 
     settings = dict(prompts=prompts, continuation=continuation, batch_size=batch_size, repeats=repeats)
     for name, value in settings.items():
         check_int(flag(name), value, low=1)
     check_int(flag("pretrain_steps"), pretrain_steps, low=0)
+    check_int(flag("passkey"), passkey, low=0)
     check_number(flag("reduction_warmup"), reduction_warmup, low=0, high=1)
-    settings.update(pretrain_steps=pretrain_steps, reduction_warmup=reduction_warmup)
+    settings.update(pretrain_steps=pretrain_steps, reduction_warmup=reduction_warmup, passkey=passkey)
     if not reductions or any(r <= 1 for r in reductions):
         raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")
     out = Path(out_dir)
@@ -212,19 +217,26 @@ def run_prefill_demo(
             reduction_warmup=reduction_warmup,
         )
     ]
+    passkey_rows = []
+    if passkey:
+        for n in lengths:
+            passkey_rows += measure_passkey(
+                model, tokenizer, n, list(reductions), passkey, pretrain_steps, reduction_warmup=reduction_warmup
+            )
     results = {
         "model": model_name,
         "speed": [asdict(row) for row in speed],
         "quality": [asdict(row) for row in quality],
+        "passkey": [asdict(row) for row in passkey_rows],
         "settings": settings,
     }
     write_json(out / "results.json", results)
-    report = format_prefill_report(speed, quality)
+    report = format_prefill_report(speed, quality, passkey_rows)
     atomic_write(out / "results.md", lambda temporary: Path(temporary).write_text(report, encoding="utf-8"))
     return results
 
 
-def format_prefill_report(speed: list[BenchRow], quality: list[PrefillQuality]) -> str:
+def format_prefill_report(speed: list[BenchRow], quality: list[PrefillQuality], passkey: list[Any] = ()) -> str:
     lines = []
     if speed:
         lines += ["## Prefill speed (forward with KV cache)", "", "```", format_table(speed), "```", ""]
@@ -239,4 +251,7 @@ def format_prefill_report(speed: list[BenchRow], quality: list[PrefillQuality]) 
             f"| {row.prompt_tokens} | {row.method} | {row.kl_next_token:.3f} | {row.kl_continuation:.3f} "
             f"| {100 * row.top1_agreement:.1f}% |"
         )
+    if passkey:
+        lines += ["", "## Pass-key retrieval (keys found by greedy decoding)", "", "| prompt tokens | method | found |"]
+        lines += ["|---:|---|---:|"] + [f"| {r.prompt_tokens} | {r.method} | {100 * r.found:.0f}% |" for r in passkey]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,146 @@
+"""Pass-key retrieval for a decoder LM's routed prefill: a long-range task the dense model solves.
+
+A five-digit key is hidden at a random depth in repetitive filler text and asked for at the end (the
+probe of Mohtashami & Jaggi 2023, used for long-context models)::
+
+    There is an important pass key hidden inside a lot of irrelevant text. ...
+    The grass is green. The sky is blue. ... The pass key is 60494. Remember it. 60494 is the pass key. ...
+    What is the pass key? The pass key is
+
+Every prompt has exactly ``prompt_tokens`` tokens. A key counts as found when greedy decoding after the
+prompt writes its five digits; that is checked by teacher forcing (greedy decoding reproduces the
+answer exactly when the most likely token after each correct prefix is the answer's next token), so no
+generation loop is needed. Keeping only the last ``n / r`` tokens finds the key only when it sits in
+that last part; a routed prefill finds it only if its routers keep the key's tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import CodaConfig, get_coda_model
+
+HEAD = (
+    "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key.\n\n"
+)
+FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+ANSWER = " {key}."
+
+
+@dataclass
+class PasskeyProblems:
+    """``prompts`` ``[count, prompt_tokens]`` and the answers ``[count, m]`` (the key's tokens, then "."),
+    with the keys and the depth of each needle (its start as a share of the prompt)."""
+
+    prompts: torch.Tensor
+    answers: torch.Tensor
+    keys: list[int]
+    depths: list[float]
+
+    @property
+    def windows(self) -> torch.Tensor:
+        """Prompt and answer in one row ``[count, prompt_tokens + m]`` (what prefill pretraining reads)."""
+        return torch.cat([self.prompts, self.answers], dim=1)
+
+
+def passkey_problems(tokenizer: Any, prompt_tokens: int, count: int, seed: int) -> PasskeyProblems:
+    """``count`` prompts of exactly ``prompt_tokens`` tokens, each a random key at a uniformly random depth."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    head, question = ids(HEAD), ids(QUESTION)
+    sentences = [ids((" " if i else "") + sentence) for i, sentence in enumerate(FILLER)]
+    rng = random.Random(seed)
+    prompts, answers, keys, depths = [], [], [], []
+    for _ in range(count):
+        key = rng.randint(10_000, 99_999)
+        needle = ids(NEEDLE.format(key=key))
+        room = prompt_tokens - len(head) - len(needle) - len(question)
+        if room < 1:
+            needed = prompt_tokens - room + 1
+            raise ValueError(f"--seq-lens {prompt_tokens} is too short for the pass-key prompt (at least {needed})")
+        filler, boundaries = [], [0]  # whole sentences, cut to length at the end; the needle goes between two
+        while len(filler) < room:
+            filler += sentences[len(boundaries) % len(sentences)]
+            boundaries.append(len(filler))
+        cut = rng.choice([b for b in boundaries if b <= room])
+        prompts.append(head + filler[:cut] + needle + filler[cut:room] + question)
+        answers.append(ids(ANSWER.format(key=key)))
+        keys.append(key)
+        depths.append((len(head) + cut) / prompt_tokens)
+    if len({len(answer) for answer in answers}) != 1:
+        raise ValueError("this tokenizer splits five-digit keys into different numbers of tokens; the probe needs one")
+    return PasskeyProblems(torch.tensor(prompts), torch.tensor(answers), keys, depths)
+
+
+def keys_found(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor, batch_size: int = 2) -> list[bool]:
+    """For each prompt, whether greedy decoding after it writes the answer's digits (all answer tokens but the
+    final ".") — by teacher forcing: the most likely token after each correct prefix is the answer's next one."""
+    from .prefill import prefill_log_probs
+
+    found = []
+    for start in range(0, len(prompts), batch_size):
+        prompt, answer = prompts[start : start + batch_size], answers[start : start + batch_size]
+        log_probs = prefill_log_probs(model, prompt, answer[:, :-1])  # [batch, m, vocab]: predicts answer[:, :m]
+        digits = answer.shape[1] - 1
+        found += (log_probs[:, :digits].argmax(-1) == answer[:, :digits]).all(dim=-1).tolist()
+    return found
+
+
+@dataclass
+class PasskeyResult:
+    """The share of keys found by one way of running the prompt, at one prompt length."""
+
+    prompt_tokens: int
+    method: str
+    reduction: float
+    found: float
+
+
+def measure_passkey(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_tokens: int,
+    reductions: list[float],
+    count: int,
+    pretrain_steps: int = 0,
+    pretrain_prompts: int = 64,
+    reduction_warmup: float = 0.0,
+) -> list[PasskeyResult]:
+    """The dense prefill, and per reduction: the routed prefill (as built, and after ``pretrain_steps`` of
+    prefill pretraining on ``pretrain_prompts`` other pass-key prompts) and the last ``n / r`` tokens alone."""
+    from .prefill import distill_prefill
+
+    problems = passkey_problems(tokenizer, prompt_tokens, count, seed=0)
+    rows = [PasskeyResult(prompt_tokens, "dense", 1.0, share(keys_found(model, problems.prompts, problems.answers)))]
+    training = passkey_problems(tokenizer, prompt_tokens, pretrain_prompts, seed=1) if pretrain_steps else None
+    for r in reductions:
+        torch.manual_seed(0)  # the routers' initial weights
+        coda = get_coda_model(copy.deepcopy(model), CodaConfig(reduction=r))
+        found = share(keys_found(coda, problems.prompts, problems.answers))
+        rows.append(PasskeyResult(prompt_tokens, f"coda r={r:g}", r, found))
+        if training is not None:
+            distill_prefill(coda, training.windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup)
+            found = share(keys_found(coda, problems.prompts, problems.answers))
+            warmup = f", reduction warm-up {reduction_warmup:g}" if reduction_warmup else ""
+            method = f"coda r={r:g}, {pretrain_steps} steps of pass-key pretraining{warmup}"
+            rows.append(PasskeyResult(prompt_tokens, method, r, found))
+        keep = math.ceil(prompt_tokens / r)
+        found = share(keys_found(model, problems.prompts[:, -keep:], problems.answers))
+        rows.append(PasskeyResult(prompt_tokens, f"last n/{r:g} tokens", r, found))
+    return rows
+
+
+def share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags)
