@@ -95,12 +95,14 @@ def test_routers_learn_at_their_own_rate_and_follow_the_same_schedule():
         OptimizerConfig(router_lr_scale=0)
 
 
-def test_reduction_warmup_starts_dense_and_shrinks_the_kept_share_linearly_to_one_over_r():
+def test_reduction_warmup_holds_dense_then_shrinks_the_kept_share_linearly_to_one_over_r():
     values = [warmed_up_reduction(4.0, step, total_steps=10, warmup_ratio=0.5) for step in range(11)]
     assert values[0] == 1.0 and values[5:] == [pytest.approx(4.0)] * 6
     assert [1 / v for v in values[:6]] == pytest.approx([1 - 0.15 * i for i in range(6)])  # 1 -> 1/4 in 5 steps
     assert warmed_up_reduction(4.0, 0, total_steps=10, warmup_ratio=0.0) == 4.0  # no warm-up: r from the start
     assert warmed_up_reduction(1.0, 3, total_steps=10, warmup_ratio=0.5) == 1.0
+    held = [warmed_up_reduction(4.0, step, total_steps=10, warmup_ratio=0.5, dense_ratio=0.3) for step in range(11)]
+    assert held[:3] == [1.0] * 3 and held[3:9] == values[:6] and held[9:] == [4.0] * 2  # the same fall, 3 steps later
 
 
 def test_steps_pass_over_every_example_once_per_epoch_in_the_epoch_order():

@@ -50,8 +50,9 @@ class TrainConfig(OptimizerConfig):
         250, "optimizer steps at least: small data sets get more epochs (0 = exactly --epochs epochs)"
     )
     val_size: float = option(0.1, "share of the training data held out for validation (0 = none)")
+    dense_start: float = option(0.0, "share of the steps, from the first, trained densely (every token) before routing")
     reduction_warmup: float = option(
-        0.0, "share of the steps over which the kept share of tokens falls from all of them to 1/r (0 = none)"
+        0.0, "share of the steps, after --dense-start, over which the kept share of tokens falls from all to 1/r"
     )
     eval_batch_size: int = option(32, "examples per batch in evaluation")
 
@@ -61,7 +62,9 @@ class TrainConfig(OptimizerConfig):
         check_int(flag("min_steps"), self.min_steps, low=0)
         check_int(flag("eval_batch_size"), self.eval_batch_size, low=1)
         check_number(flag("val_size"), self.val_size, low=0, below=1)
+        check_number(flag("dense_start"), self.dense_start, low=0, high=1)
         check_number(flag("reduction_warmup"), self.reduction_warmup, low=0, high=1)
+        check_number("--dense-start plus --reduction-warmup", self.dense_start + self.reduction_warmup, high=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +308,9 @@ def train_classifier(
 
     def loss_of(indices: list[int]) -> torch.Tensor:
         step = optimization.steps_taken
-        model.reduction = warmed_up_reduction(target_reduction, step, total_steps, config.reduction_warmup)
+        model.reduction = warmed_up_reduction(
+            target_reduction, step, total_steps, config.reduction_warmup, config.dense_start
+        )
         return wrapped(**shard(encoded.batch(indices), accelerator)).loss
 
     for epoch in range(start_epoch, epochs):

@@ -185,17 +185,23 @@ def run_epoch(
     return EpochResult(loss_sum / max(seen, 1), step_losses, time.perf_counter() - start)
 
 
-def warmed_up_reduction(target: float, step: int, total_steps: int, warmup_ratio: float) -> float:
-    """The reduction to train step ``step`` at: the share of tokens kept, ``1/r``, falls linearly from 1 (every
-    token) to ``1/target`` over the first ``warmup_ratio`` of ``total_steps``, then stays there.
+def warmed_up_reduction(
+    target: float, step: int, total_steps: int, warmup_ratio: float, dense_ratio: float = 0.0
+) -> float:
+    """The reduction to train step ``step`` at: every token (r = 1) for the first ``dense_ratio`` of
+    ``total_steps``, then a share of tokens kept, ``1/r``, that falls linearly from 1 to ``1/target`` over the
+    next ``warmup_ratio`` of them, then ``target``.
 
     Routing from the first step asks routers and adapters to learn together from nothing; starting dense
-    lets the adapters find the task while the routers learn which tokens can go, as the budget shrinks.
+    lets the adapters find the task while the routers learn which tokens can go, as the budget shrinks
+    (EViT's keep-rate schedule: keep everything for the first epochs, then lower the keep rate).
     """
-    warmup_steps = warmup_ratio * total_steps
-    if step >= warmup_steps:
+    dense_steps, warmup_steps = dense_ratio * total_steps, warmup_ratio * total_steps
+    if step < dense_steps:
+        return 1.0
+    if step >= dense_steps + warmup_steps:
         return target
-    kept = 1.0 - step / warmup_steps * (1.0 - 1.0 / target)
+    kept = 1.0 - (step - dense_steps) / warmup_steps * (1.0 - 1.0 / target)
     return 1.0 / kept
 
 
