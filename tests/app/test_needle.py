@@ -20,9 +20,9 @@ def normalised(text):
 
 
 def test_every_example_fits_whole_with_one_needle_and_two_other_colours(documents, minilm_tokenizer):
-    data = needle_examples(documents, minilm_tokenizer, 96, seed=1)
-    assert len(data.texts) == len(documents) and set(data.labels) == set(range(len(KEYS)))
-    for text, label, document in zip(data.texts, data.labels, documents, strict=True):
+    texts, labels = needle_examples(documents, minilm_tokenizer, 96, seed=1)
+    assert len(texts) == len(documents) and set(labels) == set(range(len(KEYS)))
+    for text, label, document in zip(texts, labels, documents, strict=True):
         assert len(minilm_tokenizer(text)["input_ids"]) <= 96  # never cut by the tokenizer
         found = INSERT.findall(text)
         needles = [colour for kind, colour in found if kind == "access code is"]
@@ -34,9 +34,9 @@ def test_every_example_fits_whole_with_one_needle_and_two_other_colours(document
 
 
 def test_the_needle_sits_at_every_depth_so_a_prefix_misses_it_often(documents, minilm_tokenizer):
-    data = needle_examples(documents, minilm_tokenizer, 128, seed=1)
+    texts, _ = needle_examples(documents, minilm_tokenizer, 128, seed=1)
     depths = []
-    for text in data.texts:
+    for text in texts:
         ids = minilm_tokenizer(text)["input_ids"]
         depths.append(ids.index(minilm_tokenizer.convert_tokens_to_ids("access")) / len(ids))
     first_third = sum(depth < 1 / 3 for depth in depths) / len(depths)
@@ -47,15 +47,15 @@ def test_the_needle_sits_at_every_depth_so_a_prefix_misses_it_often(documents, m
 def test_examples_depend_only_on_the_seed(documents, minilm_tokenizer):
     first = needle_examples(documents[:20], minilm_tokenizer, 64, seed=1)
     assert needle_examples(documents[:20], minilm_tokenizer, 64, seed=1) == first
-    assert needle_examples(documents[:20], minilm_tokenizer, 64, seed=2).texts != first.texts
-    copies = needle_examples(documents[:20], minilm_tokenizer, 64, seed=1, copies=2)
-    assert copies.texts[::2] == first.texts and copies.texts[1::2] != first.texts
+    assert needle_examples(documents[:20], minilm_tokenizer, 64, seed=2)[0] != first[0]
+    copies, _ = needle_examples(documents[:20], minilm_tokenizer, 64, seed=1, copies=2)
+    assert copies[::2] == first[0] and copies[1::2] != first[0]
 
 
 def test_too_short_a_max_length_is_refused(documents, minilm_tokenizer):
     with pytest.raises(ValueError, match="--max-length 19 leaves no room .* needs at least 20 tokens"):
         needle_examples(documents[:2], minilm_tokenizer, 19, seed=1)
-    assert len(needle_examples(documents[:2], minilm_tokenizer, 20, seed=1).texts) == 2  # the three sentences alone
+    assert len(needle_examples(documents[:2], minilm_tokenizer, 20, seed=1)[0]) == 2  # the three sentences alone
     with pytest.raises(ValueError, match="bbc-needle is built for a tokenizer and a max_length"):
         builtin_dataset("bbc-needle")
 
@@ -72,7 +72,7 @@ def test_routed_evidence_counts_what_each_layer_ran_on(documents, minilm_tokeniz
         tiny_model("bert", head=True, vocab_size=minilm_tokenizer.vocab_size, num_labels=5), CodaConfig(reduction=3)
     ).eval()
     randomize_trainable(model, seed=3)
-    texts = needle_examples(documents[:12], minilm_tokenizer, 64, seed=1).texts
+    texts, _ = needle_examples(documents[:12], minilm_tokenizer, 64, seed=1)
     shares = routed_evidence(model, minilm_tokenizer, texts, 64, batch_size=5)  # batches of mixed lengths
 
     access, old = minilm_tokenizer.convert_tokens_to_ids(["access", "old"])

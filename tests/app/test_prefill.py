@@ -3,7 +3,8 @@
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.app.prefill import compare, distill_prefill, measure_quality, prefill_log_probs
+from coda_adapters.app.prefill import compare, measure_quality
+from coda_adapters.app.prefill_distill import distill_prefill, prefill_log_probs
 
 from helpers import tiny_causal_lm
 

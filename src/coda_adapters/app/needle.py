@@ -21,8 +21,6 @@ import random
 import re
 from typing import Any
 
-from .data import ClassificationData, LabelledTexts, bbc_news_split
-
 KEYS = ("red", "blue", "green", "yellow", "white")
 NEEDLE = "The access code is {}."
 DISTRACTOR = "The old code was {}."
@@ -33,19 +31,11 @@ TRAIN_SEED, TEST_SEED = 1, 2
 TEST_COPIES = 2  # two examples per test document (852): one example is 0.12 points
 
 
-def bbc_needle_split(tokenizer: Any, max_length: int) -> ClassificationData:
-    """The task built on the fixed BBC News split: one example per training document, two per test document,
-    each at most ``max_length`` tokens of ``tokenizer`` (special tokens included)."""
-    bbc = bbc_news_split()
-    train = needle_examples(bbc.train.texts, tokenizer, max_length, seed=TRAIN_SEED)
-    test = needle_examples(bbc.test.texts, tokenizer, max_length, seed=TEST_SEED, copies=TEST_COPIES)
-    return ClassificationData(train, test, list(KEYS), "bbc-needle")
-
-
 def needle_examples(
     documents: list[str], tokenizer: Any, max_length: int, *, seed: int, copies: int = 1
-) -> LabelledTexts:
-    """``copies`` examples per document; example ``(i, c)`` depends only on ``seed``, ``i`` and ``c``."""
+) -> tuple[list[str], list[int]]:
+    """``(texts, labels)``: ``copies`` examples per document, each at most ``max_length`` tokens of ``tokenizer``
+    (special tokens included); example ``(i, c)`` depends only on ``seed``, ``i`` and ``c``."""
     special = tokenizer.num_special_tokens_to_add(pair=False)
     budget = max_length - special
     longest_key = max(len(_tokens(tokenizer, key)) for key in KEYS)
@@ -66,7 +56,7 @@ def needle_examples(
             context = leading_sentences(document, tokenizer, budget - inserts_length)
             texts.append(" ".join(insert_at_random_boundaries(context, inserts, rng)))
             labels.append(key)
-    return LabelledTexts(texts, labels)
+    return texts, labels
 
 
 def sentences(text: str) -> list[str]:

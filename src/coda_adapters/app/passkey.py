@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import CodaConfig, get_coda_model
+from .prefill_distill import distill_prefill, prefill_log_probs
 
 HEAD = (
     "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -87,8 +88,6 @@ def passkey_problems(tokenizer: Any, prompt_tokens: int, count: int, seed: int) 
 def keys_found(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor, batch_size: int = 2) -> list[bool]:
     """For each prompt, whether greedy decoding after it writes the answer's digits (all answer tokens but the
     final ".") — by teacher forcing: the most likely token after each correct prefix is the answer's next one."""
-    from .prefill import prefill_log_probs
-
     found = []
     for start in range(0, len(prompts), batch_size):
         prompt, answer = prompts[start : start + batch_size], answers[start : start + batch_size]
@@ -120,8 +119,6 @@ def measure_passkey(
 ) -> list[PasskeyResult]:
     """The dense prefill, and per reduction: the routed prefill (as built, and after ``pretrain_steps`` of
     prefill pretraining on ``pretrain_prompts`` other pass-key prompts) and the last ``n / r`` tokens alone."""
-    from .prefill import distill_prefill
-
     problems = passkey_problems(tokenizer, prompt_tokens, count, seed=0)
     rows = [PasskeyResult(prompt_tokens, "dense", 1.0, share(keys_found(model, problems.prompts, problems.answers)))]
     training = passkey_problems(tokenizer, prompt_tokens, pretrain_prompts, seed=1) if pretrain_steps else None
