@@ -182,3 +182,20 @@ def test_seeds_and_truncation_baselines_end_to_end(tmp_path, capsys, minilm_path
     again = run_experiment(preset, synthetic_data(), tmp_path, model_name="minilm", seeds=seeds)
     assert capsys.readouterr().out.count("done before, kept") == 8
     assert [r["accuracy_per_seed"] for r in again] == [r["accuracy_per_seed"] for r in results]
+
+
+def test_the_needle_table_shows_each_routed_row_and_layer():
+    from coda_adapters.app.experiment import format_routed_evidence
+
+    shares = {
+        "0": {"key": 0.36, "access": 0.98, "distractor": 0.31},
+        "1": {"key": 0.99, "access": 0.0, "distractor": 1.0},
+    }
+    results = [{"name": DENSE, "routed_needle": None}, {"name": "CoDA r=3", "routed_needle": shares}]
+    lines = format_routed_evidence(results).strip().splitlines()
+    assert lines[-3:] == [
+        "| model | layer 0 | layer 1 |",
+        "|---|---|---|",
+        "| CoDA r=3 | 36 / 98 / 31 | 99 / 0 / 100 |",
+    ]
+    assert format_routed_evidence([{"name": DENSE}]) == ""  # not a needle experiment
