@@ -165,6 +165,34 @@ def test_layers_option_converts_only_those_layers():
     assert list(coda.routing_trace()) == [1]
 
 
+def test_dense_layers_run_every_token_with_their_adapter_and_leave_no_trace():
+    base = tiny_model("bert", num_hidden_layers=3)
+    reference = copy.deepcopy(base)
+    coda = get_coda_model(base, CodaConfig(reduction=3, dense_layers=[0, 2]))
+    randomize_trainable(coda)
+    assert [name for name, p in coda.named_parameters() if ".router." in name] == [
+        "model.encoder.layer.1.router.weight"
+    ]
+    ids, mask = padded_batch([12, 9], 12)
+    with torch.no_grad():
+        got = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        dense_with_hand_adapters(reference, coda)  # F(x) + A(x) at every layer, the hand-written adapter
+        expected = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    valid = mask.bool()
+    torch.testing.assert_close(got[1][valid], expected[1][valid], atol=1e-5, rtol=0)  # layer 0: dense
+    assert not torch.allclose(got[2][valid], expected[2][valid], atol=1e-3)  # layer 1 routes a third of them
+    assert list(coda.routing_trace()) == [1]
+
+
+def test_dense_layers_must_be_converted_layers():
+    with pytest.raises(ValueError, match=r"dense_layers must be indices among layers \[1, 2\], got \[0\]"):
+        CodaConfig(layers=[1, 2], dense_layers=[0])
+    with pytest.raises(ValueError, match="dense_layers must be None or a list of distinct layer indices"):
+        CodaConfig(dense_layers=[1, 1])
+    with pytest.raises(ValueError, match=r"dense_layers \[5\] are not among the converted layers \[0, 1\]"):
+        get_coda_model(tiny_model("bert"), CodaConfig(dense_layers=[5]))
+
+
 def test_lora_from_peft_composes_and_acts_on_the_selected_tokens():
     coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, lora_rank=4))
     lora_names = [n for n, p in coda.named_parameters() if "lora_" in n]

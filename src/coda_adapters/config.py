@@ -39,6 +39,8 @@ class CodaConfig:
         soft_topk_method: ``"exact"`` (closed form) or ``"coordinate_descent"`` (the paper's solver).
         soft_topk_iters, epsilon_init, epsilon_decay: settings of ``"coordinate_descent"``.
         layers: indices of the layers to convert; ``None`` converts all of them.
+        dense_layers: indices, among the converted layers, of those that keep every token (an adapter, no
+            router): as random-LTD keeps the first and last layers dense. ``None`` (or empty) routes them all.
         keep_pooled_token: always route the token a classifier head reads (``[CLS]`` for BERT).
         pooling: what the model's pooler gives its head: ``"cls"`` (the model's own pooler, on ``[CLS]``)
             or ``"mean"`` (the mean of the last hidden states over the real tokens, replacing the pooler,
@@ -75,6 +77,9 @@ class CodaConfig:
     epsilon_init: float = option(4.0, "coordinate descent's starting epsilon")
     epsilon_decay: float = option(0.7, "coordinate descent's epsilon decay per step")
     layers: list[int] | None = option(None, "indices of the layers to route (None: all of them)")
+    dense_layers: list[int] | None = option(
+        None, "indices of converted layers that run every token: an adapter but no router (None: none)"
+    )
     keep_pooled_token: bool = option(True, "always route the token the classifier head reads ([CLS] for BERT)")
     pooling: str = option(
         "cls",
@@ -103,11 +108,11 @@ class CodaConfig:
         check_int("soft_topk_iters", self.soft_topk_iters, low=1)
         check_number("epsilon_init", self.epsilon_init, above=0)
         check_number("epsilon_decay", self.epsilon_decay, above=0, high=1)
-        if self.layers is not None:
-            ok = isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
-            ok = ok and all(_is_int(i) and i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers)
-            require(ok, "layers", "None or a non-empty list of distinct layer indices >= 0", self.layers)
-            self.layers = sorted(self.layers)
+        self.layers = _layer_list("layers", self.layers, allow_empty=False)
+        self.dense_layers = _layer_list("dense_layers", self.dense_layers, allow_empty=True)
+        if self.layers is not None and self.dense_layers is not None:
+            outside = sorted(set(self.dense_layers) - set(self.layers))
+            require(not outside, "dense_layers", f"indices among layers {self.layers}", self.dense_layers)
         require(isinstance(self.keep_pooled_token, bool), "keep_pooled_token", "True or False", self.keep_pooled_token)
         check_choice("pooling", self.pooling, POOLING_KINDS)
         check_int("lora_rank", self.lora_rank, low=0)
@@ -131,6 +136,17 @@ class CodaConfig:
         if unknown:
             raise ValueError(f"unknown CodaConfig field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**values)
+
+
+def _layer_list(name: str, value: Any, *, allow_empty: bool) -> list[int] | None:
+    """``value`` sorted, after checking it is None or a list of distinct layer indices >= 0."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and (allow_empty or len(value) > 0)
+    ok = ok and all(_is_int(i) and i >= 0 for i in value) and len(set(value)) == len(value)
+    what = "a list" if allow_empty else "a non-empty list"
+    require(ok, name, f"None or {what} of distinct layer indices >= 0", value)
+    return sorted(value)
 
 
 def _is_number(value: Any) -> bool:

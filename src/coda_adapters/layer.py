@@ -84,8 +84,8 @@ class ConditionalLayer(nn.Module):
     """Wraps the frozen layer ``layer`` (called as a black box) with a router and an adapter.
 
     It is called exactly like the layer it replaces and returns the same structure. Without a router
-    (``router=None``, with a ``state`` of reduction 1) it is an adapter-only layer that never routes,
-    as in T5's decoder.
+    (``router=None``) it is an adapter-only layer that never routes: T5's decoder, and the
+    ``CodaConfig.dense_layers`` of a routed model.
     """
 
     def __init__(
@@ -113,7 +113,7 @@ class ConditionalLayer(nn.Module):
         if self.state.disabled:
             return self.layer(hidden_states, *args, **kwargs)
         budget = self.state.token_budget(hidden_states)
-        if budget.dense:
+        if budget.dense or self.router is None:
             output = self._dense_forward(hidden_states, budget, args, kwargs)
         else:
             output = self._routed_forward(hidden_states, budget, args, kwargs)
@@ -127,8 +127,6 @@ class ConditionalLayer(nn.Module):
         return output
 
     def _routed_forward(self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict) -> Any:
-        if self.router is None:
-            raise RuntimeError(f"layer {self.layer_index} has adapters only and cannot route")
         selection = self.router(hidden_states, budget)
         self.state.selections[self.layer_index] = selection
         flat_index = flatten_index(selection.index, hidden_states.shape[1])
@@ -147,8 +145,10 @@ class ConditionalLayer(nn.Module):
         return self.binding.routed_layer_output(layer_output, output, args, kwargs)
 
     def _dense_forward(self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict) -> Any:
-        """Every token is selected with λ = 1: the layer is exactly ``F(x) + A(x)``, the dense baseline."""
-        self.state.selections[self.layer_index] = dense_selection(budget)
+        """Every token is selected with λ = 1: the layer is exactly ``F(x) + A(x)``, the dense baseline.
+        (A layer without a router routes nothing, so it leaves no selection in the routing trace.)"""
+        if self.router is not None:
+            self.state.selections[self.layer_index] = dense_selection(budget)
         layer_output = self.layer(hidden_states, *args, **kwargs)
         full = self.binding.layer_hidden_states(layer_output)
         parallel = self.adapter_placement == "parallel"

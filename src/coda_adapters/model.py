@@ -37,6 +37,7 @@ class CodaModel(nn.Module):
         # adapter-only layers (T5's decoder) never route: a state of reduction 1 keeps them dense
         self.adapter_state = RoutingState(reduction=1.0, forced_position=None)
         self.layer_indices = _layer_indices(config, self.binding)
+        _check_dense_layers(config, self.layer_indices)
         self.model = model
         self._original_layers: dict[int, nn.Module] = {}
         self._original_adapter_layers: dict[int, nn.Module] = {}
@@ -175,9 +176,11 @@ class CodaModel(nn.Module):
     def _wrap_layers(self) -> None:
         """Replace each routed layer (and each adapter-only layer) by a :class:`ConditionalLayer` around it."""
         layers, adapter_layers = self.binding.layers(), self.binding.adapter_layers()
+        dense = set(self.coda_config.dense_layers or ())
         for index in self.layer_indices:
             self._original_layers[index] = layers[index]
-            layers[index] = self._conditional_layer(layers[index], index, self._router(), self.routing_state)
+            router = None if index in dense else self._router()  # no router: every token, and an adapter
+            layers[index] = self._conditional_layer(layers[index], index, router, self.routing_state)
         for index, original in enumerate(adapter_layers):
             self._original_adapter_layers[index] = original
             adapter_layers[index] = self._conditional_layer(original, index, None, self.adapter_state)
@@ -296,6 +299,12 @@ def _layer_indices(config: CodaConfig, binding: Binding) -> list[int]:
     if out_of_range:
         raise ValueError(f"layers {out_of_range} do not exist: the model has layers 0..{num_layers - 1}")
     return list(config.layers)
+
+
+def _check_dense_layers(config: CodaConfig, layer_indices: list[int]) -> None:
+    outside = sorted(set(config.dense_layers or ()) - set(layer_indices))
+    if outside:
+        raise ValueError(f"dense_layers {outside} are not among the converted layers {layer_indices}")
 
 
 def _freeze(model: nn.Module) -> None:
