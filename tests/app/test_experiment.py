@@ -106,7 +106,8 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         "CoDA r=3, random router",
         "CoDA r=5, random router",
     ]
-    assert PRESETS["needle"].data == "bbc-needle" and PRESETS["routing"].data == "bbc-news"
+    assert added(PRESETS["demo"]) == ["Dense adapter, first 43 tokens", "CoDA r=3, random router"]
+    assert PRESETS["needle"].data == PRESETS["demo"].data == "bbc-needle" and PRESETS["routing"].data == "bbc-news"
     assert not PRESETS["smoke"].baselines and experiment_rows(PRESETS["smoke"]) == PRESETS["smoke"].rows
 
 
