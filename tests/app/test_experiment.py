@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from dataclasses import asdict
 
 import pytest
 
@@ -15,6 +16,7 @@ from coda_adapters.app.experiment import (
     Row,
     baseline_rows,
     experiment_rows,
+    row_coda_config,
     row_directory,
     run_experiment,
 )
@@ -109,6 +111,20 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
     assert added(PRESETS["demo"]) == ["Dense adapter, first 43 tokens", "CoDA r=3, random router"]
     assert PRESETS["needle"].data == PRESETS["demo"].data == "bbc-needle" and PRESETS["routing"].data == "bbc-news"
     assert not PRESETS["smoke"].baselines and experiment_rows(PRESETS["smoke"]) == PRESETS["smoke"].rows
+
+
+def test_needle_ablation_rows_shared_with_the_needle_preset_are_the_same_runs():
+    """Its comment lets the needle preset's runs stand in for the shared rows: same data, model and recipe."""
+    ablation, needle = PRESETS["needle-ablation"], PRESETS["needle"]
+    shared = [row for row in ablation.rows if row.name in {r.name for r in needle.rows}]
+    assert [row.name for row in shared] == [DENSE, "CoDA r=3", "CoDA r=3, no reduction warm-up"]
+    assert ablation.data == needle.data
+    for row in shared:
+        twin = next(r for r in needle.rows if r.name == row.name)
+        assert row_coda_config(ablation, row) == row_coda_config(needle, twin)
+        assert {**asdict(ablation.train), **row.train} == {**asdict(needle.train), **twin.train}
+    variants = [{**asdict(ablation.train), **row.train} for row in ablation.rows[1:]]
+    assert len({tuple(sorted(v.items())) for v in variants}) == len(variants)  # every variant is a different recipe
 
 
 def test_one_seed_keeps_the_single_run_layout(tmp_path):

@@ -20,10 +20,10 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preset",
         default="results",
-        choices=["routing", "needle", "aggressive", "demo", "mpnet", "results", "smoke"],
+        choices=["routing", "needle", "needle-ablation", "aggressive", "demo", "mpnet", "results", "smoke"],
         help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; the same "
-        "on bbc-needle; r = 8 and 16 without warm-up; the short demo; the MPNet point; the adapter-kinds table; "
-        "a smoke test",
+        "on bbc-needle; which part of the routing recipe matters there; r = 8 and 16 without warm-up; the short "
+        "demo; the MPNet point; the adapter-kinds table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")

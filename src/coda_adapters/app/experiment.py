@@ -98,6 +98,26 @@ PRESETS = {
         baselines=True,
         data="bbc-needle",
     ),
+    # Which half of the routing recipe does the work on bbc-needle: the dense start, the warm-up, or both;
+    # and a faster router (`coda experiment --preset needle-ablation`, one seed; the rows shared with the
+    # needle preset are the same runs, so its seed-0 directories can be copied in)
+    "needle-ablation": Preset(
+        rows=[
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=3", {"reduction": 3}),
+            Row("CoDA r=3, dense start only", {"reduction": 3}, train={"reduction_warmup": 0.0}),
+            Row(
+                "CoDA r=3, reduction warm-up only",
+                {"reduction": 3},
+                train={"dense_start": 0.0, "reduction_warmup": 2 / 3},
+            ),
+            Row("CoDA r=3, no reduction warm-up", {"reduction": 3}, train=NO_WARMUP),
+            Row("CoDA r=3, routers at 10x the learning rate", {"reduction": 3}, train={"router_lr_scale": 10.0}),
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
+        pretrain=PretrainConfig(steps=1, max_length=128),  # unused
+        data="bbc-needle",
+    ),
     # `make demo`: the needle preset's first rows, one seed (about 15 minutes on 2 cores)
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
