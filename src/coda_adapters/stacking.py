@@ -160,8 +160,8 @@ def check_stackable(models: Sequence[CodaModel]) -> None:
         if differing:
             other = differing[0]
             raise ValueError(
-                f"cannot stack these models: {field_name} differs (model 0: {_short(value)}, model {other}: "
-                f"{_short(keys[other][field_name])})"
+                f"cannot stack these models: they differ in {field_name} "
+                f"({_difference(value, keys[other][field_name], other)})"
             )
     _check_same_frozen_weights(models)
 
@@ -237,13 +237,25 @@ def _label_linears(model: CodaModel) -> set[str]:
     return found
 
 
+def _difference(first: Any, other: Any, position: int) -> str:
+    """What differs between model 0's ``first`` and model ``position``'s ``other``; for ``(name, shape)``
+    listings, the first name that is missing from one or has another shape."""
+    if _is_listing(first) and _is_listing(other):
+        mine, theirs = dict(first), dict(other)
+        for name in [*mine, *theirs]:
+            if mine.get(name) != theirs.get(name):
+                return (
+                    f"{name}: {mine.get(name, 'absent')} in model 0, {theirs.get(name, 'absent')} in model {position}"
+                )
+    return f"model 0: {first!r}, model {position}: {other!r}"
+
+
+def _is_listing(value: Any) -> bool:
+    return isinstance(value, tuple) and all(isinstance(item, tuple) and len(item) == 2 for item in value)
+
+
 def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------------------------------
