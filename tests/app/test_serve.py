@@ -149,7 +149,7 @@ def test_adapters_share_the_frozen_backbone_and_answer_as_if_loaded_alone(adapte
         assert not storage(first, True) & storage(second, True)
     assert not storage("topics", False) & storage("yesno", False)  # another base model: its own weights
 
-    async def scenario():  # all four at once: one batching window, grouped per adapter
+    async def scenario():  # all four at once: one batching window (mixed where they stack)
         async with client_for(app) as client:
             requests = [client.post("/v1/classify", json={"adapter": name, "texts": TEXTS}) for name in adapters]
             return await asyncio.gather(*requests)
