@@ -50,6 +50,7 @@ def selected_positions(trace_rows):
         ("bert", dict(pooling="cls", adapter="series", dense_layers=[1])),
         ("roberta", dict(pooling="mean")),  # a two-linear head reading the pooled states as its first token
         ("llama", dict(pooling="cls")),  # the score head on every token, read at the last one (always routed)
+        ("bert", dict(modules_to_save=["classifier", "query"])),  # trained linears inside the frozen layers
     ],
 )
 def test_a_mixed_batch_gives_each_example_what_its_adapter_gives_alone(family, settings):
@@ -135,6 +136,12 @@ def test_models_that_stack_have_equal_keys_whatever_their_labels_and_reductions(
     assert hash(stack_key(first)) == hash(stack_key(second))
     (other_bottleneck,) = coda_models(labels=(3,), reductions=(3.0,), bottleneck=16)
     assert stack_key(first) != stack_key(other_bottleneck)
+
+
+def test_only_coda_models_stack():
+    (model,) = coda_models(labels=(3,), reductions=(3.0,))
+    with pytest.raises(ValueError, match="only CodaModels stack; model 1 is a BertForSequenceClassification"):
+        check_stackable([model, model.model])
 
 
 def test_a_trainable_module_without_a_stacked_form_is_refused():

@@ -148,7 +148,9 @@ def check_stackable(models: Sequence[CodaModel]) -> None:
     if not models:
         raise ValueError("stacking needs at least one CodaModel")
     for position, model in enumerate(models):
-        if isinstance(model, CodaModel) and model.coda_config.lora_rank > 0:
+        if not isinstance(model, CodaModel):
+            raise ValueError(f"only CodaModels stack; model {position} is a {type(model).__name__}")
+        if model.coda_config.lora_rank > 0:
             raise ValueError(
                 f"model {position} has LoRA (lora_rank={model.coda_config.lora_rank}): LoRA inside the frozen "
                 "layers cannot be stacked"
