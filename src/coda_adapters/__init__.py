@@ -15,6 +15,7 @@ from .config import CodaConfig
 from .layer import ConditionalLayer
 from .model import CodaModel, get_coda_model
 from .routing import Router, Selection, soft_topk
+from .stacking import StackedCodaModel, can_stack, check_stackable, stack_key
 from .version import __version__
 
 __all__ = [
@@ -25,10 +26,14 @@ __all__ = [
     "ConditionalLayer",
     "Router",
     "Selection",
+    "StackedCodaModel",
     "__version__",
+    "can_stack",
+    "check_stackable",
     "get_coda_model",
     "read_coda_config",
     "register_binding",
     "soft_topk",
+    "stack_key",
     "supported_model_types",
 ]

@@ -38,7 +38,7 @@ class RoutingState:
     routed layer also stores what its frozen layer computes densely on the same input, without gradient.
     """
 
-    reduction: float
+    reduction: float | torch.Tensor  # a float64 tensor [batch]: one r per example (a stacked model's forward)
     forced_position: int | str | None
     padding_mask: torch.Tensor | None = None
     budget: TokenBudget | None = None

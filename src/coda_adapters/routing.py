@@ -245,11 +245,14 @@ class TokenBudget(NamedTuple):
 def token_budget(
     padding_mask: torch.Tensor | None,
     shape: tuple[int, int],
-    reduction: float,
+    reduction: float | torch.Tensor,
     forced_position: int | str | None,
     device: torch.device | str = "cpu",
 ) -> TokenBudget:
     """The :class:`TokenBudget` for a batch of ``shape = (batch, n)`` with an optional bool padding mask.
+
+    ``reduction`` is one ``r`` for the batch, or a float64 tensor ``[batch]`` of one ``r`` per example
+    (a :class:`~coda_adapters.stacking.StackedCodaModel` mixes adapters of different reductions).
 
     ``forced_position`` is always kept: a position, ``"last"`` (each example's last valid token, which a
     causal language model predicts from), or None.
@@ -296,8 +299,9 @@ class Selection(NamedTuple):
         return self.index.masked_fill(~self.slot_mask, -1)
 
 
-def num_selected_tokens(valid: torch.Tensor, reduction: float) -> torch.Tensor:
-    """``k = ceil(n_valid / r)`` per example ``[batch]``, from the bool padding mask ``[batch, n]``."""
+def num_selected_tokens(valid: torch.Tensor, reduction: float | torch.Tensor) -> torch.Tensor:
+    """``k = ceil(n_valid / r)`` per example ``[batch]``, from the bool padding mask ``[batch, n]`` and one ``r``
+    or a float64 ``r`` per example ``[batch]``."""
     n_valid = valid.sum(dim=-1)
     if (n_valid == 0).any():
         row = int((n_valid == 0).nonzero()[0, 0])

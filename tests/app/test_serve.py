@@ -149,7 +149,7 @@ def test_adapters_share_the_frozen_backbone_and_answer_as_if_loaded_alone(adapte
         assert not storage(first, True) & storage(second, True)
     assert not storage("topics", False) & storage("yesno", False)  # another base model: its own weights
 
-    async def scenario():  # all four at once: one batching window, grouped per adapter
+    async def scenario():  # all four at once: one batching window (mixed where they stack)
         async with client_for(app) as client:
             requests = [client.post("/v1/classify", json={"adapter": name, "texts": TEXTS}) for name in adapters]
             return await asyncio.gather(*requests)
@@ -330,6 +330,119 @@ def test_overload_answers_only_200_or_503_and_loses_nothing(adapters, monkeypatc
     samples = parse_metrics(metrics.text)
     assert samples['coda_requests_total{adapter="topics",status="503"}'] == statuses.count(503)
     assert samples['coda_queue_depth{adapter="topics"}'] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixed-adapter model calls
+# --------------------------------------------------------------------------------------------------
+
+
+def answers_of_all_adapters_at_once(adapters, settings):
+    """Every adapter's request sent at once (one batching window); answers, /metrics and the app."""
+    app = build_app(adapters, settings)
+
+    async def scenario():
+        async with client_for(app) as client:
+            requests = [client.post("/v1/classify", json={"adapter": name, "texts": TEXTS}) for name in adapters]
+            answers = await asyncio.gather(*requests)
+            return answers, parse_metrics((await client.get("/metrics")).text)
+
+    answers, metrics = run(scenario())
+    return dict(zip(adapters, answers, strict=True)), metrics, app
+
+
+def served_probabilities(response) -> torch.Tensor:
+    assert response.status_code == 200, response.text
+    return torch.tensor([list(p["probabilities"].values()) for p in response.json()["predictions"]])
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_a_window_of_several_adapters_runs_in_one_mixed_call_or_one_call_per_adapter(adapters, mix):
+    """topics (3 labels) and yesno (2 labels) have equal frozen bases: they stack. inside has a trainable
+    module within the routed layers: it stacks with nothing and runs alone. The answers are the same either way."""
+    base = adapters["topics"].parent / "base-head"
+    inside = save_tiny_classifier(
+        base, adapters["topics"].parent / f"inside-{mix}", TOPICS, seed=5, modules_to_save=["classifier", "query"]
+    )
+    served = {"topics": adapters["topics"], "yesno": adapters["yesno"], "inside": inside}
+    settings = ServeSettings(max_batch_size=16, max_wait_ms=200, mix_adapters=mix)
+    answers, metrics, app = answers_of_all_adapters_at_once(served, settings)
+    for name, response in answers.items():
+        got = served_probabilities(response)
+        assert torch.allclose(got, expected_probabilities(served[name], TEXTS, batch_size=16), atol=1e-5), name
+    assert answers["yesno"].json()["predictions"][0]["probabilities"].keys() == {"no", "yes"}
+    mixed = app.state.service.batcher.mixed
+    assert set(mixed) == ({"topics", "yesno"} if mix else set())
+    # one window of 15 texts: topics' and yesno's 10 in one mixed call and inside's 5 in its own, or 3 calls
+    assert metrics['coda_model_calls_total{mode="mixed"}'] == (1 if mix else 0)
+    assert metrics['coda_model_calls_total{mode="single"}'] == (1 if mix else 3)
+    for name in served:  # each adapter's texts are all counted, whichever calls they ran in
+        assert metrics[f'coda_batch_size_sum{{adapter="{name}"}}'] == len(TEXTS)
+
+
+def test_mixed_windows_answer_requests_of_every_size_as_each_adapter_alone(adapters):
+    """Four adapters on two (equal) bases, requests of 1 to 5 texts at once: windows mix what arrives."""
+    app = build_app(adapters, ServeSettings(max_batch_size=16, max_wait_ms=200))
+    requests = [(name, TEXTS[: 1 + i]) for i, name in enumerate(adapters)] + [("topics", TEXTS[::-1])]
+
+    async def scenario():
+        async with client_for(app) as client:
+            posts = [client.post("/v1/classify", json={"adapter": name, "texts": texts}) for name, texts in requests]
+            return await asyncio.gather(*posts), parse_metrics((await client.get("/metrics")).text)
+
+    answers, metrics = run(scenario())
+    assert metrics['coda_model_calls_total{mode="mixed"}'] >= 1
+    for (name, texts), response in zip(requests, answers, strict=True):
+        expected = expected_probabilities(adapters[name], texts, batch_size=16)
+        assert torch.allclose(served_probabilities(response), expected, atol=1e-5), name
+
+
+def test_a_mixed_call_cuts_the_adapters_texts_into_batches_together(adapters):
+    """Called directly: in the server a window over the batch size is a single request (one adapter)."""
+    group = build_app(adapters, ServeSettings()).state.service.batcher.mixed["topics"]
+    texts = {"yesno": TEXTS[:3], "topics2": TEXTS[::-1], "topics": TEXTS[3:]}
+    results, calls = group.classify(texts, batch_size=3)
+    assert calls == 4  # 10 texts in batches of 3
+    for name, batch in texts.items():
+        probabilities, sizes = results[name]
+        assert sum(sizes) == len(batch) and len(sizes) <= calls
+        assert torch.allclose(probabilities, expected_probabilities(adapters[name], batch, batch_size=3), atol=1e-5)
+
+
+def test_a_failure_in_a_mixed_call_answers_500_to_its_adapters_only(adapters, monkeypatch):
+    app = build_app({"topics": adapters["topics"], "yesno": adapters["yesno"]}, ServeSettings(max_wait_ms=200))
+    stacked = app.state.service.batcher.mixed["topics"].model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    async def both(client):
+        posts = [client.post("/v1/classify", json={"adapter": name, "texts": ["x y"]}) for name in ("topics", "yesno")]
+        return await asyncio.gather(*posts)
+
+    async def scenario():
+        async with client_for(app) as client:
+            monkeypatch.setattr(stacked, "forward", broken)
+            failed = await both(client)
+            monkeypatch.undo()
+            return failed, await both(client)
+
+    failed, fine = run(scenario())
+    assert [a.status_code for a in failed] == [500, 500] and all("boom" in a.json()["error"] for a in failed)
+    assert [a.status_code for a in fine] == [200, 200]
+
+
+def test_the_mix_adapters_flag():
+    import argparse
+
+    from coda_adapters.app.serve import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    assert parser.parse_args(["serve", "--adapter", "a=x"]).mix_adapters is True
+    assert parser.parse_args(["serve", "--adapter", "a=x", "--no-mix-adapters"]).mix_adapters is False
+    with pytest.raises(ValueError, match="--mix-adapters"):
+        ServeSettings(mix_adapters="no")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .commands import (
+    add_bench_mixed_parser,
     add_bench_parser,
     add_bench_soft_topk_parser,
     add_experiment_parser,
@@ -391,6 +392,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_explain_parser,
     add_experiment_parser,
     add_bench_parser,
+    add_bench_mixed_parser,
     add_bench_soft_topk_parser,
     add_prefill_parser,
     add_vision_parser,

@@ -1,6 +1,6 @@
-"""The ``coda`` subcommands that measure and demonstrate: ``experiment``, ``bench``, ``bench-soft-topk``,
-``prefill`` and ``vision``. Each module they run is imported when the command runs, not when ``coda``
-builds its parser.
+"""The ``coda`` subcommands that measure and demonstrate: ``experiment``, ``bench``, ``bench-mixed-adapters``,
+``bench-soft-topk``, ``prefill`` and ``vision``. Each module they run is imported when the command runs, not
+when ``coda`` builds its parser.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import CommandError, add_subcommand, output_directory, output_file
+from .options import CommandError, add_subcommand, flag, output_directory, output_file
 
 
 def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -124,6 +124,43 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.plot:
         plot_speedups(rows, args.plot)
         print(f"wrote {args.plot}")
+
+
+def add_bench_mixed_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "bench-mixed-adapters",
+        help="time one model call mixing adapters against one adapter's call and one call per adapter",
+        description="Build adapters with random weights on one base, load them as `coda serve` does, and time "
+        "the mixed (stacked) call, a single adapter's call and the calls grouped per adapter, interleaved.",
+    )
+    parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
+    parser.add_argument("--adapters", type=int, default=8, help="adapters mixed in the batch")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per batch")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per text (special tokens included)")
+    parser.add_argument("--reduction", type=float, default=3.0, help="every adapter's r")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each step first")
+    parser.add_argument("--json", help="write the report to this JSON file")
+    parser.set_defaults(run=run_bench_mixed)
+
+
+def run_bench_mixed(args: argparse.Namespace) -> None:
+    from ..files import write_json
+    from .bench_mixed import format_mixed_adapter_report, mixed_adapter_report
+
+    for name in ("adapters", "batch_size", "seq_len", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    if args.json:
+        output_file(args.json, "--json")
+    options = ("model", "adapters", "batch_size", "seq_len", "reduction", "threads", "repeats", "warmup")
+    report = mixed_adapter_report(**{name: getattr(args, name) for name in options})
+    print(format_mixed_adapter_report(report))
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
 
 
 def add_bench_soft_topk_parser(subparsers: argparse._SubParsersAction) -> None:

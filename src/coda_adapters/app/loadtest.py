@@ -85,7 +85,7 @@ def prepare_adapters(
     for seed, reduction in enumerate(reductions):
         directory = out_dir / "adapters" / adapter_name(reduction)
         if not _adapter_matches(directory, model_reference(model), reduction, labels, seq_len):
-            _build_adapter(directory, model, reduction, labels, seq_len, seed)
+            build_random_adapter(directory, model, reduction, labels, seq_len, seed)
         adapters[adapter_name(reduction)] = directory
     return adapters
 
@@ -105,7 +105,9 @@ def _adapter_matches(directory: Path, model: str, reduction: float, labels: list
     )
 
 
-def _build_adapter(directory: Path, model: str, reduction: float, labels: list[str], seq_len: int, seed: int) -> None:
+def build_random_adapter(
+    directory: Path, model: str, reduction: float, labels: list[str], seq_len: int, seed: int
+) -> None:
     """Build, randomise and save in a staging directory renamed at the end: a crash leaves no half adapter
     that the next run would reuse."""
     import torch

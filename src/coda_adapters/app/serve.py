@@ -7,9 +7,11 @@
   bytes or more than ``--max-queue`` texts 413, a bad ``texts`` 422, queue full or stopping 503 (with
   ``Retry-After``), a failure in model code 500 (the server keeps serving).
 
-Adapters naming the same base model share one copy of its frozen weights (:mod:`.serving`). On SIGTERM
-(or Ctrl-C) uvicorn stops accepting connections and waits for the requests in flight; the app's
-shutdown then answers whatever is still queued before the worker thread stops, and the command exits 0.
+Adapters naming the same base model share one copy of its frozen weights (:mod:`.serving`), and, with
+``--mix-adapters`` (the default), those whose shapes allow run in one model call when their requests meet
+in a batching window. On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and waits for the
+requests in flight; the app's shutdown then answers whatever is still queued before the worker thread
+stops, and the command exits 0.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue", type=int, default=256, help="texts waiting at most; more answer 503")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies answer 413")
     parser.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
+    parser.add_argument(
+        "--mix-adapters",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the requests of adapters that share a base model and shapes in one model call (same answers); "
+        "--no-mix-adapters: one model call per adapter",
+    )
     parser.set_defaults(run=run_serve)
 
 
@@ -74,6 +83,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
+        mix_adapters=args.mix_adapters,
     )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")

@@ -22,6 +22,7 @@ from torch import nn
 from ..checkpoint import WEIGHTS_NAME, read_adapter_weights, read_coda_config
 from ..config import check_int, check_number
 from ..model import CodaModel
+from ..stacking import StackedCodaModel, check_stackable
 from .classify import Encoded, length_sorted_batches, predict_probabilities, read_task
 from .options import flag
 
@@ -37,10 +38,13 @@ class ServeSettings:
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
     threads: int | None = None
+    mix_adapters: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes"):
             check_int(flag(name), getattr(self, name), low=1)
+        if not isinstance(self.mix_adapters, bool):
+            raise ValueError(f"{flag('mix_adapters')} must be True or False, got {self.mix_adapters!r}")
         if self.threads is not None:
             check_int(flag("threads"), self.threads, low=1)
         check_number(flag("max_wait_ms"), self.max_wait_ms, low=0)
@@ -201,9 +205,112 @@ def _fit_head(base: nn.Module, saved: dict[str, torch.Tensor], num_labels: int) 
 
 
 # --------------------------------------------------------------------------------------------------
+# Mixed-adapter model calls
+# --------------------------------------------------------------------------------------------------
+
+
+class MixedEncoded(Encoded):
+    """The texts of several adapters, each part tokenized by its own adapter, with each row's adapter slot:
+    its batches carry ``adapter_index`` ``[batch]`` for a :class:`~coda_adapters.stacking.StackedCodaModel`.
+
+    Padding takes the first part's pad id; padded positions are masked, never routed and never pooled,
+    so their id does not matter.
+    """
+
+    def __init__(self, parts: list[Encoded], slots: list[int]) -> None:  # the parts are tokenized already
+        self.ids = [row for part in parts for row in part.ids]
+        self.labels = None
+        self.pad_id = parts[0].pad_id
+        self.slots = [slot for part, slot in zip(parts, slots, strict=True) for _ in part.ids]
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {**super().batch(indices), "adapter_index": torch.tensor([self.slots[i] for i in indices])}
+
+
+@dataclass(eq=False)  # compared and hashed by identity: the batcher keys a window's model calls by group
+class MixedAdapters:
+    """Adapters that run together in one model call: their :class:`StackedCodaModel`, ``adapters[a]`` in slot ``a``."""
+
+    adapters: list[ServedAdapter]
+    model: StackedCodaModel
+
+    @classmethod
+    def build(cls, adapters: list[ServedAdapter]) -> MixedAdapters:
+        return cls(list(adapters), StackedCodaModel([adapter.model for adapter in adapters]))
+
+    def classify(
+        self, texts: Mapping[str, list[str]], batch_size: int
+    ) -> tuple[dict[str, tuple[torch.Tensor, list[int]]], int]:
+        """For each adapter named in ``texts``: its probabilities ``[texts, labels]`` in input order and its
+        number of texts in each model call; and the number of model calls.
+
+        Each adapter's texts are tokenized as it does alone (its tokenizer and ``max_length``); then all the
+        texts are sorted by length together and cut into batches of ``batch_size``, as
+        :meth:`ServedAdapter.classify` does for one adapter. A padded label's probability is 0 and is cut off.
+        """
+        slots = {adapter.name: slot for slot, adapter in enumerate(self.adapters)}
+        parts = [self._encode(slots[name], batch) for name, batch in texts.items()]
+        encoded = MixedEncoded(parts, [slots[name] for name in texts])
+        calls = length_sorted_batches(encoded, batch_size)
+        probabilities, _ = predict_probabilities(self.model, encoded, batch_size)
+        results = {}
+        for name, (start, end) in zip(texts, _offsets([len(batch) for batch in texts.values()]), strict=True):
+            shares = [sum(start <= i < end for i in call) for call in calls]
+            results[name] = probabilities[start:end, : self.model.num_labels[slots[name]]], [n for n in shares if n]
+        return results, len(calls)
+
+    def _encode(self, slot: int, texts: list[str]) -> Encoded:
+        adapter = self.adapters[slot]
+        return Encoded(adapter.tokenizer, texts, None, adapter.max_length)
+
+
+def mixed_groups(adapters: Mapping[str, ServedAdapter | OnnxServedAdapter]) -> dict[str, MixedAdapters]:
+    """Per adapter that can share model calls with others, the :class:`MixedAdapters` it runs in.
+
+    PyTorch adapters are grouped greedily, in order: each joins the first group whose first adapter
+    it stacks with (:func:`~coda_adapters.stacking.check_stackable`), else starts one. Groups of one, and
+    ONNX Runtime adapters, run in their own model calls; the log says which adapters mix and why the
+    others do not.
+    """
+    groups: list[list[ServedAdapter]] = []
+    for adapter in adapters.values():
+        if not isinstance(adapter, ServedAdapter):
+            logger.info("adapter %r runs in its own model calls: it runs on ONNX Runtime", adapter.name)
+            continue
+        reasons = [_stack_refusal(group[0], adapter) for group in groups]
+        joined = next((group for group, reason in zip(groups, reasons, strict=True) if reason is None), None)
+        if joined is not None:
+            joined.append(adapter)
+            continue
+        groups.append([adapter])
+        if reasons:
+            logger.info("adapter %r cannot mix with %r: %s", adapter.name, groups[0][0].name, reasons[0])
+    mixed = {}
+    for group in groups:
+        names = [adapter.name for adapter in group]
+        if len(group) == 1:
+            logger.info("adapter %r runs in its own model calls (grouped per adapter)", names[0])
+            continue
+        logger.info("adapters %s run mixed: one model call for all of them in a batching window", names)
+        stacked = MixedAdapters.build(group)
+        mixed.update(dict.fromkeys(names, stacked))
+    return mixed
+
+
+def _stack_refusal(first: ServedAdapter, adapter: ServedAdapter) -> str | None:
+    """Why ``adapter`` cannot run in one model call with ``first``, or None if it can."""
+    try:
+        check_stackable([first.model, adapter.model])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Metrics (Prometheus text exposition format, written by hand: a few counters and histograms)
 # --------------------------------------------------------------------------------------------------
 
+CALL_MODES = ("mixed", "single")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -244,13 +351,15 @@ class Metrics:
         sizes = sorted({2**i for i in range(max_batch_size.bit_length()) if 2**i <= max_batch_size} | {max_batch_size})
         self.batch_sizes = {name: Histogram(tuple(sizes)) for name in adapters}
         self.latency = {name: Histogram(LATENCY_BUCKETS) for name in adapters}
+        self.model_calls: Counter[str] = Counter(dict.fromkeys(CALL_MODES, 0))
 
     def render(self, queue_depth: Mapping[str, int]) -> str:
         out = ["# HELP coda_requests_total Classification requests answered, by adapter and HTTP status."]
         out.append("# TYPE coda_requests_total counter")
         for (adapter, status), count in sorted(self.requests.items()):
             out.append(f'coda_requests_total{{adapter="{_escape(adapter)}",status="{status}"}} {count}')
-        out += ["# HELP coda_batch_size Texts per model call.", "# TYPE coda_batch_size histogram"]
+        out.append("# HELP coda_batch_size Texts per model call (a mixed call counts each adapter's own texts).")
+        out.append("# TYPE coda_batch_size histogram")
         for name in self.adapters:
             out += self.batch_sizes[name].lines("coda_batch_size", f'adapter="{_escape(name)}"')
         out += ["# HELP coda_queue_depth Texts waiting for the model.", "# TYPE coda_queue_depth gauge"]
@@ -259,6 +368,9 @@ class Metrics:
         out.append("# TYPE coda_request_duration_seconds histogram")
         for name in self.adapters:
             out += self.latency[name].lines("coda_request_duration_seconds", f'adapter="{_escape(name)}"')
+        out.append("# HELP coda_model_calls_total Model calls: mixed (several adapters in one call) or single (one).")
+        out.append("# TYPE coda_model_calls_total counter")
+        out += [f'coda_model_calls_total{{mode="{mode}"}} {count}' for mode, count in sorted(self.model_calls.items())]
         return "\n".join(out) + "\n"
 
 
@@ -306,8 +418,10 @@ class Batcher:
     A window opens when a request arrives and closes when ``max_batch_size`` texts wait or
     ``max_wait_ms`` has passed since its first request; it takes whole requests from the front of the
     queue, up to ``max_batch_size`` texts (a larger single request is taken alone and cut into
-    batches). Within a window the texts are grouped per adapter — the simplest correct design: one
-    model call never mixes adapters — and each group is sorted by length and cut into batches.
+    batches). Within a window, adapters that stack (same frozen base and shapes, see
+    :func:`mixed_groups`) run together in one model call, each text with its own adapter, when
+    ``settings.mix_adapters``; every other adapter's texts run in calls of their own ("grouped per
+    adapter"). Either way the texts of a call are sorted by length and cut into batches.
     While the worker runs, new requests queue up (at most ``max_queue`` texts), so under load the next
     window is full at once. Model work runs off the event loop, which keeps accepting and answering.
     """
@@ -324,6 +438,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self.mixed = mixed_groups(adapters) if settings.mix_adapters else {}
 
     def start(self) -> None:
         """Start the batching loop on the running event loop (idempotent; also done by the first submit)."""
@@ -401,25 +516,46 @@ class Batcher:
             self.pending[job.adapter] -= len(job.texts)
         return jobs
 
-    def _compute(self, jobs: list[Job]) -> dict[str, Outcome]:
-        """On the worker thread: one classification per adapter of the window, each error kept to its group."""
-        outcomes = {}
-        for adapter in dict.fromkeys(job.adapter for job in jobs):
-            group = [job for job in jobs if job.adapter == adapter]
-            texts = [text for job in group for text in job.texts]
+    def _compute(self, jobs: list[Job]) -> tuple[dict[str, Outcome], Counter[str]]:
+        """On the worker thread: the window's model calls, each error kept to the adapters of its call; and
+        how many model calls ran in each mode."""
+        outcomes, calls = {}, Counter()
+        for names in self._model_calls(jobs):
+            groups = {name: [job for job in jobs if job.adapter == name] for name in names}
             try:
-                probabilities, sizes = self.adapters[adapter].classify(texts, self.settings.max_batch_size)
-                bounds = _offsets([len(job.texts) for job in group])
-                rows = [probabilities[start:end] for start, end in bounds]
-                outcomes[adapter] = Outcome(rows, sizes)
+                results, count = self._classify({name: _texts(group) for name, group in groups.items()})
+                calls["mixed" if len(names) > 1 else "single"] += count
+                for name, (probabilities, sizes) in results.items():
+                    bounds = _offsets([len(job.texts) for job in groups[name]])
+                    outcomes[name] = Outcome([probabilities[start:end] for start, end in bounds], sizes)
             except Exception as error:
-                logger.exception("classification with adapter %r failed", adapter)
+                logger.exception("classification with adapter(s) %s failed", ", ".join(map(repr, names)))
                 failure = ModelError(f"{type(error).__name__}: {error}")
                 failure.__cause__ = error
-                outcomes[adapter] = Outcome(error=failure)
-        return outcomes
+                outcomes.update({name: Outcome(error=failure) for name in names})
+        return outcomes, calls
 
-    def _deliver(self, jobs: list[Job], outcomes: dict[str, Outcome]) -> None:
+    def _model_calls(self, jobs: list[Job]) -> list[list[str]]:
+        """The window's adapters, in order of arrival, as they run: those of one mixed group together, every
+        other one alone."""
+        calls: dict[MixedAdapters | str, list[str]] = {}
+        for name in dict.fromkeys(job.adapter for job in jobs):
+            calls.setdefault(self.mixed.get(name, name), []).append(name)
+        return list(calls.values())
+
+    def _classify(self, texts: dict[str, list[str]]) -> tuple[dict[str, tuple[torch.Tensor, list[int]]], int]:
+        """Per adapter: probabilities and texts per model call; and the number of model calls. One adapter runs
+        as it always has (:meth:`ServedAdapter.classify`); several run in their group's stacked model."""
+        size = self.settings.max_batch_size
+        if len(texts) > 1:
+            return self.mixed[next(iter(texts))].classify(texts, size)
+        ((name, batch),) = texts.items()
+        probabilities, sizes = self.adapters[name].classify(batch, size)
+        return {name: (probabilities, sizes)}, len(sizes)
+
+    def _deliver(self, jobs: list[Job], computed: tuple[dict[str, Outcome], Counter[str]]) -> None:
+        outcomes, calls = computed
+        self.metrics.model_calls.update(calls)
         for adapter, outcome in outcomes.items():
             for size in outcome.batch_sizes:
                 self.metrics.batch_sizes[adapter].observe(size)
@@ -433,6 +569,10 @@ class Batcher:
                 job.future.set_exception(outcome.error)
             else:
                 job.future.set_result(row)
+
+
+def _texts(jobs: list[Job]) -> list[str]:
+    return [text for job in jobs for text in job.texts]
 
 
 def _offsets(lengths: list[int]) -> list[tuple[int, int]]:
