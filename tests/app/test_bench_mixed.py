@@ -26,4 +26,4 @@ def test_the_mixed_call_is_timed_beside_the_single_and_grouped_calls_and_answers
 
 def test_bad_counts_are_refused(capsys):
     assert main(["bench-mixed-adapters", "--adapters", "0"]) == 2
-    assert "--adapters must be at least 1" in capsys.readouterr().err
+    assert "--adapters must be an int >= 1, got 0" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import check_int
 from .options import CommandError, add_subcommand, flag, output_directory, output_file
 
 
@@ -151,8 +152,7 @@ def run_bench_mixed(args: argparse.Namespace) -> None:
     from .bench_mixed import format_mixed_adapter_report, mixed_adapter_report
 
     for name in ("adapters", "batch_size", "seq_len", "threads", "repeats"):
-        if getattr(args, name) < 1:
-            raise CommandError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+        check_int(flag(name), getattr(args, name), low=1)
     if args.json:
         output_file(args.json, "--json")
     options = ("model", "adapters", "batch_size", "seq_len", "reduction", "threads", "repeats", "warmup")
