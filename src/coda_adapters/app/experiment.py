@@ -118,7 +118,7 @@ PRESETS = {
         pretrain=PretrainConfig(steps=1, max_length=128),  # unused
         data="bbc-needle",
     ),
-    # `make demo`: the needle preset's first rows, one seed (about 15 minutes on 2 cores)
+    # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
         train=TrainConfig(**ROUTING_RECIPE, max_length=128),
