@@ -334,7 +334,7 @@ def save_tiny_classifier(base: Path, out: Path, labels: list[str], seed: int = 0
 
     model = get_coda_model(
         AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels)),
-        CodaConfig(reduction=3, bottleneck=8, **settings),
+        CodaConfig(**{"reduction": 3, "bottleneck": 8, **settings}),
     )
     randomize_trainable(model, seed=seed)
     model.save_pretrained(out)

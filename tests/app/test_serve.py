@@ -397,6 +397,19 @@ def test_mixed_windows_answer_requests_of_every_size_as_each_adapter_alone(adapt
         assert torch.allclose(served_probabilities(response), expected, atol=1e-5), name
 
 
+def test_adapters_of_different_reductions_are_not_mixed(adapters, caplog):
+    """They would stack, but a mixed call would run every example at the smaller r's cost."""
+    base = adapters["topics"].parent / "base-head"
+    faster = save_tiny_classifier(base, adapters["topics"].parent / "r5", TOPICS, seed=7, reduction=5)
+    served = {"topics": adapters["topics"], "yesno": adapters["yesno"], "faster": faster}
+    with caplog.at_level("INFO"):
+        answers, _metrics, app = answers_of_all_adapters_at_once(served, ServeSettings(max_wait_ms=200))
+    assert set(app.state.service.batcher.mixed) == {"topics", "yesno"}
+    assert "routes at r = 5" in caplog.text
+    got = served_probabilities(answers["faster"])
+    assert torch.allclose(got, expected_probabilities(faster, TEXTS, batch_size=16), atol=1e-5)
+
+
 def test_a_mixed_call_cuts_the_adapters_texts_into_batches_together(adapters):
     """Called directly: in the server a window over the batch size is a single request (one adapter)."""
     group = build_app(adapters, ServeSettings()).state.service.batcher.mixed["topics"]

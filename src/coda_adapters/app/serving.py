@@ -298,7 +298,16 @@ def mixed_groups(adapters: Mapping[str, ServedAdapter | OnnxServedAdapter]) -> d
 
 
 def _stack_refusal(first: ServedAdapter, adapter: ServedAdapter) -> str | None:
-    """Why ``adapter`` cannot run in one model call with ``first``, or None if it can."""
+    """Why ``adapter`` should not run in one model call with ``first``, or None if it can.
+
+    Adapters of different ``r`` would stack, but a routed batch is as long as its longest selection
+    (``k_max``), so every example would pay for the smallest ``r``: they run in calls of their own.
+    """
+    if first.model.reduction != adapter.model.reduction:
+        return (
+            f"it routes at r = {adapter.model.reduction:g}, {first.name!r} at r = {first.model.reduction:g} "
+            "(a mixed call would run every example at the smaller r's cost)"
+        )
     try:
         check_stackable([first.model, adapter.model])
     except ValueError as error:
