@@ -19,6 +19,7 @@ from coda_adapters.app.experiment import (
     row_coda_config,
     row_directory,
     run_experiment,
+    select_rows,
 )
 from coda_adapters.app.pretrain import PretrainConfig
 
@@ -136,6 +137,24 @@ def test_one_seed_keeps_the_single_run_layout(tmp_path):
         run_experiment(tiny_preset([row]), synthetic_data(), tmp_path, seeds=(1, 1))
 
 
+def test_rows_are_selected_by_their_directory_names_in_the_preset_order():
+    rows = experiment_rows(PRESETS["routing-long"])
+    picked = select_rows(rows, ("coda-r-5", "dense-parallel-adapter-r-1"))
+    assert [row.name for row in picked] == [DENSE, "CoDA r=5"]
+    for wrong in (("coda-r-4",), ()):
+        with pytest.raises(ValueError, match=r"--rows must name rows of the preset.*coda-r-3-random-router"):
+            select_rows(rows, wrong)
+
+
+def test_the_long_routing_recipe_spends_one_epoch_dense_one_warming_up_and_three_at_r():
+    train = PRESETS["routing-long"].train
+    assert (train.epochs * train.dense_start, train.epochs * train.reduction_warmup) == pytest.approx((1, 1))
+    assert train.max_length == PRESETS["routing"].train.max_length == 256
+    assert {**asdict(train), "epochs": 3, "dense_start": 1 / 3, "reduction_warmup": 1 / 3} == asdict(
+        PRESETS["routing"].train
+    )
+
+
 def metrics_of(directory):
     return json.loads((directory / "metrics.json").read_text())
 
@@ -144,7 +163,12 @@ def metrics_of(directory):
 def test_seeds_and_truncation_baselines_end_to_end(tmp_path, capsys, minilm_path):
     preset = tiny_preset([Row(DENSE, {"reduction": 1}), Row("CoDA r=3 + pretraining", {"reduction": 3}, pretrain=True)])
     seeds = (0, 1)
+    # one process trains a row (--rows) and writes no table while others are missing; the full run keeps it
+    assert run_experiment(preset, synthetic_data(), tmp_path, seeds=seeds, only=("coda-r-3-random-router",)) == []
+    assert "no table written" in capsys.readouterr().out and not (tmp_path / "results.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coda-r-3-random-router"]
     results = run_experiment(preset, synthetic_data(), tmp_path, model_name="minilm", seeds=seeds)
+    assert capsys.readouterr().out.count("done before, kept") == 2
     truncation, random_router = "Dense adapter, first 11 tokens", "CoDA r=3, random router"  # 11 = ceil(32 / 3)
     by_name = {r["name"]: r for r in results}
     assert list(by_name) == [DENSE, "CoDA r=3 + pretraining", truncation, random_router]
@@ -197,7 +221,7 @@ def test_seeds_and_truncation_baselines_end_to_end(tmp_path, capsys, minilm_path
 
     capsys.readouterr()
     again = run_experiment(preset, synthetic_data(), tmp_path, model_name="minilm", seeds=seeds)
-    assert capsys.readouterr().out.count("done before, kept") == 8
+    assert capsys.readouterr().out.count("done before, kept") == 8  # 4 rows x 2 seeds
     assert [r["accuracy_per_seed"] for r in again] == [r["accuracy_per_seed"] for r in results]
 
 

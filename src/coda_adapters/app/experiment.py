@@ -84,6 +84,17 @@ PRESETS = {
         pretrain=PretrainConfig(steps=1, max_length=256),  # unused
         baselines=True,
     ),
+    # The routing preset at r = 3 and 5 with a longer recipe: 5 epochs, the first dense, the second lowering the
+    # kept share to 1/r, three at r (is one epoch at r too short for adapters trained in the dense model?)
+    # (`coda experiment --preset routing-long`, about 75 minutes per seed on 2 cores, split with --rows)
+    "routing-long": Preset(
+        rows=[Row(DENSE, {"reduction": 1})] + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5)],
+        train=TrainConfig(
+            **{**ROUTING_RECIPE, "epochs": 5, "dense_start": 0.2, "reduction_warmup": 0.2}, max_length=256
+        ),
+        pretrain=PretrainConfig(steps=1, max_length=256),  # unused
+        baselines=True,
+    ),
     # bbc-needle at 128 tokens: the evidence is a few tokens at a random place (app/needle.py)
     # (`coda experiment --preset needle --seeds 0 1 2`, about an hour on 2 cores)
     "needle": Preset(
@@ -185,16 +196,22 @@ def run_experiment(
     model_name: str = "minilm",
     fresh: bool = False,
     seeds: tuple[int, ...] = (0,),
+    only: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train every row once per seed (skipping finished runs unless ``fresh``), then time all rows side by side."""
+    """Train every row once per seed (skipping finished runs unless ``fresh``), then time all rows side by side.
+
+    ``only`` (row slugs, ``coda experiment --rows``) trains those rows and nothing else, so that a preset can be
+    split over processes or machines sharing ``out_dir``; the table is written once every row has finished.
+    Returns the table's rows, or [] while some are missing."""
     out_dir, seeds, rows = Path(out_dir), check_seeds(seeds), experiment_rows(preset)
+    trained = rows if only is None else select_rows(rows, only)
     if fresh:
-        for row in rows:
+        for row in trained:
             shutil.rmtree(out_dir / row.slug, ignore_errors=True)
     if preset.max_train_examples is not None:  # one subsample for every seed: the seeds vary the runs, not the data
         data = replace(data, train=subsample(data.train, preset.max_train_examples, preset.train.seed))
     for seed in seeds:  # seed by seed, so that an interrupted run has every row for the seeds it finished
-        for row in rows:
+        for row in trained:
             directory = row_directory(out_dir, row, seed, seeds)
             what = row.name if seeds == (0,) else f"{row.name}, seed {seed}"
             if (directory / METRICS_NAME).is_file():
@@ -202,6 +219,14 @@ def run_experiment(
                 continue
             print(f"== {what}")
             train_row(row, preset, data, directory, model_name, seed)
+    missing = [
+        row.slug
+        for row in rows
+        if not all((row_directory(out_dir, row, s, seeds) / METRICS_NAME).is_file() for s in seeds)
+    ]
+    if missing:
+        print(f"== not every row has finished yet ({', '.join(missing)}): no table written; run without --rows")
+        return []
     results = [summarize_row(row, [row_directory(out_dir, row, seed, seeds) for seed in seeds], seeds) for row in rows]
     add_paired_differences(results, rows, preset)
     if preset.data == "bbc-needle":
@@ -222,6 +247,15 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
     if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ValueError(f"--seeds must be one or more distinct integers >= 0, got {list(seeds)}")
     return seeds
+
+
+def select_rows(rows: list[Row], slugs: tuple[str, ...]) -> list[Row]:
+    """The rows named by ``slugs`` (their directory names under OUT), in the preset's order."""
+    known = [row.slug for row in rows]
+    unknown = [slug for slug in slugs if slug not in known]
+    if unknown or not slugs:
+        raise ValueError(f"--rows must name rows of the preset, got {list(slugs)}; its rows are: {', '.join(known)}")
+    return [row for row in rows if row.slug in slugs]
 
 
 def row_directory(out_dir: Path, row: Row, seed: int, seeds: tuple[int, ...]) -> Path:
