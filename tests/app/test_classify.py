@@ -1,15 +1,27 @@
-"""`coda train`'s recipe on a tiny model: the reduction warm-up and what gets saved."""
+"""`coda train`'s recipe: the reduction warm-up and what gets saved (a tiny model); distillation from a teacher."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.app.classify import TrainConfig, train_classifier
+from coda_adapters.app.classify import (
+    Encoded,
+    TrainConfig,
+    build_classifier,
+    distillation_loss,
+    load_classifier,
+    predict_probabilities,
+    teacher_logits,
+    train_classifier,
+)
 from coda_adapters.app.data import ClassificationData, LabelledTexts
 from coda_adapters.app.loop import warmed_up_reduction
 
-from helpers import tiny_model
+from helpers import save_tiny_classifier, tiny_model
 
 
 def test_reduction_warmup_trains_from_dense_to_r_and_validates_and_saves_at_r(tmp_path, minilm_tokenizer):
@@ -39,3 +51,85 @@ def test_reduction_warmup_trains_from_dense_to_r_and_validates_and_saves_at_r(tm
     assert metrics["train_config"]["reduction_warmup"] == 0.5 and metrics["train_config"]["dense_start"] == 0.25
     with pytest.raises(ValueError, match="--dense-start plus --reduction-warmup must be a finite number <= 1"):
         TrainConfig(dense_start=0.6, reduction_warmup=0.5)
+
+
+def test_distillation_loss_is_the_weighted_sum_of_cross_entropy_and_the_softened_kl():
+    generator = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    cross_entropy, weight, temperature = torch.tensor(1.7), 0.3, 2.5
+
+    def softened(x):  # an independent reference in numpy
+        e = np.exp(x.numpy() / temperature)
+        return e / e.sum(-1, keepdims=True)
+
+    model_p, teacher_p = softened(logits), softened(teacher)
+    kl = float((teacher_p * np.log(teacher_p / model_p)).sum(-1).mean())
+    loss = distillation_loss(cross_entropy, logits, teacher, weight, temperature)
+    assert float(loss) == pytest.approx(0.7 * 1.7 + 0.3 * 2.5**2 * kl, rel=1e-5)
+    assert float(distillation_loss(cross_entropy, logits, teacher, 0.0, temperature)) == pytest.approx(1.7)
+    assert float(distillation_loss(cross_entropy, teacher, teacher, 1.0, temperature)) == pytest.approx(0, abs=1e-6)
+    for name, settings in (
+        ("--distill-weight", {"distill_weight": 1.5}),
+        ("--distill-temperature", {"distill_temperature": 0}),
+    ):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**settings)
+
+
+def distillation_task(tmp_path, minilm_path, labels=("a", "b", "c")):
+    teacher = save_tiny_classifier(Path(minilm_path), tmp_path / "teacher", list(labels), seed=3, bottleneck=8)
+    texts = [f"text {i} is about {['sport', 'money', 'phones'][i % 3]} and {i * 7 % 11} more things" for i in range(24)]
+    return teacher, texts
+
+
+def test_teacher_logits_follow_the_training_texts_order_and_the_teacher_must_match(tmp_path, minilm_path):
+    teacher_dir, texts = distillation_task(tmp_path, minilm_path)
+    model, tokenizer, _ = load_classifier(teacher_dir)
+    encoded = Encoded(tokenizer, texts, None, 16)  # length-sorted batches inside: the order must come back
+    config = TrainConfig(teacher=str(teacher_dir), eval_batch_size=5, max_length=16)
+    logits = teacher_logits(config, encoded, ["a", "b", "c"], minilm_path)
+    with torch.inference_mode():
+        one_by_one = torch.cat(
+            [model(**tokenizer(text, truncation=True, max_length=16, return_tensors="pt")).logits for text in texts]
+        )
+    assert logits.shape == (24, 3) and torch.allclose(logits, one_by_one, atol=1e-4)
+    with pytest.raises(
+        ValueError, match=r"--teacher .*labels \['a', 'b', 'c'\] differ from the data's \['x', 'y', 'z'\]"
+    ):
+        teacher_logits(config, encoded, ["x", "y", "z"], minilm_path)
+    with pytest.raises(ValueError, match="--teacher .*not minilm .both must read the same tokens"):
+        teacher_logits(config, encoded, ["a", "b", "c"], "minilm")
+
+
+def test_training_on_the_teacher_alone_brings_the_model_to_the_teachers_predictions(tmp_path, minilm_path):
+    """distill_weight 1 ignores the labels (here: all one class): the model can only learn from the teacher."""
+    teacher_dir, texts = distillation_task(tmp_path, minilm_path)
+    student, tokenizer = build_classifier(minilm_path, CodaConfig(reduction=3, bottleneck=8), ["a", "b", "c"])
+    data = ClassificationData(LabelledTexts(texts, [0] * 24), LabelledTexts(texts[:3], [0, 1, 2]), list("abc"), "t")
+    config = TrainConfig(
+        epochs=4,
+        min_steps=0,
+        batch_size=8,
+        lr=1e-2,
+        max_length=16,
+        val_size=0,
+        warmup_ratio=0,
+        teacher=str(teacher_dir),
+        distill_weight=1.0,
+        distill_temperature=1.0,
+    )
+    encoded = Encoded(tokenizer, texts, None, 16)
+    targets = teacher_logits(config, encoded, ["a", "b", "c"], minilm_path).softmax(-1)
+
+    def kl_to_teacher():
+        probabilities = predict_probabilities(student, encoded, 8)[0]
+        return float((targets * (targets / probabilities).log()).sum(-1).mean())
+
+    before = kl_to_teacher()
+    train_classifier(
+        student, tokenizer, data, config, tmp_path / "student", model_name=minilm_path, show_progress=False
+    )
+    after = kl_to_teacher()
+    assert after < 0.5 * before, (before, after)
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert metrics["train_config"]["teacher"] == str(teacher_dir) and metrics["train_config"]["distill_weight"] == 1.0

@@ -225,6 +225,25 @@ def test_seeds_and_truncation_baselines_end_to_end(tmp_path, capsys, minilm_path
     assert [r["accuracy_per_seed"] for r in again] == [r["accuracy_per_seed"] for r in results]
 
 
+@pytest.mark.slow
+def test_a_distilling_row_learns_from_the_same_seeds_dense_run_and_waits_for_it(tmp_path, minilm_path):
+    student = Row("CoDA r=3, distilled", {"reduction": 3}, teacher=DENSE)
+    preset = tiny_preset([Row(DENSE, {"reduction": 1}), student], baselines=False)
+    with pytest.raises(
+        ValueError, match=r"distils .*has not finished: train it first \(--rows dense-parallel-adapter-r-1\)"
+    ):
+        run_experiment(preset, synthetic_data(), tmp_path, seeds=(0, 1), only=(student.slug,))
+    run_experiment(preset, synthetic_data(), tmp_path, model_name="minilm", seeds=(0, 1))
+    for seed in (0, 1):
+        config = metrics_of(tmp_path / student.slug / f"seed-{seed}")["train_config"]
+        assert config["teacher"] == str(tmp_path / "dense-parallel-adapter-r-1" / f"seed-{seed}")
+        assert config["seed"] == seed
+    assert metrics_of(tmp_path / "dense-parallel-adapter-r-1" / "seed-0")["train_config"]["teacher"] is None
+    orphan = tiny_preset([Row("CoDA r=3, distilled", {"reduction": 3}, teacher="no such row")], baselines=False)
+    with pytest.raises(ValueError, match="distils 'no such row', which is not a row of the preset"):
+        run_experiment(orphan, synthetic_data(), tmp_path / "orphan")
+
+
 def test_the_needle_table_shows_each_routed_row_and_layer():
     from coda_adapters.app.experiment import format_routed_evidence
 

@@ -59,6 +59,15 @@ class TrainConfig(OptimizerConfig):
         1 / 3, "share of the steps, after --dense-start, over which the kept share of tokens falls from all to 1/r"
     )
     eval_batch_size: int = option(32, "examples per batch in evaluation")
+    # Distillation from a trained dense adapter, as DynamicViT trains its token pruning against the
+    # unpruned model: the teacher's class distribution tells the routed model more than the label alone
+    teacher: str | None = option(
+        None, "a `coda train` output on the same model and labels whose predictions are also learned (None: none)"
+    )
+    distill_weight: float = option(
+        0.5, "with --teacher: loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher || model)"
+    )
+    distill_temperature: float = option(2.0, "with --teacher: the temperature T of both distributions")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +78,8 @@ class TrainConfig(OptimizerConfig):
         check_number(flag("dense_start"), self.dense_start, low=0, high=1)
         check_number(flag("reduction_warmup"), self.reduction_warmup, low=0, high=1)
         check_number("--dense-start plus --reduction-warmup", self.dense_start + self.reduction_warmup, high=1)
+        check_number(flag("distill_weight"), self.distill_weight, low=0, high=1)
+        check_number(flag("distill_temperature"), self.distill_temperature, above=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,18 +222,23 @@ def length_sorted_batches(encoded: Encoded, batch_size: int) -> list[list[int]]:
 
 def predict_probabilities(model: nn.Module, encoded: Encoded, batch_size: int) -> tuple[torch.Tensor, float]:
     """Class probabilities ``[examples, labels]`` in the input order, and the examples per second."""
+    logits, examples_per_second = predict_logits(model, encoded, batch_size)
+    return logits.softmax(-1), examples_per_second
+
+
+def predict_logits(model: nn.Module, encoded: Encoded, batch_size: int) -> tuple[torch.Tensor, float]:
+    """Logits ``[examples, labels]`` (float32) in the input order, and the examples per second."""
     model.eval()
-    probabilities: dict[int, torch.Tensor] = {}
+    logits: dict[int, torch.Tensor] = {}
     start = time.perf_counter()
     with torch.inference_mode():
         for indices in length_sorted_batches(encoded, batch_size):
             batch = encoded.batch(indices)
             batch.pop("labels", None)
-            logits = model(**batch).logits.float()
-            for i, row in zip(indices, logits.softmax(-1), strict=True):
-                probabilities[i] = row
+            for i, row in zip(indices, model(**batch).logits.float(), strict=True):
+                logits[i] = row
     seconds = time.perf_counter() - start
-    return torch.stack([probabilities[i] for i in range(len(encoded))]), len(encoded) / seconds
+    return torch.stack([logits[i] for i in range(len(encoded))]), len(encoded) / seconds
 
 
 def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict[str, Any]:
@@ -307,6 +323,7 @@ def train_classifier(
     if resume:
         state = resume_from_checkpoint(out_dir, model, optimization)
         start_epoch, train_seconds, history = state["epoch"], state["train_seconds"], state["history"]
+    teacher = None if config.teacher is None else teacher_logits(config, encoded, data.label_names, model_name)
     wrapped = optimization.prepare(accelerator, model)
     target_reduction, total_steps = model.coda_config.reduction, steps_per_epoch * epochs
 
@@ -315,7 +332,13 @@ def train_classifier(
         model.reduction = warmed_up_reduction(
             target_reduction, step, total_steps, config.reduction_warmup, config.dense_start
         )
-        return wrapped(**shard(encoded.batch(indices), accelerator)).loss
+        batch = encoded.batch(indices)
+        if teacher is None:
+            return wrapped(**shard(batch, accelerator)).loss
+        batch = shard({**batch, "teacher_logits": teacher[indices]}, accelerator)
+        targets = batch.pop("teacher_logits")
+        output = wrapped(**batch)
+        return distillation_loss(output.loss, output.logits, targets, config.distill_weight, config.distill_temperature)
 
     for epoch in range(start_epoch, epochs):
         wrapped.train()
@@ -367,6 +390,35 @@ def train_classifier(
         write_json(out_dir / METRICS_NAME, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def teacher_logits(config: TrainConfig, encoded: Encoded, label_names: list[str], model_name: str) -> torch.Tensor:
+    """The ``--teacher`` classifier's logits ``[train examples, labels]`` on the training texts, computed once
+    before training (the teacher is frozen, and its dense forward would otherwise cost every step as much)."""
+    task = read_task(config.teacher)
+    if task["label_names"] != label_names:
+        raise ValueError(
+            f"--teacher {config.teacher}: its labels {task['label_names']} differ from the data's {label_names}"
+        )
+    if task["model"] != model_name:
+        raise ValueError(
+            f"--teacher {config.teacher}: trained on {task['model']}, not {model_name} (both must read the same tokens)"
+        )
+    model, _, _ = load_classifier(config.teacher)
+    print(f"teacher {config.teacher}: predicting the {len(encoded)} training texts")
+    return predict_logits(model, encoded, config.eval_batch_size)[0]
+
+
+def distillation_loss(
+    cross_entropy: torch.Tensor, logits: torch.Tensor, teacher: torch.Tensor, weight: float, temperature: float
+) -> torch.Tensor:
+    """``(1 - weight) * cross_entropy + weight * T^2 * KL(teacher_T || model_T)``, the distributions softened
+    by the temperature ``T``; logits ``[batch, labels]``. ``T^2`` keeps the soft term's gradient on the scale
+    of the hard one's as ``T`` changes (Hinton et al. 2015)."""
+    log_model = torch.log_softmax(logits.float() / temperature, dim=-1)
+    log_teacher = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = torch.nn.functional.kl_div(log_model, log_teacher, log_target=True, reduction="batchmean")
+    return (1 - weight) * cross_entropy + weight * temperature**2 * kl
 
 
 def planned_epochs(config: TrainConfig, steps_per_epoch: int, show_note: bool = True) -> int:

@@ -48,6 +48,7 @@ class Row:
     pretrain: bool = False
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig settings that differ for this row
     truncation: bool = False  # a compute-matched baseline: the dense adapter on a prefix of the tokens
+    teacher: str | None = None  # the name of the row whose run of the same seed it distils (TrainConfig.teacher)
 
     @property
     def slug(self) -> str:
@@ -79,7 +80,9 @@ PRESETS = {
     # BBC News at 256 tokens, r = 3, 5 and 16, each against truncation to its budget and a random router
     # (`coda experiment --preset routing --seeds 0 1 2`, about 3 hours on 2 cores)
     "routing": Preset(
-        rows=[Row(DENSE, {"reduction": 1})] + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5, 16)],
+        rows=[Row(DENSE, {"reduction": 1})]
+        + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5, 16)]
+        + [Row("CoDA r=3, distilled from the dense adapter", {"reduction": 3}, teacher=DENSE)],
         train=TrainConfig(**ROUTING_RECIPE, max_length=256),
         pretrain=PretrainConfig(steps=1, max_length=256),  # unused
         baselines=True,
@@ -218,7 +221,8 @@ def run_experiment(
                 print(f"== {what}: done before, kept ({directory})")
                 continue
             print(f"== {what}")
-            train_row(row, preset, data, directory, model_name, seed)
+            teacher = None if row.teacher is None else teacher_directory(row, rows, out_dir, seed, seeds)
+            train_row(row, preset, data, directory, model_name, seed, teacher)
     missing = [
         row.slug
         for row in rows
@@ -312,8 +316,28 @@ def truncation_row(max_length: int) -> Row:
 # --------------------------------------------------------------------------------------------------
 
 
+def teacher_directory(row: Row, rows: list[Row], out_dir: Path, seed: int, seeds: tuple[int, ...]) -> Path:
+    """The finished run, of the same seed, of the row that ``row`` distils."""
+    teacher = next((other for other in rows if other.name == row.teacher), None)
+    if teacher is None:
+        raise ValueError(f"row {row.name!r} distils {row.teacher!r}, which is not a row of the preset")
+    directory = row_directory(out_dir, teacher, seed, seeds)
+    if not (directory / METRICS_NAME).is_file():
+        raise ValueError(
+            f"row {row.name!r} distils {teacher.name!r}, whose run {directory} has not finished: "
+            f"train it first (--rows {teacher.slug})"
+        )
+    return directory
+
+
 def train_row(
-    row: Row, preset: Preset, data: ClassificationData, directory: Path, model_name: str, seed: int = 0
+    row: Row,
+    preset: Preset,
+    data: ClassificationData,
+    directory: Path,
+    model_name: str,
+    seed: int = 0,
+    teacher: Path | None = None,
 ) -> None:
     config = row_coda_config(preset, row)
     torch.manual_seed(seed)
@@ -328,7 +352,8 @@ def train_row(
     model, tokenizer = build_classifier(model_name, config, data.label_names)
     if row.pretrain:
         load_backbone_adapter(model, directory / "pretrain")
-    train_config = TrainConfig(**{**asdict(preset.train), **row.train, "seed": seed})
+    teacher_setting = {} if teacher is None else {"teacher": str(teacher)}
+    train_config = TrainConfig(**{**asdict(preset.train), **row.train, **teacher_setting, "seed": seed})
     train_classifier(model, tokenizer, data, train_config, directory, model_name=model_name, extra_metrics=extra)
 
 
