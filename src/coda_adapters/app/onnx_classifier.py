@@ -9,6 +9,7 @@ similar length), so both runtimes see the same inputs and their metrics are comp
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,15 @@ def run_logits(session: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Logits ``[batch, labels]`` for int64 ``[batch, seq]`` inputs (right-padded, 1 = token)."""
     feeds = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
     return session.run([OUTPUT_NAME], feeds)[0]
+
+
+def onnx_step(session: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One call of ``session`` on ``batch`` (its ``input_ids`` and ``attention_mask``), as the benchmarks time it."""
+
+    def step() -> None:
+        run_logits(session, batch["input_ids"], batch["attention_mask"])
+
+    return step
 
 
 class OnnxClassifier:
