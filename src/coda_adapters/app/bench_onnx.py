@@ -59,7 +59,7 @@ def exported_variants(
         groups["coda"][variant.label] = (variant, load_classifier(adapter)[0])
         for kind, file in files.items():
             variant = Variant(kind, reduction)
-            groups[kind][variant.label] = (variant, inference_session(export / file, run.threads))
+            groups[kind][variant.label] = (variant, inference_session(export / file, run.threads, spinning=False))
     return {label: entry for group in groups.values() for label, entry in group.items()}
 
 

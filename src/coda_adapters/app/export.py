@@ -420,7 +420,7 @@ def compare_speed(
     steps = {"pytorch": inference_step(model, batch)}
     for name, file in (("onnxruntime", ONNX_NAME), ("onnxruntime int8", INT8_NAME)):
         if (Path(export_dir) / file).is_file():
-            steps[name] = onnx_step(inference_session(Path(export_dir) / file, threads), batch)
+            steps[name] = onnx_step(inference_session(Path(export_dir) / file, threads, spinning=False), batch)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

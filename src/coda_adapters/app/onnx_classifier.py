@@ -26,10 +26,13 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 
 
-def inference_session(path: str | Path, threads: int | None = None) -> Any:
+def inference_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> Any:
     """An ONNX Runtime CPU session for ``path``; ``threads`` sets its intra-op threads (None: ORT's default).
 
-    ORT logs errors only (severity 3), so that a server's log keeps to its own lines.
+    ORT logs errors only (severity 3), so that a server's log keeps to its own lines. ``spinning=False``
+    stops its threads from busy-waiting after a call (ORT's default keeps them spinning for the next one):
+    benchmarks that interleave ORT with PyTorch need it, or the spinning threads slow the PyTorch call
+    that follows and flatter ORT.
     """
     import onnxruntime
 
@@ -37,6 +40,8 @@ def inference_session(path: str | Path, threads: int | None = None) -> Any:
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
