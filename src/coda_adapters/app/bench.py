@@ -2,6 +2,8 @@
 
 Every setting is timed side by side in one process, with the settings interleaved across repeats so
 that machine noise hits all of them alike; the report gives medians and ratios, never a single time.
+With ``runtime="onnxruntime"`` the CoDA classifiers are exported and timed on ONNX Runtime beside their
+PyTorch selves (:mod:`.bench_onnx`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ from .. import CodaConfig, get_coda_model, soft_topk
 from ..bindings import binding_for
 from ..config import check_choice, check_int, check_number
 from ..files import write_json
-from .bench_models import bench_model
+from .bench_models import RANDOM_MODELS, Batch, bench_model
 from .options import flag
 from .progress import progress_bar
 
 QUANTIZE_CHOICES = ("none", "int8")
+RUNTIME_CHOICES = ("pytorch", "onnxruntime")
+# kinds labelled with their r, each with its own dense reference (its r = 1): PyTorch CoDA and the exports
+ROUTED_KINDS = ("coda", "onnxruntime", "onnxruntime int8")
+ADAPTER_KINDS = (*ROUTED_KINDS, "float dense")  # the kinds with a bottleneck adapter, for the cost model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,15 +100,26 @@ def flop_ratio(
 
 @dataclass
 class Variant:
-    """One model under test: ``kind`` is "coda" (with ``reduction``), "frozen", "lora-merged", "lora" (training)
-    or "float dense" (the unquantised dense parallel adapter, the reference of an int8 run)."""
+    """One model under test: ``kind`` is "coda" (with ``reduction``), "frozen", "lora-merged", "lora" (training),
+    "float dense" (the unquantised dense parallel adapter, the reference of an int8 run), or "onnxruntime" and
+    "onnxruntime int8" (a CoDA classifier's ONNX export, float or int8, on ONNX Runtime, with ``reduction``)."""
 
     kind: str
     reduction: float | None = None
 
     @property
     def label(self) -> str:
-        return f"coda r={self.reduction:g}" if self.kind == "coda" else self.kind
+        return f"{self.kind} r={self.reduction:g}" if self.kind in ROUTED_KINDS else self.kind
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self.kind.startswith("onnxruntime") else "pytorch"
+
+    @property
+    def dense_label(self) -> str:
+        """The variant ``speedup_vs_dense`` is against: r = 1 of the same kind (runtime and precision), so that
+        an export's speed-up is its routing's alone; the PyTorch dense adapter for the baselines."""
+        return Variant(self.kind if self.kind in ROUTED_KINDS else "coda", 1).label
 
 
 def build_variants(
@@ -242,6 +259,9 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
 
 @dataclass
 class BenchRow:
+    """One variant at one batch shape. ``runtime`` is "pytorch" or "onnxruntime"; ``peak_mem_mb`` is None on
+    ONNX Runtime, whose allocations torch's profiler does not see."""
+
     model: str
     variant: str
     seq_len: int
@@ -256,7 +276,23 @@ class BenchRow:
     speedup_vs_float_dense: float | None
     flop_ratio: float
     efficiency: float
-    peak_mem_mb: float
+    peak_mem_mb: float | None
+    train: bool
+    quantize: str
+    threads: int
+    runtime: str = "pytorch"
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """The settings every row of one run shares."""
+
+    model: str
+    config: Any
+    batch_size: int
+    bottleneck: int
+    repeats: int
+    warmup: int
     train: bool
     quantize: str
     threads: int
@@ -276,12 +312,17 @@ def run_benchmark(
     mixed: bool = True,
     bottleneck: int = 64,
     profile: bool = False,
+    runtime: str = "pytorch",
 ) -> list[BenchRow]:
     """Time CoDA at each reduction against its baselines; see :class:`BenchRow` for what is reported.
 
     ``reductions`` must contain 1 (the dense parallel adapter every speed-up is relative to). With
-    ``profile``, also print where each variant's time goes at the longest sequence length.
+    ``profile``, also print where each variant's time goes at the longest sequence length. With
+    ``runtime="onnxruntime"``, time the ONNX exports of CoDA classifiers at each reduction beside the same
+    classifiers in float PyTorch (:func:`.bench_onnx.benchmark_exports`); ``quantize="int8"`` then adds the
+    int8 graphs and leaves PyTorch in float. ``threads`` applies to torch and ONNX Runtime alike.
     """
+    validate_runtime(runtime, model_name, train, profile)
     spec = bench_model(model_name)
     config = spec.config
     validate_bench_arguments(config, seq_lens, reductions, batch_size, threads, repeats, quantize)
@@ -289,51 +330,94 @@ def run_benchmark(
     if mixed and not spec.supports_mixed:
         print(f"note: {model_name} inputs all have the same length; no mixed-length batches", file=sys.stderr)
         mixed = False
-    base = spec.load(train)
-    variants = build_variants(base, reductions, bottleneck, quantize, train)
-
     batches = {(n, False): spec.batch(n, batch_size, False) for n in seq_lens}
     if mixed:
         batches.update({(n, True): spec.batch(n, batch_size, True) for n in seq_lens})
-    make_step = training_step if train else inference_step
-    rows = []
-    for (seq_len, is_mixed), batch in batches.items():
-        steps = {name: make_step(model, batch) for name, (_, model) in variants.items()}
-        times = time_interleaved(steps, repeats, warmup)
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [seq_len] * batch_size
-        for name, (variant, _) in variants.items():
-            adapter = bottleneck if variant.kind in ("coda", "float dense") else None
-            ratio = flop_ratio(config, seq_len, lengths, variant.reduction, adapter)
-            speedup = medians["coda r=1"] / medians[name]
-            rows.append(
-                BenchRow(
-                    model=model_name,
-                    variant=variant.label,
-                    seq_len=seq_len,
-                    batch_size=batch_size,
-                    mixed_lengths=is_mixed,
-                    reduction=variant.reduction,
-                    latency_ms=1e3 * medians[name],
-                    examples_per_s=batch_size / medians[name],
-                    speedup_vs_dense=speedup,
-                    speedup_vs_frozen=medians["frozen"] / medians[name] if "frozen" in medians else None,
-                    speedup_vs_lora_merged=medians["lora-merged"] / medians[name] if "lora-merged" in medians else None,
-                    speedup_vs_float_dense=medians["float dense"] / medians[name] if "float dense" in medians else None,
-                    flop_ratio=ratio,
-                    efficiency=speedup / ratio,
-                    peak_mem_mb=peak_memory_mb(steps[name]),
-                    train=train,
-                    quantize=quantize,
-                    threads=threads,
-                )
-            )
+    run = BenchRun(model_name, config, batch_size, bottleneck, repeats, warmup, train, quantize, threads)
+    if runtime == "onnxruntime":
+        from .bench_onnx import benchmark_exports
+
+        return benchmark_exports(run, reductions, batches)
+    variants = build_variants(spec.load(train), reductions, bottleneck, quantize, train)
+    rows = time_variants(run, variants, batches, float_dense="float dense")
     if profile:
         batch = batches[(max(seq_lens), False)]
-        for name, (_, model) in variants.items():
+        for name, (variant, model) in variants.items():
             print(f"\n== where the time goes: {name}, {max(seq_lens)} tokens ==")
-            print(profile_table(make_step(model, batch)))
+            print(profile_table(variant_step(variant, model, batch, train)))
     return rows
+
+
+def time_variants(
+    run: BenchRun, variants: dict[str, tuple[Variant, Any]], batches: dict[tuple[int, bool], Batch], float_dense: str
+) -> list[BenchRow]:
+    """Time every variant on each ``(seq_len, mixed)`` batch, interleaved, and report a row for each.
+
+    ``variants`` maps each label to the variant and what runs it (a PyTorch model or an ONNX Runtime
+    session); ``float_dense`` names the variant ``speedup_vs_float_dense`` is against (None where absent).
+    """
+    rows = []
+    for (seq_len, is_mixed), batch in batches.items():
+        steps = {name: variant_step(variant, runner, batch, run.train) for name, (variant, runner) in variants.items()}
+        times = time_interleaved(steps, run.repeats, run.warmup)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [seq_len] * run.batch_size
+        for name, (variant, _) in variants.items():
+            rows.append(bench_row(run, variant, (seq_len, is_mixed, lengths), medians, float_dense, steps[name]))
+    return rows
+
+
+def variant_step(variant: Variant, runner: Any, batch: Batch, train: bool) -> Callable[[], None]:
+    """One timed call: ``runner`` is an ONNX Runtime session for an export, else a PyTorch model (a training
+    step with ``train``)."""
+    if variant.runtime == "onnxruntime":
+        from .onnx_classifier import onnx_step
+
+        return onnx_step(runner, batch)
+    return (training_step if train else inference_step)(runner, batch)
+
+
+def bench_row(
+    run: BenchRun,
+    variant: Variant,
+    shape: tuple[int, bool, list[int]],
+    medians: dict[str, float],
+    float_dense: str,
+    step: Callable[[], None],
+) -> BenchRow:
+    """The row of ``variant`` from the medians of every variant timed with it on one batch; ``shape`` is
+    ``(padded length, mixed, each example's length)``."""
+    seq_len, is_mixed, lengths = shape
+    name = variant.label
+    adapter = run.bottleneck if variant.kind in ADAPTER_KINDS else None
+    ratio = flop_ratio(run.config, seq_len, lengths, variant.reduction, adapter)
+    speedup = medians[variant.dense_label] / medians[name]
+    return BenchRow(
+        model=run.model,
+        variant=name,
+        seq_len=seq_len,
+        batch_size=run.batch_size,
+        mixed_lengths=is_mixed,
+        reduction=variant.reduction,
+        latency_ms=1e3 * medians[name],
+        examples_per_s=run.batch_size / medians[name],
+        speedup_vs_dense=speedup,
+        speedup_vs_frozen=_speedup(medians, "frozen", name),
+        speedup_vs_lora_merged=_speedup(medians, "lora-merged", name),
+        speedup_vs_float_dense=_speedup(medians, float_dense, name),
+        flop_ratio=ratio,
+        efficiency=speedup / ratio,
+        peak_mem_mb=peak_memory_mb(step) if variant.runtime == "pytorch" else None,
+        train=run.train,
+        quantize=run.quantize,
+        threads=run.threads,
+        runtime=variant.runtime,
+    )
+
+
+def _speedup(medians: dict[str, float], reference: str, name: str) -> float | None:
+    """How many times faster ``name`` ran than ``reference``; None if ``reference`` was not timed."""
+    return medians[reference] / medians[name] if reference in medians else None
 
 
 def profile_table(step: Callable[[], None], rows: int = 12) -> str:
@@ -345,6 +429,32 @@ def profile_table(step: Callable[[], None], rows: int = 12) -> str:
         for _ in range(3):
             step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+
+
+def validate_runtime(runtime: str, model_name: str, train: bool, profile: bool) -> None:
+    """``--runtime onnxruntime`` times exported inference graphs of the classifiers ``coda export`` takes
+    (made by ``build_classifier``: a bundled text model or a local model directory); clear errors otherwise."""
+    check_choice(flag("runtime"), runtime, RUNTIME_CHOICES)
+    if runtime == "pytorch":
+        return
+    if train:
+        raise ValueError(
+            "--train cannot be combined with --runtime onnxruntime: an exported graph runs inference only "
+            "(time training steps with --runtime pytorch --train)"
+        )
+    if profile:
+        raise ValueError(
+            "--profile cannot be combined with --runtime onnxruntime: torch.profiler does not see inside "
+            "ONNX Runtime (profile with --runtime pytorch)"
+        )
+    if model_name in RANDOM_MODELS:
+        from .assets import BUNDLED_MODELS
+
+        raise ValueError(
+            f"--model {model_name} cannot be exported: --runtime onnxruntime exports text classifiers as "
+            f"`coda export` does, over a bundled model ({', '.join(BUNDLED_MODELS)}) or a local Hugging Face "
+            f"model directory; the random-weight models ({', '.join(RANDOM_MODELS)}) run with --runtime pytorch"
+        )
 
 
 def validate_bench_arguments(
@@ -375,7 +485,7 @@ def validate_bench_arguments(
 
 def format_table(rows: list[BenchRow]) -> str:
     columns = [
-        ("variant", 12, lambda r: r.variant),
+        ("variant", max([12, *(len(row.variant) for row in rows)]), lambda r: r.variant),
         ("seq", 5, lambda r: r.seq_len),
         ("mixed", 5, lambda r: "yes" if r.mixed_lengths else "no"),
         ("ms", 8, lambda r: f"{r.latency_ms:.1f}"),
@@ -386,7 +496,7 @@ def format_table(rows: list[BenchRow]) -> str:
         ("vs float", 8, lambda r: _ratio(r.speedup_vs_float_dense)),
         ("FLOP ratio", 10, lambda r: _ratio(r.flop_ratio)),
         ("eff.", 5, lambda r: f"{r.efficiency:.2f}"),
-        ("peak MB", 8, lambda r: f"{r.peak_mem_mb:.1f}"),
+        ("peak MB", 8, lambda r: "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"),
     ]
     header = " ".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width, _) in enumerate(columns))
     lines = [header, "-" * len(header)]

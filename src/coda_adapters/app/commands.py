@@ -87,7 +87,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "bench",
         help="time CoDA against the dense parallel adapter, the frozen model and merged LoRA",
-        description="Time forwards (or training steps with --train) side by side, settings interleaved.",
+        description="Time forwards (or training steps with --train) side by side, settings interleaved. With "
+        "--runtime onnxruntime, CoDA classifiers at each reduction are exported to ONNX and timed on ONNX Runtime "
+        "beside their float PyTorch selves.",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512], help="tokens per example")
@@ -99,16 +101,24 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="CoDA reductions r (1, the dense adapter, is required)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="examples per timed call")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch (and of ONNX Runtime)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each setting first")
     parser.add_argument("--bottleneck", type=int, default=64, help="adapter width")
+    parser.add_argument(
+        "--runtime",
+        default="pytorch",
+        choices=["pytorch", "onnxruntime"],
+        help="onnxruntime: export a CoDA classifier (random weights) at each reduction and time its ONNX graph "
+        "beside the float PyTorch classifiers (inference only; speed-ups are also given against PyTorch's r = 1)",
+    )
     parser.add_argument("--train", action="store_true", help="time forward + backward + AdamW step")
     parser.add_argument(
         "--quantize",
         default="none",
         choices=["none", "int8"],
-        help="int8 dynamic quantisation of the frozen layers' linear layers",
+        help="int8 dynamic quantisation of the frozen layers' linear layers (with --runtime onnxruntime: also "
+        "time the int8 graphs of `coda export --int8`; PyTorch stays float)",
     )
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length padded batches")
     parser.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler)")
@@ -136,6 +146,7 @@ def run_bench(args: argparse.Namespace) -> None:
         mixed=not args.no_mixed,
         bottleneck=args.bottleneck,
         profile=args.profile,
+        runtime=args.runtime,
     )
     print(format_table(rows))
     if args.json:

@@ -25,7 +25,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,15 @@ from ..config import check_int
 from ..files import write_json
 from ..version import __version__
 from .classify import TASK_NAME, Encoded, length_sorted_batches, load_classifier, predict_probabilities
-from .onnx_classifier import INPUT_NAMES, INT8_NAME, ONNX_NAME, OUTPUT_NAME, OnnxClassifier, run_logits
+from .onnx_classifier import (
+    INPUT_NAMES,
+    INT8_NAME,
+    ONNX_NAME,
+    OUTPUT_NAME,
+    OnnxClassifier,
+    inference_session,
+    onnx_step,
+)
 from .onnx_tracing import traceable_routing
 
 REPORT_NAME = "coda_export.json"
@@ -401,7 +408,6 @@ def compare_speed(
                 threads=threads,
             )
     from .bench import inference_step, time_interleaved
-    from .onnx_classifier import inference_session
 
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
         check_int(name, value, low=1)
@@ -414,7 +420,7 @@ def compare_speed(
     steps = {"pytorch": inference_step(model, batch)}
     for name, file in (("onnxruntime", ONNX_NAME), ("onnxruntime int8", INT8_NAME)):
         if (Path(export_dir) / file).is_file():
-            steps[name] = _onnx_step(inference_session(Path(export_dir) / file, threads), batch)
+            steps[name] = onnx_step(inference_session(Path(export_dir) / file, threads, spinning=False), batch)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -430,13 +436,6 @@ def compare_speed(
         "latency_ms": {name: 1e3 * median for name, median in medians.items()},
         "speedup_vs_pytorch": {name: medians["pytorch"] / medians[name] for name in medians if name != "pytorch"},
     }
-
-
-def _onnx_step(session: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    def step() -> None:
-        run_logits(session, batch["input_ids"], batch["attention_mask"])
-
-    return step
 
 
 def format_speed_report(report: dict[str, Any]) -> str:

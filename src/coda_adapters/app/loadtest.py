@@ -106,16 +106,17 @@ def _adapter_matches(directory: Path, model: str, reduction: float, labels: list
 
 
 def build_random_adapter(
-    directory: Path, model: str, reduction: float, labels: list[str], seq_len: int, seed: int
+    directory: Path, model: str, reduction: float, labels: list[str], seq_len: int, seed: int, bottleneck: int = 64
 ) -> None:
     """Build, randomise and save in a staging directory renamed at the end: a crash leaves no half adapter
-    that the next run would reuse."""
+    that the next run would reuse. ``bottleneck`` is the adapter width (64, the library's default)."""
     import torch
 
     from ..config import CodaConfig
     from .classify import build_classifier, save_task
 
-    coda, _ = build_classifier(model, CodaConfig(reduction=reduction, pooling="mean"), labels)
+    config = CodaConfig(reduction=reduction, pooling="mean", bottleneck=bottleneck)
+    coda, _ = build_classifier(model, config, labels)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # adapters start with a zero up-projection: give every trainable weight a value
         for parameter in coda.parameters():

@@ -9,6 +9,7 @@ similar length), so both runtimes see the same inputs and their metrics are comp
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,13 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
 
 
-def inference_session(path: str | Path, threads: int | None = None) -> Any:
+def inference_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> Any:
     """An ONNX Runtime CPU session for ``path``; ``threads`` sets its intra-op threads (None: ORT's default).
 
-    ORT logs errors only (severity 3), so that a server's log keeps to its own lines.
+    ORT logs errors only (severity 3), so that a server's log keeps to its own lines. ``spinning=False``
+    stops its threads from busy-waiting after a call (ORT's default keeps them spinning for the next one):
+    benchmarks that interleave ORT with PyTorch need it, or the spinning threads slow the PyTorch call
+    that follows and flatter ORT.
     """
     import onnxruntime
 
@@ -36,6 +40,8 @@ def inference_session(path: str | Path, threads: int | None = None) -> Any:
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -43,6 +49,15 @@ def run_logits(session: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Logits ``[batch, labels]`` for int64 ``[batch, seq]`` inputs (right-padded, 1 = token)."""
     feeds = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
     return session.run([OUTPUT_NAME], feeds)[0]
+
+
+def onnx_step(session: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One call of ``session`` on ``batch`` (its ``input_ids`` and ``attention_mask``), as the benchmarks time it."""
+
+    def step() -> None:
+        run_logits(session, batch["input_ids"], batch["attention_mask"])
+
+    return step
 
 
 class OnnxClassifier:
