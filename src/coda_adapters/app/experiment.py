@@ -91,7 +91,9 @@ PRESETS = {
     # kept share to 1/r, three at r (is one epoch at r too short for adapters trained in the dense model?)
     # (`coda experiment --preset routing-long`, about 75 minutes per seed on 2 cores, split with --rows)
     "routing-long": Preset(
-        rows=[Row(DENSE, {"reduction": 1})] + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5)],
+        rows=[Row(DENSE, {"reduction": 1})]
+        + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5)]
+        + [Row("CoDA r=3, distilled from the dense adapter", {"reduction": 3}, teacher=DENSE)],
         train=TrainConfig(
             **{**ROUTING_RECIPE, "epochs": 5, "dense_start": 0.2, "reduction_warmup": 0.2}, max_length=256
         ),
