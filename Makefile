@@ -43,7 +43,7 @@ results: setup
 	cp runs/results/results.png docs/results.png
 
 # The README's routing tables, 3 seeds each (finished runs are kept on a rerun): BBC News at r = 3, 5, 16
-# against truncation and random routers (about 3 hours on 2 cores), and bbc-needle (about an hour).
+# against truncation and random routers (about 3.5 hours on 2 cores), and bbc-needle (about an hour).
 routing: setup
 	$(PY) -m coda_adapters experiment --preset routing --seeds 0 1 2 --out runs/routing
 	cp runs/routing/results.png docs/results-routing.png

@@ -78,7 +78,7 @@ NO_WARMUP = {"dense_start": 0.0, "reduction_warmup": 0.0}
 
 PRESETS = {
     # BBC News at 256 tokens, r = 3, 5 and 16, each against truncation to its budget and a random router
-    # (`coda experiment --preset routing --seeds 0 1 2`, about 3 hours on 2 cores)
+    # (`coda experiment --preset routing --seeds 0 1 2`, about 3.5 hours on 2 cores)
     "routing": Preset(
         rows=[Row(DENSE, {"reduction": 1})]
         + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5, 16)]
