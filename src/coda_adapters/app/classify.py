@@ -333,11 +333,13 @@ def train_classifier(
             target_reduction, step, total_steps, config.reduction_warmup, config.dense_start
         )
         batch = encoded.batch(indices)
-        if teacher is None:
-            return wrapped(**shard(batch, accelerator)).loss
-        batch = shard({**batch, "teacher_logits": teacher[indices]}, accelerator)
-        targets = batch.pop("teacher_logits")
+        if teacher is not None:  # sharded with the batch, so each process gets its own examples' targets
+            batch["teacher_logits"] = teacher[indices]
+        batch = shard(batch, accelerator)
+        targets = batch.pop("teacher_logits", None)
         output = wrapped(**batch)
+        if targets is None:
+            return output.loss
         return distillation_loss(output.loss, output.logits, targets, config.distill_weight, config.distill_temperature)
 
     for epoch in range(start_epoch, epochs):

@@ -219,17 +219,13 @@ def run_experiment(
         for row in trained:
             directory = row_directory(out_dir, row, seed, seeds)
             what = row.name if seeds == (0,) else f"{row.name}, seed {seed}"
-            if (directory / METRICS_NAME).is_file():
+            if finished(directory):
                 print(f"== {what}: done before, kept ({directory})")
                 continue
             print(f"== {what}")
             teacher = None if row.teacher is None else teacher_directory(row, rows, out_dir, seed, seeds)
             train_row(row, preset, data, directory, model_name, seed, teacher)
-    missing = [
-        row.slug
-        for row in rows
-        if not all((row_directory(out_dir, row, s, seeds) / METRICS_NAME).is_file() for s in seeds)
-    ]
+    missing = [row.slug for row in rows if not all(finished(row_directory(out_dir, row, s, seeds)) for s in seeds)]
     if missing:
         print(f"== not every row has finished yet ({', '.join(missing)}): no table written; run without --rows")
         return []
@@ -262,6 +258,11 @@ def select_rows(rows: list[Row], slugs: tuple[str, ...]) -> list[Row]:
     if unknown or not slugs:
         raise ValueError(f"--rows must name rows of the preset, got {list(slugs)}; its rows are: {', '.join(known)}")
     return [row for row in rows if row.slug in slugs]
+
+
+def finished(directory: Path) -> bool:
+    """Whether the run in ``directory`` ended: ``train_classifier`` writes ``metrics.json`` last."""
+    return (directory / METRICS_NAME).is_file()
 
 
 def row_directory(out_dir: Path, row: Row, seed: int, seeds: tuple[int, ...]) -> Path:
@@ -324,7 +325,7 @@ def teacher_directory(row: Row, rows: list[Row], out_dir: Path, seed: int, seeds
     if teacher is None:
         raise ValueError(f"row {row.name!r} distils {row.teacher!r}, which is not a row of the preset")
     directory = row_directory(out_dir, teacher, seed, seeds)
-    if not (directory / METRICS_NAME).is_file():
+    if not finished(directory):
         raise ValueError(
             f"row {row.name!r} distils {teacher.name!r}, whose run {directory} has not finished: "
             f"train it first (--rows {teacher.slug})"
