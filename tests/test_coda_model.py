@@ -2,12 +2,13 @@
 training, pooling. (What every family must satisfy is in test_family_invariants.py.)"""
 
 import copy
+import math
 
 import pytest
 import torch
 from transformers.masking_utils import create_bidirectional_mask
 
-from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters import CodaConfig, get_coda_model, soft_topk
 
 from helpers import (
     ATTENTION,
@@ -282,9 +283,47 @@ def test_mean_pooling_feeds_heads_that_read_the_first_token_themselves(family):
     assert original is head  # unload gives the head back
 
 
-def test_mean_pooling_needs_a_pooler_or_a_first_token_head():
-    with pytest.raises(ValueError, match="pooling='mean' needs a classification model whose head reads a pooler"):
-        get_coda_model(tiny_model("llama", head=True), CodaConfig(pooling="mean"))
+def test_mean_poolings_need_a_pooler_or_a_first_token_head():
+    for pooling in ("mean", "routed_mean"):
+        with pytest.raises(ValueError, match="'routed_mean' need a classification model whose head reads a pooler"):
+            get_coda_model(tiny_model("llama", head=True), CodaConfig(pooling=pooling))
+
+
+def test_routed_mean_pooling_weights_the_last_routed_layers_tokens_by_their_soft_topk_weight():
+    """The reference: λ recomputed with soft_topk from the last router's scores on that layer's input,
+    summed over the positions routing_trace reports, then layer-normalised."""
+    config = CodaConfig(reduction=3, pooling="routed_mean", keep_pooled_token=False, epsilon=0.5)
+    coda = get_coda_model(tiny_model("bert"), config)
+    randomize_trainable(coda)
+    lengths = [12, 7]
+    ids, mask = padded_batch(lengths, 12)
+    with torch.no_grad():
+        out = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        last = max(coda.routing_trace())
+        trace = coda.routing_trace()[last]
+        router = coda.conditional_layers()[last].router
+        layer_input, layer_output = out.hidden_states[-2], out.hidden_states[-1]
+        k = torch.tensor([math.ceil(n / 3) for n in lengths])
+        lam = soft_topk(layer_input @ router.weight, k, mask=mask.bool(), epsilon=0.5)
+    for row in range(len(lengths)):
+        positions = trace[row][trace[row] >= 0]
+        weights = lam[row, positions].unsqueeze(-1)
+        mean = (layer_output[row, positions] * weights).sum(0) / weights.sum()
+        want = (mean - mean.mean()) / torch.sqrt(mean.var(unbiased=False) + 1e-5)
+        torch.testing.assert_close(out.pooler_output[row], want)
+        assert 0 < len(positions) < lengths[row]  # it does leave tokens out
+
+
+def test_routed_mean_pooling_is_the_mean_pooling_when_nothing_is_routed():
+    base = tiny_model("bert")
+    ids, mask = padded_batch([12, 5], 12)
+    pooled = {}
+    for pooling in ("mean", "routed_mean"):
+        coda = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=1, pooling=pooling))
+        randomize_trainable(coda)
+        with torch.no_grad():
+            pooled[pooling] = coda(input_ids=ids, attention_mask=mask).pooler_output
+    torch.testing.assert_close(pooled["routed_mean"], pooled["mean"])
 
 
 def test_a_coda_model_can_be_deep_copied():

@@ -28,6 +28,10 @@ from helpers import random_ids, tiny_model
         (dict(layers=[0, 0]), "layers must be None or a non-empty list"),
         (dict(lora_rank=-1), "lora_rank must be an int >= 0"),
         (dict(epsilon_decay=1.5), "epsilon_decay must be a finite number > 0 and <= 1"),
+        (dict(pooling="max"), "pooling must be one of \\('cls', 'mean', 'routed_mean'\\)"),
+        (dict(router_position_bins=-1), "router_position_bins must be an int >= 0"),
+        (dict(router_position_bins=2.5), "router_position_bins must be an int >= 0"),
+        (dict(router_position_bins=8, router="random"), "router_position_bins must be 0 with router='random', got 8"),
     ],
 )
 def test_invalid_config_values(kwargs, message):

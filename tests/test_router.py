@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coda_adapters import Router
-from coda_adapters.routing import num_selected_tokens, token_budget
+from coda_adapters.routing import num_selected_tokens, relative_position_bins, token_budget
 
 
 def padded_mask(lengths, n):
@@ -106,3 +106,45 @@ def test_router_weights_are_the_soft_top_k_solution_at_the_selected_positions(me
         k = -(-length // 3)
         best = set(hard[row].topk(k - 1).indices.tolist()) | {0}
         assert set(selection.index[row][selection.slot_mask[row]].tolist()) == best
+
+
+def test_position_bins_count_real_tokens_only_so_left_and_right_padding_agree():
+    lengths, n, bins = [10, 7, 3, 1], 10, 4
+    right = padded_mask(lengths, n)
+    left = right.flip(-1)
+    got_right, got_left = relative_position_bins(right, bins), relative_position_bins(left, bins)
+    for row, length in enumerate(lengths):
+        want = [bins * place // length for place in range(length)]  # floor(bins * t / n_valid)
+        assert got_right[row, :length].tolist() == want
+        assert got_left[row, n - length :].tolist() == want
+    assert got_right.min() >= 0 and got_left.max() <= bins - 1  # padding too stays in range
+
+
+def test_a_decreasing_position_bias_alone_routes_each_rows_first_tokens_like_truncation():
+    router = Router(4, position_bins=8, epsilon=0.05)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.position_bias.copy_(-torch.arange(8.0))
+    lengths = [24, 16, 9]
+    valid = padded_mask(lengths, 24).flip(-1)  # left padding: the first real token is not at position 0
+    selection = router(torch.randn(3, 24, 4), token_budget(valid, (3, 24), reduction=4, forced_position=None))
+    for row, length in enumerate(lengths):
+        first = 24 - length
+        k = -(-length // 4)
+        positions = selection.index[row][selection.slot_mask[row]].tolist()
+        # ties inside a bin may pick any of its tokens, so compare bins: the k best are the first bins' tokens
+        bins = relative_position_bins(valid, 8)[row, positions].tolist()
+        assert len(positions) == k and all(p >= first for p in positions)
+        assert bins == sorted(relative_position_bins(valid, 8)[row, first:].tolist())[:k]
+
+
+def test_the_position_bias_learns_through_the_soft_top_k():
+    router = Router(8, epsilon=1.0, position_bins=4)
+    selection = router(torch.randn(2, 10, 8), token_budget(None, (2, 10), reduction=2, forced_position=None))
+    (selection.weights * torch.randn(2, 5)).sum().backward()
+    assert router.position_bias.grad is not None and router.position_bias.grad.abs().sum() > 0
+
+
+def test_a_random_router_takes_no_position_bias():
+    with pytest.raises(ValueError, match="position_bins must be 0 for a random router, got 4"):
+        Router(8, kind="random", position_bins=4)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coda_adapters import CodaConfig, CodaModel, read_coda_config
+from coda_adapters import CodaConfig, CodaModel, get_coda_model, read_coda_config
 
-from helpers import base_weights, random_ids, saved_adapter, tiny_model
+from helpers import base_weights, random_ids, randomize_trainable, saved_adapter, tiny_model
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -22,6 +22,20 @@ def test_round_trip_with_head_and_lora_gives_identical_logits_and_routing(tmp_pa
     for layer, positions in coda.routing_trace().items():
         assert torch.equal(positions, loaded.routing_trace()[layer])
     assert loaded.coda_config == coda.coda_config
+
+
+def test_round_trip_keeps_the_routers_position_bias_and_the_routed_mean_pooling(tmp_path):
+    config = CodaConfig(reduction=3, router_position_bins=4, pooling="routed_mean")
+    coda = get_coda_model(tiny_model("bert", head=True), config)
+    randomize_trainable(coda)
+    coda.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "coda_model.safetensors")
+    assert sum(name.endswith("router.position_bias") for name in saved) == len(coda.conditional_layers())
+    loaded = CodaModel.from_pretrained(tiny_model("bert", head=True), tmp_path)
+    ids = random_ids(3, 14)
+    with torch.no_grad():
+        assert torch.equal(coda(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert loaded.coda_config == config
 
 
 def test_saved_file_holds_only_trainable_weights(tmp_path):

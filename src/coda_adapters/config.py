@@ -11,7 +11,7 @@ from .routing import SOFT_TOPK_METHODS
 ADAPTER_KINDS = ("parallel", "series", "none")
 ROUTER_KINDS = ("learned", "random")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
-POOLING_KINDS = ("cls", "mean")
+POOLING_KINDS = ("cls", "mean", "routed_mean")
 
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
@@ -36,6 +36,8 @@ class CodaConfig:
         router: ``"learned"`` (one trained vector per layer) or ``"random"`` (a random choice of tokens
             each forward: the paper's ablation baseline).
         epsilon: entropy weight of the soft top-k; smaller is closer to a hard top-k.
+        router_position_bins: if ``> 0``, each learned router adds a learned bias per bin of relative
+            position (``t / n_valid``, in that many equal bins) to its scores; not in the paper (see ``Router``).
         soft_topk_method: ``"exact"`` (closed form) or ``"coordinate_descent"`` (the paper's solver).
         soft_topk_iters, epsilon_init, epsilon_decay: settings of ``"coordinate_descent"``.
         layers: indices of the layers to convert; ``None`` converts all of them.
@@ -44,7 +46,8 @@ class CodaConfig:
         keep_pooled_token: always route the token a classifier head reads (``[CLS]`` for BERT).
         pooling: what the model's pooler gives its head: ``"cls"`` (the model's own pooler, on ``[CLS]``)
             or ``"mean"`` (the mean of the last hidden states over the real tokens, replacing the pooler,
-            as sentence-transformers models are trained).
+            as sentence-transformers models are trained), or ``"routed_mean"`` (the ``λ``-weighted mean over
+            the tokens the last routed layer ran through its frozen layer; see ``pooling.MeanPooler``).
         lora_rank: if ``> 0``, also put peft LoRA of this rank on the frozen layers' ``lora_target_modules``.
         lora_alpha, lora_dropout: LoRA settings (peft's meaning).
         lora_target_modules: module names for LoRA; ``None`` takes the architecture's default.
@@ -67,6 +70,9 @@ class CodaConfig:
         "learned", "learned routers, or a random choice of tokens (the ablation baseline)", choices=ROUTER_KINDS
     )
     epsilon: float = option(0.1, "entropy weight of the soft top-k; smaller is closer to a hard top-k")
+    router_position_bins: int = option(
+        0, "learned router score bias per bin of relative position t/n among the real tokens (0 = none)"
+    )
     soft_topk_method: str = option(
         "exact",
         "soft top-k solver: exact closed form, or the paper's coordinate descent",
@@ -83,7 +89,8 @@ class CodaConfig:
     keep_pooled_token: bool = option(True, "always route the token the classifier head reads ([CLS] for BERT)")
     pooling: str = option(
         "cls",
-        "what the classifier reads: the model's pooler on [CLS], or the mean of the last hidden states",
+        "what the classifier reads: the model's pooler on [CLS], the mean of the last hidden states, or their "
+        "mean over the tokens the last routed layer processed",
         choices=POOLING_KINDS,
     )
     lora_rank: int = option(0, "rank of peft LoRA on the frozen layers (0 = none)")
@@ -104,6 +111,9 @@ class CodaConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("router", self.router, ROUTER_KINDS)
         check_number("epsilon", self.epsilon, above=0)
+        check_int("router_position_bins", self.router_position_bins, low=0)
+        bins = self.router_position_bins
+        require(not (bins and self.router == "random"), "router_position_bins", "0 with router='random'", bins)
         check_choice("soft_topk_method", self.soft_topk_method, SOFT_TOPK_METHODS)
         check_int("soft_topk_iters", self.soft_topk_iters, low=1)
         check_number("epsilon_init", self.epsilon_init, above=0)

@@ -45,8 +45,9 @@ class CodaModel(nn.Module):
         self._hooks: list[Any] = []
         # every check comes before the first change to the model, so that a bad config changes nothing
         head_modules = self._head_modules()
-        if config.pooling == "mean":
-            self._restore_pooler = self.binding.use_pooler(MeanPooler(self.routing_state))
+        if config.pooling != "cls":
+            pooler = MeanPooler(self.routing_state, routed=config.pooling == "routed_mean")
+            self._restore_pooler = self.binding.use_pooler(pooler)
         _freeze(model)
         if config.lora_rank > 0:
             _inject_lora(model, config, self.binding, self.layer_indices)
@@ -195,6 +196,7 @@ class CodaModel(nn.Module):
             iters=config.soft_topk_iters,
             epsilon_init=config.epsilon_init,
             epsilon_decay=config.epsilon_decay,
+            position_bins=config.router_position_bins,
         )
         router.weight.requires_grad_(config.router == "learned")
         return router

@@ -317,6 +317,11 @@ class Router(nn.Module):
     ``λ`` are the soft top-k solution (see :func:`soft_topk`), so the router learns through them. Padding
     is never selected; the budget's forced positions (the pooled token) always are, with ``λ = 1``.
     A ``"random"`` router selects uniformly at random, with ``λ = 1``: the paper's ablation baseline.
+
+    With ``position_bins > 0`` (an addition to the paper) a learned bias per bin of relative position
+    ``t / n_valid`` among the real tokens is added to the scores: the hidden states carry little of a
+    token's absolute position, so a router of one vector cannot learn "the lead matters" (BBC News, where
+    the first third of a text beats routing) without it. The bias starts at zero.
     """
 
     def __init__(
@@ -329,14 +334,18 @@ class Router(nn.Module):
         iters: int = 20,
         epsilon_init: float = 4.0,
         epsilon_decay: float = 0.7,
+        position_bins: int = 0,
     ) -> None:
         super().__init__()
+        if position_bins and kind == "random":
+            raise ValueError(f"position_bins must be 0 for a random router, got {position_bins}")
         self.kind = kind
         self.epsilon = epsilon
         self.method = method
         self.coordinate_descent_options = dict(iters=iters, epsilon_init=epsilon_init, epsilon_decay=epsilon_decay)
         # scores start at O(1) for inputs of O(1) per dimension, as in post-LayerNorm hidden states
         self.weight = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+        self.position_bias = nn.Parameter(torch.zeros(position_bins)) if position_bins else None
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Router scores ``[batch, n]`` in float32 for hidden states ``[batch, n, hidden]``."""
@@ -344,9 +353,15 @@ class Router(nn.Module):
             return torch.rand(hidden_states.shape[:2], device=hidden_states.device)
         return hidden_states.float() @ self.weight.float()
 
+    def position_scores(self, valid: torch.Tensor) -> torch.Tensor:
+        """The position bias of every token ``[batch, n]``, from the padding mask ``[batch, n]``."""
+        return self.position_bias.float()[relative_position_bins(valid, self.position_bias.shape[-1])]
+
     def forward(self, hidden_states: torch.Tensor, budget: TokenBudget) -> Selection:
         """Select tokens of ``hidden_states`` ``[batch, n, hidden]`` within ``budget``."""
         scores = self.scores(hidden_states)
+        if self.position_bias is not None:
+            scores = scores + self.position_scores(budget.valid)
         valid, k, forced = budget.valid, budget.num_selected, budget.forced
         if not torch.isfinite(scores).logical_or(~valid).all():
             raise ValueError(
@@ -372,6 +387,15 @@ class Router(nn.Module):
             _, top_index, in_top = _rank_top_k(scores, k, valid, forced)
             top_weights = lam.gather(-1, top_index)
         return _in_position_order(top_index, top_weights * in_top, in_top, k, budget.uniform)
+
+
+def relative_position_bins(valid: torch.Tensor, bins: int) -> torch.Tensor:
+    """Each token's bin ``floor(bins * t / n_valid)`` of its place ``t`` among the real tokens of its row:
+    LongTensor ``[batch, n]`` from the bool padding mask ``[batch, n]``. Counting real tokens only makes
+    left and right padding alike; padding gets an arbitrary bin in range (it is never selected)."""
+    place = valid.long().cumsum(dim=-1) - 1
+    n_valid = valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    return torch.div(place * bins, n_valid, rounding_mode="floor").clamp(0, bins - 1)
 
 
 def _in_position_order(

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import CodaConfig
 from .model import CodaModel
-from .routing import Router
+from .routing import Router, relative_position_bins
 
 # CodaConfig fields that need not match: each example gets its own r; LoRA must be off (checked apart);
 # modules_to_save is compared as the trainable parameters it gives
@@ -66,7 +66,7 @@ class StackedRouter(Router):
     """The routers of one layer of ``A`` adapters: example ``b`` is scored with router ``adapter_index[b]``.
 
     Selection and soft top-k are :class:`Router`'s own (the routers' settings are the same); only the
-    scores are per example. ``weight`` is ``[A, hidden]``.
+    scores are per example. ``weight`` is ``[A, hidden]``, ``position_bias`` (if any) ``[A, bins]``.
     """
 
     def __init__(self, routers: Sequence[Router], state: StackState) -> None:
@@ -76,9 +76,13 @@ class StackedRouter(Router):
             kind=first.kind,
             epsilon=first.epsilon,
             method=first.method,
+            position_bins=0,  # set below, stacked
             **first.coordinate_descent_options,
         )
         self.weight = nn.Parameter(torch.stack([router.weight.detach() for router in routers]), requires_grad=False)
+        if first.position_bias is not None:
+            biases = torch.stack([router.position_bias.detach() for router in routers])
+            self.position_bias = nn.Parameter(biases, requires_grad=False)
         object.__setattr__(self, "stack_state", state)  # shared, holds no weights
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -87,6 +91,11 @@ class StackedRouter(Router):
             return super().scores(hidden_states)
         weight = self.weight.float()[self.stack_state.index_for(hidden_states)]  # [batch, hidden]
         return torch.einsum("bnh,bh->bn", hidden_states.float(), weight)
+
+    def position_scores(self, valid: torch.Tensor) -> torch.Tensor:
+        """Position biases ``[batch, n]``, each row with its router's."""
+        bias = self.position_bias.float()[self.stack_state.index_for(valid)]  # [batch, bins]
+        return bias.gather(-1, relative_position_bins(valid, bias.shape[-1]))
 
 
 class StackedLinear(nn.Module):

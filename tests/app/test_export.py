@@ -211,3 +211,24 @@ def test_coda_export_and_eval_with_onnxruntime_from_the_command_line(classifier_
     assert runs["onnxruntime"]["confusion_matrix"] == runs["pytorch"]["confusion_matrix"]
     assert main(["export", "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "missing: no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(pooling="routed_mean"),  # reads the last router's selection and λ: both must be in the graph
+        dict(pooling="mean", router_position_bins=4),  # the bins come from each batch's attention mask
+    ],
+)
+def test_routing_options_export_and_equal_pytorch_on_a_ragged_batch(base_dir, tmp_path, settings):
+    clf = save_tiny_classifier(base_dir, tmp_path / "clf", LABELS, max_length=64, **settings)
+    report = export_onnx(clf, tmp_path / "onnx")
+    assert report["check"]["max_probability_difference"] <= 1e-3
+    model = load_classifier(clf)[0]
+    lengths = [17, 2, 64, 1, 40]
+    ids, mask = padded_batch(lengths, 64, seed=4)
+    ids = ids * 50 + 1000
+    got = OnnxClassifier(tmp_path / "onnx").predict_logits(ids, mask).softmax(-1)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits.softmax(-1)
+    assert (got - want).abs().max() <= 1e-3

@@ -93,7 +93,11 @@ PRESETS = {
     "routing-long": Preset(
         rows=[Row(DENSE, {"reduction": 1})]
         + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5)]
-        + [Row("CoDA r=3, distilled from the dense adapter", {"reduction": 3}, teacher=DENSE)],
+        + [Row("CoDA r=3, distilled from the dense adapter", {"reduction": 3}, teacher=DENSE)]
+        # the head reads only the tokens the last frozen layer processed, as truncation's head does
+        + [Row(f"CoDA r={r}, routed-mean pooling", {"reduction": r, "pooling": "routed_mean"}) for r in (3, 5)]
+        # routers that can learn "the lead matters" (CodaConfig.router_position_bins)
+        + [Row(f"CoDA r={r}, position-aware router", {"reduction": r, "router_position_bins": 8}) for r in (3, 5)],
         train=TrainConfig(
             **{**ROUTING_RECIPE, "epochs": 5, "dense_start": 0.2, "reduction_warmup": 0.2}, max_length=256
         ),

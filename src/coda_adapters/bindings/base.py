@@ -41,9 +41,9 @@ class Binding:
         adapter_layers_path: dotted path, from ``model.base_model``, to a layer list that gets adapters but
             is never routed (T5's decoder), or None.
         pooler_path: dotted path, from ``model.base_model``, to the pooler module whose output the
-            classification head reads (replaced for ``pooling="mean"``), or None.
+            classification head reads (replaced for the mean poolings), or None.
         first_token_head: attribute of the model holding a head that reads the first token's hidden state
-            itself (RoBERTa's and MPNet's classifiers), fed the pooled states for ``pooling="mean"``.
+            itself (RoBERTa's and MPNet's classifiers), fed the pooled states for the mean poolings.
         default_lora_targets: module names peft LoRA targets by default.
         default_modules_to_save: the task-head modules trained with the adapter.
     """
@@ -98,8 +98,8 @@ class Binding:
         head = getattr(self.model, self.first_token_head, None) if self.first_token_head else None
         if head is None:
             raise ValueError(
-                f"pooling='mean' needs a classification model whose head reads a pooler or the first token; "
-                f"{type(self.model).__name__} has neither: use pooling='cls'"
+                "pooling='mean' and 'routed_mean' need a classification model whose head reads a pooler or the "
+                f"first token; {type(self.model).__name__} has neither: use pooling='cls'"
             )
         setattr(self.model, self.first_token_head, FirstTokenPooled(pooler, head))
         return lambda: setattr(self.model, self.first_token_head, head)
