@@ -91,6 +91,23 @@ def test_two_ddp_processes_train_the_default_dense_start(tmp_path):
     assert_up_projections_trained(weights)
 
 
+@pytest.mark.slow
+def test_two_ddp_processes_distil_like_one_process_with_uneven_batches(tmp_path):
+    """23 texts in batches of 8: every epoch ends with a batch of 7, which the processes split 3 / 4, and
+    each process predicts the teacher's logits for 12 or 11 of the texts before they are gathered. Unless
+    the processes' losses are weighted by their share of the batch (unweighted: weights 2.5e-3 apart) and
+    the gathered logits are put back in order, the two runs' weights differ."""
+    teacher = tmp_path / "teacher"
+    run([sys.executable, "-m", "coda_adapters"], teacher, [*PAPER_RECIPE, "--reduction", "1"])
+    distil = [*PAPER_RECIPE, "--max-train-examples", "23", "--teacher", str(teacher), "--distill-weight", "0.9"]
+    run([sys.executable, "-m", "coda_adapters"], tmp_path / "one", distil)
+    run(ACCELERATE_LAUNCH, tmp_path / "two", distil)
+    one = load_file(tmp_path / "one" / "coda_model.safetensors")
+    two = load_file(tmp_path / "two" / "coda_model.safetensors")
+    for name in one:
+        assert (one[name] - two[name]).abs().max() <= TOLERANCE, name
+
+
 def assert_up_projections_trained(weights: dict[str, torch.Tensor]) -> None:
     """The adapters' up-projections start at zero, so their size is how far training moved them."""
     assert max(weights[n].abs().max().item() for n in weights if n.endswith("adapter.up.weight")) > 1e-3

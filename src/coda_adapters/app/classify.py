@@ -7,6 +7,7 @@ across processes.
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import sys
@@ -176,6 +177,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, indices: list[int]) -> Encoded:
+        """The examples ``indices``, in that order (no new tokenization)."""
+        part = copy.copy(self)
+        part.ids = [self.ids[i] for i in indices]
+        part.labels = None if self.labels is None else [self.labels[i] for i in indices]
+        return part
+
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = [self.ids[i] for i in indices]
         width = max(len(row) for row in rows)
@@ -323,7 +331,9 @@ def train_classifier(
     if resume:
         state = resume_from_checkpoint(out_dir, model, optimization)
         start_epoch, train_seconds, history = state["epoch"], state["train_seconds"], state["history"]
-    teacher = None if config.teacher is None else teacher_logits(config, encoded, data.label_names, model_name)
+    teacher = None
+    if config.teacher is not None:
+        teacher = teacher_logits(config, encoded, data.label_names, model_name, accelerator)
     wrapped = optimization.prepare(accelerator, model)
     target_reduction, total_steps = model.coda_config.reduction, steps_per_epoch * epochs
 
@@ -338,9 +348,12 @@ def train_classifier(
         batch = shard(batch, accelerator)
         targets = batch.pop("teacher_logits", None)
         output = wrapped(**batch)
-        if targets is None:
-            return output.loss
-        return distillation_loss(output.loss, output.logits, targets, config.distill_weight, config.distill_temperature)
+        loss = output.loss
+        if targets is not None:
+            loss = distillation_loss(loss, output.logits, targets, config.distill_weight, config.distill_temperature)
+        # DDP averages the processes' gradients of their own mean losses: weighted by each one's share of the
+        # batch, that average is the global batch's mean also when the slices differ in size (a last batch)
+        return loss * (len(batch["input_ids"]) * accelerator.num_processes / len(indices))
 
     for epoch in range(start_epoch, epochs):
         wrapped.train()
@@ -394,9 +407,12 @@ def train_classifier(
     return metrics
 
 
-def teacher_logits(config: TrainConfig, encoded: Encoded, label_names: list[str], model_name: str) -> torch.Tensor:
+def teacher_logits(
+    config: TrainConfig, encoded: Encoded, label_names: list[str], model_name: str, accelerator: Any = None
+) -> torch.Tensor:
     """The ``--teacher`` classifier's logits ``[train examples, labels]`` on the training texts, computed once
-    before training (the teacher is frozen, and its dense forward would otherwise cost every step as much)."""
+    before training (the teacher is frozen, and its dense forward would otherwise cost every step as much).
+    Under DDP (an ``accelerator`` of several processes) the processes share that work."""
     task = read_task(config.teacher)
     if task["label_names"] != label_names:
         raise ValueError(
@@ -408,7 +424,25 @@ def teacher_logits(config: TrainConfig, encoded: Encoded, label_names: list[str]
         )
     model, _, _ = load_classifier(config.teacher)
     print(f"teacher {config.teacher}: predicting the {len(encoded)} training texts")
-    return predict_logits(model, encoded, config.eval_batch_size)[0]
+    if accelerator is None or accelerator.num_processes == 1:
+        return predict_logits(model, encoded, config.eval_batch_size)[0]
+    return logits_by_rank(model, encoded, config.eval_batch_size, accelerator)
+
+
+def logits_by_rank(model: nn.Module, encoded: Encoded, batch_size: int, accelerator: Any) -> torch.Tensor:
+    """Logits ``[examples, labels]`` in the input order, each of the ``W`` processes predicting examples
+    ``rank, rank + W, ...`` and all of them gathering the parts (every process needs every example's logits,
+    since its shard of later batches may hold any of them).
+
+    The gather needs one shape on every process, so each part is padded to ``ceil(examples / W)`` rows;
+    interleaving the parts row by row puts example ``j * W + rank`` at its place and the padding last.
+    """
+    world, total = accelerator.num_processes, len(encoded)
+    mine = predict_logits(model, encoded.subset(list(range(accelerator.process_index, total, world))), batch_size)[0]
+    rows = -(-total // world)
+    padded = torch.cat([mine, mine.new_zeros(rows - len(mine), mine.shape[1])])
+    gathered = accelerator.gather(padded).view(world, rows, -1)  # [process, row, labels]
+    return gathered.transpose(0, 1).reshape(world * rows, -1)[:total]
 
 
 def distillation_loss(
@@ -463,11 +497,13 @@ def final_metrics(
 
 
 def shard(batch: dict[str, torch.Tensor], accelerator: Any) -> dict[str, torch.Tensor]:
-    """This process's slice of a global batch, on its device (DDP then averages the gradients)."""
+    """This process's slice of a global batch, on its device (DDP then averages the gradients). The slices'
+    sizes differ by at most one, so every process gets an example when the batch has one per process."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if world > 1:
-        per = math.ceil(batch["input_ids"].shape[0] / world)
-        batch = {key: value[rank * per : (rank + 1) * per] for key, value in batch.items()}
+        size = batch["input_ids"].shape[0]
+        start, stop = rank * size // world, (rank + 1) * size // world
+        batch = {key: value[start:stop] for key, value in batch.items()}
     return {key: value.to(accelerator.device) for key, value in batch.items()}
 
 
