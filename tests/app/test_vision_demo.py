@@ -4,12 +4,20 @@ and that adaptation leaves the backbone's weights untouched."""
 import dataclasses
 import json
 import math
+import statistics
 
 import pytest
 import torch
 
 from coda_adapters.app import vision as vision_demo
-from coda_adapters.app.vision import QUICK, adapt_variant, cached_backbone_info, digits_task, run_vision_demo
+from coda_adapters.app.vision import (
+    QUICK,
+    adapt_variant,
+    cached_backbone_info,
+    digits_task,
+    run_vision_demo,
+    run_vision_seeds,
+)
 from coda_adapters.files import read_tensors
 
 RESULT_KEYS = {"demo", "quick", "backbone", "task", "variants", "phase_seconds", "timing", "settings", "versions"}
@@ -105,3 +113,30 @@ def test_adaptation_trains_the_head_and_leaves_the_backbone_untouched(first_run)
     assert len(backbone) > 10
     for name in backbone:
         assert torch.equal(after[name], before[name]), name
+
+
+def test_several_seeds_share_the_backbone_and_summarise_mean_std_and_paired_gap(first_run, monkeypatch):
+    root, first = first_run
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("every seed adapts the one cached backbone")
+
+    monkeypatch.setattr(vision_demo, "pretrain_backbone", no_pretraining)
+    summary = run_vision_seeds(root / "seeds", [0, 1], cache_dir=root / "cache", quick=True, show_progress=False)
+    runs = {s: json.loads((root / "seeds" / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert runs[0]["settings"]["adapt"]["seed"] == 0 and runs[1]["settings"]["adapt"]["seed"] == 1
+    # seed 0 is the single run's recipe: the same test accuracies
+    assert [v["test_accuracy"] for v in runs[0]["variants"].values()] == [
+        v["test_accuracy"] for v in first["variants"].values()
+    ]
+    for name, v in summary["variants"].items():
+        accuracies = [runs[s]["variants"][name]["test_accuracy"] for s in (0, 1)]
+        gaps = [accuracies[s] - runs[s]["variants"]["dense adapter (r=1)"]["test_accuracy"] for s in (0, 1)]
+        assert v["test_accuracy_mean"] == pytest.approx(statistics.mean(accuracies))
+        assert v["test_accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
+        assert v["gap_to_dense_mean"] == pytest.approx(statistics.mean(gaps))
+    assert "| CoDA r=3 |" in (root / "seeds" / "summary.md").read_text()
+    adapters = [read_tensors(root / "seeds" / f"seed-{s}" / "adapter-r3" / "coda_model.safetensors") for s in (0, 1)]
+    assert not torch.equal(adapters[0]["classifier.weight"], adapters[1]["classifier.weight"])  # the seed is used
+    with pytest.raises(ValueError, match="two or more distinct seeds, got \\[1, 1\\]"):
+        run_vision_seeds(root / "bad", [1, 1], cache_dir=root / "cache", quick=True)

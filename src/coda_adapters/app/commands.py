@@ -298,13 +298,25 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/vision", help="output directory")
     parser.add_argument("--cache-dir", help="where the pretrained backbone is kept (default: the user cache)")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT and one epoch: a smoke test, not a result")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="adaptation seeds (head and router initialisation, batch order); two or more run the demo once per "
+        "seed in OUT/seed-<s>/ on one backbone and write summary.md with mean and std",
+    )
     parser.set_defaults(run=run_vision)
 
 
 def run_vision(args: argparse.Namespace) -> None:
-    from .vision import run_vision_demo
+    from .vision import FULL, QUICK, adapt_seed, run_vision_demo, run_vision_seeds
 
     output_directory(args.out)
-    output_directory(args.out)
-    run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick)
-    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
+    if len(args.seeds) == 1:
+        settings = adapt_seed(QUICK if args.quick else FULL, args.seeds[0])
+        run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick, settings=settings)
+        print(Path(args.out, "results.md").read_text(encoding="utf-8"))
+        return
+    run_vision_seeds(args.out, args.seeds, cache_dir=args.cache_dir, quick=args.quick)
+    print(Path(args.out, "summary.md").read_text(encoding="utf-8"))

@@ -32,7 +32,7 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ from .vision_data import (
 BACKBONE_INFO_NAME = "pretraining.json"
 RESULTS_NAME = "results.json"
 REPORT_NAME = "results.md"
+SUMMARY_NAME = "summary.json"  # of a run over several seeds (run_vision_seeds)
+SUMMARY_REPORT_NAME = "summary.md"
 DEFAULT_CACHE_DIR = Path("~/.cache/coda-adapters/vit-mnist5k")
 
 
@@ -308,9 +310,10 @@ def adapt_variant(
     cache_dir: Path, task: DigitsTask, reduction: float, settings: DemoSettings, show_progress: bool = True
 ) -> tuple[CodaModel, dict[str, Any]]:
     """Wrap the frozen backbone with CoDA at ``reduction`` (1 = dense adapter) and train the adapters,
-    routers and head on ``task.train``; returns the model (eval mode) and its record."""
-    base = load_with_fresh_head(cache_dir, settings.seed)
-    torch.manual_seed(settings.seed)
+    routers and head on ``task.train``; returns the model (eval mode) and its record. The head's and the
+    routers' initial weights, like the order of the batches, come from ``settings.adapt.seed``."""
+    base = load_with_fresh_head(cache_dir, settings.adapt.seed)
+    torch.manual_seed(settings.adapt.seed)
     model = get_coda_model(
         base, CodaConfig(reduction=reduction, bottleneck=settings.bottleneck, epsilon=settings.epsilon)
     )
@@ -449,6 +452,68 @@ def _run(
     write_json(out_dir / RESULTS_NAME, results)
     (out_dir / REPORT_NAME).write_text(markdown_report(results), encoding="utf-8")
     return results
+
+
+def run_vision_seeds(
+    out_dir: str | Path, seeds: list[int], *, quick: bool = False, settings: DemoSettings | None = None, **options: Any
+) -> dict[str, Any]:
+    """The demo once per adaptation seed (``OUT/seed-<s>/``), on one backbone and one split of the digits:
+    the seed changes the head's and routers' initial weights and the batch order. Writes
+    ``summary.json`` and ``summary.md`` in ``out_dir``: per variant, the test accuracy's mean and sample
+    standard deviation over the seeds, each seed's, and the gap to the dense adapter (paired by seed)."""
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs two or more distinct seeds, got {seeds}")
+    settings = settings or (QUICK if quick else FULL)
+    out_dir = Path(out_dir)
+    runs = {}
+    for seed in seeds:
+        seeded = adapt_seed(settings, seed)
+        runs[seed] = run_vision_demo(out_dir / f"seed-{seed}", quick=quick, settings=seeded, **options)
+    summary = seed_summary(runs)
+    write_json(out_dir / SUMMARY_NAME, summary)
+    (out_dir / SUMMARY_REPORT_NAME).write_text(summary_report(summary), encoding="utf-8")
+    return summary
+
+
+def adapt_seed(settings: DemoSettings, seed: int) -> DemoSettings:
+    """``settings`` with another adaptation seed (the backbone and the digits' split stay)."""
+    return replace(settings, adapt=replace(settings.adapt, seed=seed))
+
+
+def seed_summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """``summary.json`` from each seed's ``results.json`` document."""
+    dense = variant_name(1)
+    variants: dict[str, Any] = {}
+    for name in next(iter(runs.values()))["variants"]:
+        accuracy_by_seed = {seed: run["variants"][name]["test_accuracy"] for seed, run in runs.items()}
+        gaps = [accuracy_by_seed[seed] - run["variants"][dense]["test_accuracy"] for seed, run in runs.items()]
+        speedups = [run["variants"][name]["inference_speedup"] for run in runs.values()]
+        variants[name] = {
+            "test_accuracy_mean": statistics.mean(accuracy_by_seed.values()),
+            "test_accuracy_std": statistics.stdev(accuracy_by_seed.values()),
+            "test_accuracy_by_seed": accuracy_by_seed,
+            "gap_to_dense_mean": statistics.mean(gaps),
+            "gap_to_dense_std": statistics.stdev(gaps),
+            "inference_speedup_median": statistics.median(speedups),
+        }
+    return {"seeds": list(runs), "variants": variants}
+
+
+def summary_report(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# CoDA on a Vision Transformer, seeds {', '.join(map(str, summary['seeds']))}",
+        "",
+        "| variant | test accuracy (mean ± std) | per seed | vs dense (paired) | inference speed-up (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in summary["variants"].items():
+        per_seed = ", ".join(f"{100 * a:.1f}" for a in v["test_accuracy_by_seed"].values())
+        lines.append(
+            f"| {name} | {100 * v['test_accuracy_mean']:.1f} ± {100 * v['test_accuracy_std']:.1f}% | {per_seed} "
+            f"| {100 * v['gap_to_dense_mean']:+.1f} ± {100 * v['gap_to_dense_std']:.1f} "
+            f"| {v['inference_speedup_median']:.2f}x |"
+        )
+    return "\n".join([*lines, ""])
 
 
 def assemble_results(
