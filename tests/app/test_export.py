@@ -1,7 +1,9 @@
 """`coda export`: the ONNX graph keeps the routing and matches PyTorch on batches it was not traced on."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import onnx  # the app extra installs onnx and onnxruntime: a missing one fails here, it is not skipped
 import pytest
@@ -16,6 +18,7 @@ from coda_adapters.app.onnx_tracing import traceable_routing
 
 from helpers import padded_batch, save_tiny_base, save_tiny_classifier
 
+EXAMPLES = Path(__file__).parents[2] / "examples"
 LABELS = ["a", "b", "c"]
 # lengths from 2 tokens ("" is [CLS] [SEP]) to past max_length (64), none batched as the export traced them
 TEXTS = [
@@ -110,6 +113,18 @@ def test_export_directory_is_deployable_on_its_own(exported, tmp_path):
     assert report["check"]["max_probability_difference"] <= 1e-3
     assert report["check"]["batch_shapes"][0] == [len(export.CHECK_TEXTS), 64]
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
+
+
+def test_onnx_runtime_fuses_every_frozen_matrix_of_the_int8_graph(exported, pytorch):
+    """examples/onnx_fused_ops.py: each of the 6 frozen matrices per layer runs as a fused int8 product."""
+    spec = importlib.util.spec_from_file_location("onnx_fused_ops", EXAMPLES / "onnx_fused_ops.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    layers = pytorch[0].model.config.num_hidden_layers
+    int8 = example.optimised_operator_counts(exported[0] / "model.int8.onnx")
+    assert int8["DynamicQuantizeMatMul"] + int8["MatMulIntegerToFloat"] == 6 * layers
+    float_graph = example.optimised_operator_counts(exported[0] / "model.onnx")
+    assert float_graph["DynamicQuantizeMatMul"] + float_graph["MatMulIntegerToFloat"] == 0
 
 
 def test_int8_model_is_written_and_agrees_on_most_argmaxes(exported, pytorch):
