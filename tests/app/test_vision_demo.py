@@ -140,3 +140,21 @@ def test_several_seeds_share_the_backbone_and_summarise_mean_std_and_paired_gap(
     assert not torch.equal(adapters[0]["classifier.weight"], adapters[1]["classifier.weight"])  # the seed is used
     with pytest.raises(ValueError, match="two or more distinct seeds, got \\[1, 1\\]"):
         run_vision_seeds(root / "bad", [1, 1], cache_dir=root / "cache", quick=True)
+
+
+def test_the_routing_recipe_starts_dense_and_ends_at_the_target_reduction(first_run):
+    root, _ = first_run
+    settings = vision_demo.with_adaptation(QUICK, epochs=2, dense_start=0.5, reduction_warmup=0.25)
+    base = vision_demo.load_with_fresh_head(root / "cache", 0)
+    model = vision_demo.get_coda_model(base, vision_demo.CodaConfig(reduction=3, bottleneck=8))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.reduction) if module.training else None)
+    task = digits_task(QUICK)
+    vision_demo.fit(model, task.train, settings.adapt, show_progress=False)
+    steps = len(seen)
+    assert steps == 2 * math.ceil(len(task.train) / settings.adapt.batch_size)
+    assert all(r == 1.0 for r in seen[: steps // 2]) and seen[-1] == 3.0
+    assert any(1.0 < r < 3.0 for r in seen[steps // 2 : 3 * steps // 4 + 1])  # the kept share falls gradually
+    assert model.reduction == 3.0
+    with pytest.raises(ValueError, match="--dense-start plus --reduction-warmup"):
+        vision_demo.with_adaptation(QUICK, dense_start=0.7, reduction_warmup=0.5)

@@ -306,17 +306,30 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
         help="adaptation seeds (head and router initialisation, batch order); two or more run the demo once per "
         "seed in OUT/seed-<s>/ on one backbone and write summary.md with mean and std",
     )
+    parser.add_argument(
+        "--dense-start",
+        type=float,
+        help="share of the adaptation steps with every token kept (as in coda train; default: the demo's)",
+    )
+    parser.add_argument(
+        "--reduction-warmup",
+        type=float,
+        help="share of the adaptation steps lowering the kept share of tokens to 1/r (default: the demo's)",
+    )
     parser.set_defaults(run=run_vision)
 
 
 def run_vision(args: argparse.Namespace) -> None:
-    from .vision import FULL, QUICK, adapt_seed, run_vision_demo, run_vision_seeds
+    from .vision import FULL, QUICK, adapt_seed, run_vision_demo, run_vision_seeds, with_adaptation
 
     output_directory(args.out)
+    settings = QUICK if args.quick else FULL
+    recipe = {"dense_start": args.dense_start, "reduction_warmup": args.reduction_warmup}
+    settings = with_adaptation(settings, **{name: value for name, value in recipe.items() if value is not None})
     if len(args.seeds) == 1:
-        settings = adapt_seed(QUICK if args.quick else FULL, args.seeds[0])
+        settings = adapt_seed(settings, args.seeds[0])
         run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick, settings=settings)
         print(Path(args.out, "results.md").read_text(encoding="utf-8"))
         return
-    run_vision_seeds(args.out, args.seeds, cache_dir=args.cache_dir, quick=args.quick)
+    run_vision_seeds(args.out, args.seeds, cache_dir=args.cache_dir, quick=args.quick, settings=settings)
     print(Path(args.out, "summary.md").read_text(encoding="utf-8"))

@@ -38,12 +38,12 @@ from typing import Any
 
 import torch
 
-from ..config import CodaConfig
+from ..config import CodaConfig, check_number
 from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
 from .bench import flop_ratio, inference_step, time_interleaved, training_step
 from .classify import library_versions
-from .loop import Optimization, OptimizerConfig, epoch_order, run_epoch
+from .loop import Optimization, OptimizerConfig, epoch_order, run_epoch, warmed_up_reduction
 from .vision_data import (
     DIGIT_SIZE,
     IMAGE_SIZE,
@@ -96,6 +96,15 @@ class FitSettings:
     warmup_ratio: float = 0.1
     max_shift: int = 0  # pixels; each training image moves by up to this much in x and y
     seed: int = 0
+    # a CoDA model's routing recipe (loop.warmed_up_reduction): shares of the steps run densely, then
+    # lowering the kept share of tokens to 1/r
+    dense_start: float = 0.0
+    reduction_warmup: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_number("--dense-start", self.dense_start, low=0, high=1)
+        check_number("--reduction-warmup", self.reduction_warmup, low=0, high=1)
+        check_number("--dense-start plus --reduction-warmup", self.dense_start + self.reduction_warmup, high=1)
 
 
 @dataclass(frozen=True)
@@ -175,10 +184,15 @@ def fit(
         seed=settings.seed,
     )
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
-    optimization = Optimization(model, config, steps_per_epoch * settings.epochs)
+    total_steps = steps_per_epoch * settings.epochs
+    optimization = Optimization(model, config, total_steps)
     generator = torch.Generator().manual_seed(settings.seed)
+    target = model.reduction if isinstance(model, CodaModel) else None
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
+        if target is not None:
+            step, warmup, dense = optimization.steps_taken, settings.reduction_warmup, settings.dense_start
+            model.reduction = warmed_up_reduction(target, step, total_steps, warmup, dense)
         pixels = random_shift(data.pixels[index], settings.max_shift, generator)
         return model(pixel_values=pixels, labels=data.labels[index]).loss
 
@@ -189,6 +203,8 @@ def fit(
         batches = order.split(settings.batch_size)
         epoch_desc = f"{desc}, epoch {epoch + 1}/{settings.epochs}"
         result = run_epoch(batches, loss_of, optimization, desc=epoch_desc, show_progress=show_progress)
+        if target is not None:
+            model.reduction = target  # validated and tested at the target
         record = {"epoch": epoch + 1, "train_loss": result.loss, "epoch_seconds": result.seconds}
         if validation is not None:
             record["val_accuracy"] = accuracy(model, validation)
@@ -477,7 +493,12 @@ def run_vision_seeds(
 
 def adapt_seed(settings: DemoSettings, seed: int) -> DemoSettings:
     """``settings`` with another adaptation seed (the backbone and the digits' split stay)."""
-    return replace(settings, adapt=replace(settings.adapt, seed=seed))
+    return with_adaptation(settings, seed=seed)
+
+
+def with_adaptation(settings: DemoSettings, **changes: Any) -> DemoSettings:
+    """``settings`` with other adaptation settings (``FitSettings`` fields); the backbone stays."""
+    return replace(settings, adapt=replace(settings.adapt, **changes))
 
 
 def seed_summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
