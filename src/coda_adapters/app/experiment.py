@@ -89,7 +89,8 @@ PRESETS = {
     ),
     # The routing preset at r = 3 and 5 with a longer recipe: 5 epochs, the first dense, the second lowering the
     # kept share to 1/r, three at r (is one epoch at r too short for adapters trained in the dense model?)
-    # (`coda experiment --preset routing-long`, about 75 minutes per seed on 2 cores, split with --rows)
+    # (`coda experiment --preset routing-long`, about 2.5 hours per seed on 2 cores with the pooling and
+    # position rows, split with --rows)
     "routing-long": Preset(
         rows=[Row(DENSE, {"reduction": 1})]
         + [Row(f"CoDA r={r}", {"reduction": r}) for r in (3, 5)]
