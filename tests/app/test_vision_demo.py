@@ -158,3 +158,18 @@ def test_the_routing_recipe_starts_dense_and_ends_at_the_target_reduction(first_
     assert model.reduction == 3.0
     with pytest.raises(ValueError, match="--dense-start plus --reduction-warmup"):
         vision_demo.with_adaptation(QUICK, dense_start=0.7, reduction_warmup=0.5)
+
+
+def test_the_backbone_cache_key_leaves_out_the_adaptation_recipe():
+    """A cache written before FitSettings had the routing recipe has this key and stays valid."""
+    with_recipe = dataclasses.replace(QUICK, pretrain=dataclasses.replace(QUICK.pretrain, dense_start=0.5))
+    assert with_recipe.backbone_key() == QUICK.backbone_key()
+    assert set(QUICK.backbone_key()["pretrain"]) == {
+        "epochs",
+        "lr",
+        "batch_size",
+        "weight_decay",
+        "warmup_ratio",
+        "max_shift",
+        "seed",
+    }
