@@ -321,7 +321,8 @@ class Router(nn.Module):
     With ``position_bins > 0`` (an addition to the paper) a learned bias per bin of relative position
     ``t / n_valid`` among the real tokens is added to the scores: the hidden states carry little of a
     token's absolute position, so a router of one vector cannot learn "the lead matters" (BBC News, where
-    the first third of a text beats routing) without it. The bias starts at zero.
+    the first third of a text beats routing) without it. The bias starts at zero. Measured there (README,
+    "Two router options on BBC News"), it does not close the gap to truncation.
     """
 
     def __init__(
