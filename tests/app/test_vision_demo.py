@@ -173,3 +173,33 @@ def test_the_backbone_cache_key_leaves_out_the_adaptation_recipe():
         "max_shift",
         "seed",
     }
+
+
+def test_a_random_router_variant_routes_randomly_and_says_so(first_run):
+    root, _ = first_run
+    settings = dataclasses.replace(QUICK, router="random")
+    model, _ = adapt_variant(root / "cache", digits_task(settings), 3, settings, show_progress=False)
+    assert model.coda_config.router == "random"
+    assert vision_demo.variant_name(3, "random") == "CoDA r=3, random router"
+    dense, _ = adapt_variant(root / "cache", digits_task(settings), 1, settings, show_progress=False)
+    assert dense.coda_config.router == "learned"  # at r = 1 every token is kept: no router chooses
+    pixels = digits_task(settings).test.pixels[:4]
+    model.eval()
+    with torch.no_grad():  # a new draw of tokens on every call: the outputs differ
+        assert not torch.equal(model(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"router": "best"}, "--router must be one of \\('learned', 'random'\\), got 'best'"),
+        ({"epsilon": 0.0}, "--epsilon must be a finite number > 0, got 0.0"),
+        ({"adapt": {"epochs": 0}}, "--epochs must be an int >= 1, got 0"),
+    ],
+)
+def test_demo_settings_name_the_wrong_option(change, message):
+    with pytest.raises(ValueError, match=message):
+        if "adapt" in change:
+            vision_demo.with_adaptation(QUICK, **change["adapt"])
+        else:
+            dataclasses.replace(QUICK, **change)

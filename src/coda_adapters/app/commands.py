@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import check_int
+from ..config import ROUTER_KINDS, check_int
 from .options import CommandError, add_subcommand, flag, output_directory, output_file
 
 
@@ -316,16 +316,31 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="share of the adaptation steps lowering the kept share of tokens to 1/r (default: the demo's)",
     )
+    parser.add_argument("--epochs", type=int, help="adaptation epochs of every variant (default: the demo's)")
+    parser.add_argument(
+        "--epsilon", type=float, help="the routers' soft top-k entropy weight (CodaConfig.epsilon; default: the demo's)"
+    )
+    parser.add_argument(
+        "--router",
+        choices=ROUTER_KINDS,
+        help="the CoDA variants' routers: learned, or random (the compute-matched baseline; default: learned)",
+    )
     parser.set_defaults(run=run_vision)
 
 
 def run_vision(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from .vision import FULL, QUICK, adapt_seed, run_vision_demo, run_vision_seeds, with_adaptation
+
+    def given(options: dict) -> dict:  # the options set on the command line
+        return {name: value for name, value in options.items() if value is not None}
 
     output_directory(args.out)
     settings = QUICK if args.quick else FULL
-    recipe = {"dense_start": args.dense_start, "reduction_warmup": args.reduction_warmup}
-    settings = with_adaptation(settings, **{name: value for name, value in recipe.items() if value is not None})
+    recipe = {"dense_start": args.dense_start, "reduction_warmup": args.reduction_warmup, "epochs": args.epochs}
+    settings = with_adaptation(settings, **given(recipe))
+    settings = replace(settings, **given({"epsilon": args.epsilon, "router": args.router}))
     if len(args.seeds) == 1:
         settings = adapt_seed(settings, args.seeds[0])
         run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick, settings=settings)

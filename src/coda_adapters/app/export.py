@@ -48,7 +48,7 @@ from .onnx_tracing import traceable_routing
 
 REPORT_NAME = "coda_export.json"
 DEFAULT_OPSET = 17
-# ScatterElements(reduction="add") needs 16; the TorchScript exporter goes up to 20
+# ScatterND(reduction="add") needs 16; the TorchScript exporter goes up to 20
 OPSET_RANGE = (16, 20)
 TOLERANCE = 1e-3  # max absolute difference in class probabilities between ONNX Runtime and PyTorch
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..config import CodaConfig, check_number
+from ..config import ROUTER_KINDS, CodaConfig, check_choice, check_int, check_number
 from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
 from .bench import flop_ratio, inference_step, time_interleaved, training_step
@@ -102,6 +102,7 @@ class FitSettings:
     reduction_warmup: float = 0.0
 
     def __post_init__(self) -> None:
+        check_int("--epochs", self.epochs, low=1)
         check_number("--dense-start", self.dense_start, low=0, high=1)
         check_number("--reduction-warmup", self.reduction_warmup, low=0, high=1)
         check_number("--dense-start plus --reduction-warmup", self.dense_start + self.reduction_warmup, high=1)
@@ -129,11 +130,17 @@ class DemoSettings:
     reductions: tuple[float, ...] = (1, 3, 5)  # 1 (the dense adapter) first: every speed-up is relative to it
     bottleneck: int = 64
     epsilon: float = 0.03  # the routers' soft top-k entropy weight (CodaConfig.epsilon)
+    # the CoDA variants' routers (CodaConfig.router): "random" is the compute-matched baseline of a learned one
+    router: str = "learned"
     adapt: FitSettings = field(default_factory=lambda: FitSettings(epochs=20, lr=1e-2, batch_size=32))
     bench_batch_size: int = 64
     bench_repeats: int = 20
     bench_warmup: int = 3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_number("--epsilon", self.epsilon, above=0)
+        check_choice("--router", self.router, ROUTER_KINDS)
 
     def backbone_key(self) -> dict[str, Any]:
         """What the cached backbone depends on: a cache whose key differs is pretrained again."""
@@ -335,15 +342,15 @@ def adapt_variant(
     routers' initial weights, like the order of the batches, come from ``settings.adapt.seed``."""
     base = load_with_fresh_head(cache_dir, settings.adapt.seed)
     torch.manual_seed(settings.adapt.seed)
-    model = get_coda_model(
-        base, CodaConfig(reduction=reduction, bottleneck=settings.bottleneck, epsilon=settings.epsilon)
-    )
+    router = "learned" if reduction == 1 else settings.router  # at r = 1 no router chooses
+    config = CodaConfig(reduction=reduction, bottleneck=settings.bottleneck, epsilon=settings.epsilon, router=router)
+    model = get_coda_model(base, config)
     history = fit(
         model,
         task.train,
         settings.adapt,
         validation=task.validation,
-        desc=f"adapting, {variant_name(reduction)}",
+        desc=f"adapting, {variant_name(reduction, settings.router)}",
         show_progress=show_progress,
     )
     epoch_seconds = [record["epoch_seconds"] for record in history]
@@ -359,8 +366,10 @@ def adapt_variant(
     return model, record
 
 
-def variant_name(reduction: float) -> str:
-    return "dense adapter (r=1)" if reduction == 1 else f"CoDA r={reduction:g}"
+def variant_name(reduction: float, router: str = "learned") -> str:
+    if reduction == 1:
+        return "dense adapter (r=1)"
+    return f"CoDA r={reduction:g}" + (", random router" if router == "random" else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,7 +384,7 @@ def benchmark(models: dict[float, CodaModel], pixels: torch.Tensor, settings: De
     batch = {"pixel_values": pixels}
     for model in models.values():
         model.eval()
-    names = {variant_name(r): r for r in models}
+    names = {variant_name(r, settings.router): r for r in models}
     inference_steps = {name: inference_step(models[r], batch) for name, r in names.items()}
     inference = time_interleaved(inference_steps, settings.bench_repeats, settings.bench_warmup)
     training_steps = {name: training_step(copy.deepcopy(models[r]), batch) for name, r in names.items()}
@@ -460,7 +469,7 @@ def _run(
     for reduction in settings.reductions:
         start = time.perf_counter()
         models[reduction], variants[reduction] = adapt_variant(cache_dir, task, reduction, settings, show_progress)
-        phases[f"adapting, {variant_name(reduction)}"] = time.perf_counter() - start
+        phases[f"adapting, {variant_name(reduction, settings.router)}"] = time.perf_counter() - start
         if save_adapters:
             models[reduction].save_pretrained(out_dir / f"adapter-r{reduction:g}")
 
@@ -575,7 +584,7 @@ def assemble_results(
             "validation_examples": len(task.validation),
             "test_examples": len(task.test),
         },
-        "variants": {variant_name(r): {**variants[r], **speeds[r]} for r in settings.reductions},
+        "variants": {variant_name(r, settings.router): {**variants[r], **speeds[r]} for r in settings.reductions},
         "phase_seconds": phases,
         "timing": {
             "threads": torch.get_num_threads(),
