@@ -93,6 +93,10 @@ def test_graph_routes_with_topk_and_has_dynamic_int64_inputs(exported):
     assert len(scatters) == 2 and all(
         any(a.name == "reduction" and a.s == b"add" for a in n.attribute) for n in scatters
     )
+    # traced with eager attention: no NaN guard on the attention probabilities, as torch's SDPA exports with
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+    assert ops.count("Softmax") >= 2
+    assert not [n for n in graph.node if n.op_type == "IsNaN" and producer.get(n.input[0]) == "Softmax"]
     inputs = {i.name: i.type.tensor_type for i in graph.input}
     assert set(inputs) == {"input_ids", "attention_mask"}
     for tensor_type in inputs.values():
@@ -250,3 +254,11 @@ def test_routing_options_export_and_equal_pytorch_on_a_ragged_batch(base_dir, tm
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits.softmax(-1)
     assert (got - want).abs().max() <= 1e-3
+
+
+def test_eager_attention_is_only_for_the_trace(classifier_dir):
+    model = load_classifier(classifier_dir)[0]
+    before = model.model.config._attn_implementation
+    with export.eager_attention(model):
+        assert model.model.config._attn_implementation == "eager"
+    assert model.model.config._attn_implementation == before == "sdpa"
