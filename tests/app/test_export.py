@@ -122,16 +122,28 @@ def test_export_directory_is_deployable_on_its_own(exported, tmp_path):
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
 
 
-def test_onnx_runtime_fuses_every_frozen_matrix_of_the_int8_graph(exported, pytorch):
-    """examples/onnx_fused_ops.py: each of the 6 frozen matrices per layer runs as a fused int8 product."""
-    spec = importlib.util.spec_from_file_location("onnx_fused_ops", EXAMPLES / "onnx_fused_ops.py")
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_onnx_runtime_fuses_every_frozen_matrix_of_the_int8_graph(exported, pytorch):
+    """examples/onnx_fused_ops.py: each of the 6 frozen matrices per layer runs as a fused int8 product."""
+    example = load_example("onnx_fused_ops")
     layers = pytorch[0].model.config.num_hidden_layers
     int8 = example.optimised_operator_counts(exported[0] / "model.int8.onnx")
     assert int8["DynamicQuantizeMatMul"] + int8["MatMulIntegerToFloat"] == 6 * layers
     float_graph = example.optimised_operator_counts(exported[0] / "model.onnx")
     assert float_graph["DynamicQuantizeMatMul"] + float_graph["MatMulIntegerToFloat"] == 0
+
+
+def test_the_profile_example_times_the_routed_graphs_operators(exported):
+    """examples/onnx_profile.py: kernel time per operator type, with the routing's scatter among them."""
+    times = load_example("onnx_profile").kernel_time_by_operator(exported[0] / "model.onnx", 2, 32, calls=2)
+    assert times["MatMul"] > 0 and times["ScatterND"] > 0
+    assert list(times.values()) == sorted(times.values(), reverse=True)
 
 
 def test_int8_model_is_written_and_agrees_on_most_argmaxes(exported, pytorch):
