@@ -26,6 +26,7 @@ VARIANT_KEYS = {
     "tokens_per_layer",
     "test_accuracy",
     "val_accuracy",
+    "epoch",
     "trainable_parameters",
     "seconds_per_epoch",
     "history",
@@ -164,6 +165,10 @@ def test_the_backbone_cache_key_leaves_out_the_adaptation_recipe():
     """A cache written before FitSettings had the routing recipe has this key and stays valid."""
     with_recipe = dataclasses.replace(QUICK, pretrain=dataclasses.replace(QUICK.pretrain, dense_start=0.5))
     assert with_recipe.backbone_key() == QUICK.backbone_key()
+    assert (
+        QUICK.backbone_key()
+        == dataclasses.replace(QUICK, pretrain=dataclasses.replace(QUICK.pretrain, keep_best=False)).backbone_key()
+    )
     assert set(QUICK.backbone_key()["pretrain"]) == {
         "epochs",
         "lr",
@@ -203,3 +208,27 @@ def test_demo_settings_name_the_wrong_option(change, message):
             vision_demo.with_adaptation(QUICK, **change["adapt"])
         else:
             dataclasses.replace(QUICK, **change)
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_fit_ends_with_the_best_validation_epochs_weights(first_run, monkeypatch, keep_best):
+    root, _ = first_run
+    scripted = iter([0.5, 0.9, 0.7])  # validation accuracy after epochs 1, 2, 3: the second is best
+    snapshots = []
+
+    def scripted_accuracy(model, data):
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return next(scripted)
+
+    monkeypatch.setattr(vision_demo, "accuracy", scripted_accuracy)
+    settings = vision_demo.with_adaptation(QUICK, epochs=3, keep_best=keep_best)
+    task = digits_task(QUICK)
+    model = vision_demo.get_coda_model(
+        vision_demo.load_with_fresh_head(root / "cache", 0), vision_demo.CodaConfig(reduction=3, bottleneck=8)
+    )
+    history = vision_demo.fit(model, task.train, settings.adapt, validation=task.validation, show_progress=False)
+    final = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kept = snapshots[1] if keep_best else snapshots[2]
+    assert all(torch.equal(final[n], kept[n]) for n in final)
+    assert not all(torch.equal(snapshots[1][n], snapshots[2][n]) for n in final)  # the epochs did differ
+    assert vision_demo.best_epoch(history)["epoch"] == 2

@@ -318,6 +318,11 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--epochs", type=int, help="adaptation epochs of every variant (default: the demo's)")
     parser.add_argument(
+        "--keep-last",
+        action="store_true",
+        help="end each variant with its last epoch's weights (default: those of its best validation epoch)",
+    )
+    parser.add_argument(
         "--epsilon", type=float, help="the routers' soft top-k entropy weight (CodaConfig.epsilon; default: the demo's)"
     )
     parser.add_argument(
@@ -339,6 +344,7 @@ def run_vision(args: argparse.Namespace) -> None:
     output_directory(args.out)
     settings = QUICK if args.quick else FULL
     recipe = {"dense_start": args.dense_start, "reduction_warmup": args.reduction_warmup, "epochs": args.epochs}
+    recipe["keep_best"] = False if args.keep_last else None
     settings = with_adaptation(settings, **given(recipe))
     settings = replace(settings, **given({"epsilon": args.epsilon, "router": args.router}))
     if len(args.seeds) == 1:

@@ -100,6 +100,9 @@ class FitSettings:
     # lowering the kept share of tokens to 1/r
     dense_start: float = 0.0
     reduction_warmup: float = 0.0
+    # with a validation split: end with the weights of the epoch with the best validation accuracy (the first
+    # of equals), so that a longer schedule cannot leave a variant past its best
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         check_int("--epochs", self.epochs, low=1)
@@ -108,7 +111,8 @@ class FitSettings:
         check_number("--dense-start plus --reduction-warmup", self.dense_start + self.reduction_warmup, high=1)
 
 
-ROUTING_RECIPE_FIELDS = ("dense_start", "reduction_warmup")  # of FitSettings, for CoDA models only
+# of FitSettings: the routing recipe (CoDA models only) and the choice of epoch (adaptation only)
+ADAPTATION_ONLY_FIELDS = ("dense_start", "reduction_warmup", "keep_best")
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class DemoSettings:
             "patch_keep": None if self.patch_keep is None else list(self.patch_keep),
             # the routing recipe does not apply to the dense backbone: left out, caches made before it existed
             # stay valid
-            "pretrain": {k: v for k, v in asdict(self.pretrain).items() if k not in ROUTING_RECIPE_FIELDS},
+            "pretrain": {k: v for k, v in asdict(self.pretrain).items() if k not in ADAPTATION_ONLY_FIELDS},
             "seed": self.seed,
         }
 
@@ -187,7 +191,8 @@ def fit(
     show_progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train the parameters of ``model`` that require a gradient with the application's training loop;
-    one record per epoch (loss, seconds, validation accuracy)."""
+    one record per epoch (loss, seconds, validation accuracy). With ``validation`` and
+    ``settings.keep_best``, the model ends with the trained weights of its best validation epoch."""
     config = OptimizerConfig(
         batch_size=settings.batch_size,
         lr=settings.lr,
@@ -208,7 +213,8 @@ def fit(
         pixels = random_shift(data.pixels[index], settings.max_shift, generator)
         return model(pixel_values=pixels, labels=data.labels[index]).loss
 
-    history = []
+    history: list[dict[str, float]] = []
+    best: dict[str, torch.Tensor] = {}
     for epoch in range(settings.epochs):
         model.train()
         order = torch.tensor(epoch_order(len(data), settings.seed, epoch))
@@ -220,8 +226,20 @@ def fit(
         record = {"epoch": epoch + 1, "train_loss": result.loss, "epoch_seconds": result.seconds}
         if validation is not None:
             record["val_accuracy"] = accuracy(model, validation)
+            if settings.keep_best and record["val_accuracy"] > max((r["val_accuracy"] for r in history), default=-1):
+                best = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         history.append(record)
+    if best:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in best:
+                    parameter.copy_(best[name])
     return history
+
+
+def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
+    """The record of the first epoch with the highest validation accuracy."""
+    return max(history, key=lambda record: record["val_accuracy"])
 
 
 def accuracy(model: torch.nn.Module, data: Images, batch_size: int = 256) -> float:
@@ -354,11 +372,13 @@ def adapt_variant(
         show_progress=show_progress,
     )
     epoch_seconds = [record["epoch_seconds"] for record in history]
+    kept = best_epoch(history) if settings.adapt.keep_best else history[-1]
     record = {
         "reduction": reduction,
         "tokens_per_layer": math.ceil(settings.shape.num_tokens / reduction),
         "test_accuracy": accuracy(model, task.test),
-        "val_accuracy": history[-1]["val_accuracy"],
+        "epoch": kept["epoch"],  # whose weights the model keeps
+        "val_accuracy": kept["val_accuracy"],
         "trainable_parameters": model.get_nb_trainable_parameters()[0],
         "seconds_per_epoch": statistics.median(epoch_seconds),
         "history": history,
@@ -610,13 +630,14 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"Task: {task['data']}; {task['train_examples']} training, {task['validation_examples']} validation, "
         f"{task['test_examples']} test images.",
         "",
-        "| variant | tokens per layer | test accuracy | trainable params | s per epoch "
+        "| variant | tokens per layer | test accuracy | epoch kept | trainable params | s per epoch "
         "| train-step speed-up | inference ms | inference speed-up | cost-model speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in results["variants"].items():
         lines.append(
-            f"| {name} | {v['tokens_per_layer']} | {v['test_accuracy']:.3f} | {v['trainable_parameters']:,} "
+            f"| {name} | {v['tokens_per_layer']} | {v['test_accuracy']:.3f} | {v['epoch']} "
+            f"| {v['trainable_parameters']:,} "
             f"| {v['seconds_per_epoch']:.1f} | {v['train_step_speedup']:.2f}× | {v['inference_ms']:.1f} "
             f"| {v['inference_speedup']:.2f}× | {v['flop_speedup']:.2f}× |"
         )
