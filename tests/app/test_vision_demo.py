@@ -232,3 +232,19 @@ def test_fit_ends_with_the_best_validation_epochs_weights(first_run, monkeypatch
     assert all(torch.equal(final[n], kept[n]) for n in final)
     assert not all(torch.equal(snapshots[1][n], snapshots[2][n]) for n in final)  # the epochs did differ
     assert vision_demo.best_epoch(history)["epoch"] == 2
+
+
+def test_the_command_line_sets_the_adaptation_recipe(monkeypatch, tmp_path):
+    from coda_adapters.app.cli import main
+
+    seen = {}
+    monkeypatch.setattr(vision_demo, "run_vision_demo", lambda out, **kwargs: seen.update(kwargs))
+    (tmp_path / "results.md").write_text("report")
+    argv = ["vision", "--quick", "--out", str(tmp_path), "--epochs", "7", "--epsilon", "0.2", "--router", "random"]
+    main([*argv, "--keep-last", "--seeds", "3"])
+    settings = seen["settings"]
+    assert (settings.adapt.epochs, settings.adapt.keep_best, settings.adapt.seed) == (7, False, 3)
+    assert (settings.epsilon, settings.router) == (0.2, "random")
+    assert settings.pretrain == QUICK.pretrain  # the backbone's recipe is not touched
+    main(["vision", "--quick", "--out", str(tmp_path)])
+    assert seen["settings"] == QUICK
