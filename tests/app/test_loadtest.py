@@ -97,6 +97,13 @@ def test_adapters_are_reused_unless_a_setting_changed(run, tiny_base):
     served = prepare_exports(out, adapters, ("pytorch", "int8"))
     assert {path: path.stat().st_mtime_ns for path in graphs} == exported and len(graphs) == 4
     assert served == {f"r{r}-int8": out / "exports" / f"r{r}" / "model.int8.onnx" for r in REDUCTIONS}
+    # an export written by an older exporter (another graph format) is made again
+    report = out / "exports" / "r3" / "coda_export.json"
+    report.write_text(json.dumps({**json.loads(report.read_text()), "graph_format": 1}))
+    prepare_exports(out, adapters, ("pytorch", "int8"))
+    assert json.loads(report.read_text())["graph_format"] == 2
+    assert (out / "exports" / "r3" / "model.onnx").stat().st_mtime_ns != exported[out / "exports" / "r3" / "model.onnx"]
+    assert (out / "exports" / "r1" / "model.onnx").stat().st_mtime_ns == exported[out / "exports" / "r1" / "model.onnx"]
 
 
 def test_texts_have_exactly_seq_len_tokens(tiny_base):

@@ -49,6 +49,10 @@ from .onnx_classifier import (
 from .onnx_tracing import traceable_routing
 
 REPORT_NAME = "coda_export.json"
+# The layout of the graphs this exporter writes, recorded in coda_export.json: raised when a change makes
+# older exports compute differently or run slower (2: row-wise ScatterND updates and eager attention), so
+# that a cache of exports (coda loadtest's) is made again
+GRAPH_FORMAT = 2
 DEFAULT_OPSET = 17
 # ScatterND(reduction="add") needs 16; the TorchScript exporter goes up to 20
 OPSET_RANGE = (16, 20)
@@ -184,6 +188,7 @@ def export_into(
         "onnx": ONNX_NAME,
         "opset": opset,
         "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)",
+        "graph_format": GRAPH_FORMAT,
         "inputs": list(INPUT_NAMES),
         "output": OUTPUT_NAME,
         "label_names": list(task["label_names"]),

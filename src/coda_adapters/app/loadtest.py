@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import random
@@ -132,18 +133,22 @@ def build_random_adapter(
 
 def prepare_exports(out_dir: Path, adapters: dict[str, Path], runtimes: tuple[str, ...]) -> dict[str, Path]:
     """``{name: path}`` that ``coda serve`` takes for the ONNX Runtime settings: each adapter exported once
-    (``coda export --int8``) to ``out_dir/exports/<name>``, reused while it is newer than the adapter's weights."""
+    (``coda export --int8``) to ``out_dir/exports/<name>``, reused while it is newer than the adapter's weights
+    and has this exporter's graph format."""
     from ..checkpoint import WEIGHTS_NAME
-    from .export import export_onnx
+    from .export import GRAPH_FORMAT, REPORT_NAME, export_onnx
     from .onnx_classifier import INT8_NAME, ONNX_NAME
+
+    def current(export: Path, weights: Path) -> bool:
+        made = [export / ONNX_NAME, export / INT8_NAME, export / REPORT_NAME]
+        if not all(path.is_file() and path.stat().st_mtime > weights.stat().st_mtime for path in made):
+            return False
+        return json.loads((export / REPORT_NAME).read_text(encoding="utf-8")).get("graph_format") == GRAPH_FORMAT
 
     served = {}
     for name, directory in adapters.items():
         export = out_dir / "exports" / name
-        made = [export / ONNX_NAME, export / INT8_NAME]
-        if not all(
-            path.is_file() and path.stat().st_mtime > (directory / WEIGHTS_NAME).stat().st_mtime for path in made
-        ):
+        if not current(export, directory / WEIGHTS_NAME):
             export_onnx(directory, export, quantize_int8=True)
         if "onnxruntime" in runtimes:
             served[name + RUNTIME_SUFFIX["onnxruntime"]] = export
