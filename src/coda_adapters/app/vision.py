@@ -153,8 +153,8 @@ class DemoSettings:
             "mnist_examples": self.mnist_examples,
             "mnist_heldout": self.mnist_heldout,
             "patch_keep": None if self.patch_keep is None else list(self.patch_keep),
-            # the routing recipe does not apply to the dense backbone: left out, caches made before it existed
-            # stay valid
+            # the adaptation-only fields do not apply to the backbone's pretraining (which has no validation
+            # split): left out, caches made before they existed stay valid
             "pretrain": {k: v for k, v in asdict(self.pretrain).items() if k not in ADAPTATION_ONLY_FIELDS},
             "seed": self.seed,
         }
