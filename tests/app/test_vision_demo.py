@@ -199,6 +199,7 @@ def test_a_random_router_variant_routes_randomly_and_says_so(first_run):
     [
         ({"router": "best"}, "--router must be one of \\('learned', 'random'\\), got 'best'"),
         ({"epsilon": 0.0}, "--epsilon must be a finite number > 0, got 0.0"),
+        ({"mnist_pretrain_epochs": -1}, "--mnist-pretrain-epochs must be an int >= 0, got -1"),
         ({"adapt": {"epochs": 0}}, "--epochs must be an int >= 1, got 0"),
     ],
 )
@@ -241,10 +242,34 @@ def test_the_command_line_sets_the_adaptation_recipe(monkeypatch, tmp_path):
     monkeypatch.setattr(vision_demo, "run_vision_demo", lambda out, **kwargs: seen.update(kwargs))
     (tmp_path / "results.md").write_text("report")
     argv = ["vision", "--quick", "--out", str(tmp_path), "--epochs", "7", "--epsilon", "0.2", "--router", "random"]
-    main([*argv, "--keep-last", "--seeds", "3"])
+    main([*argv, "--keep-last", "--seeds", "3", "--mnist-pretrain-epochs", "2"])
     settings = seen["settings"]
     assert (settings.adapt.epochs, settings.adapt.keep_best, settings.adapt.seed) == (7, False, 3)
-    assert (settings.epsilon, settings.router) == (0.2, "random")
+    assert (settings.epsilon, settings.router, settings.mnist_pretrain_epochs) == (0.2, "random", 2)
     assert settings.pretrain == QUICK.pretrain  # the backbone's recipe is not touched
     main(["vision", "--quick", "--out", str(tmp_path)])
     assert seen["settings"] == QUICK
+
+
+def test_mnist_pretraining_trains_the_adapters_and_the_digits_start_from_the_fresh_head(first_run, monkeypatch):
+    root, _ = first_run
+    settings = dataclasses.replace(QUICK, mnist_pretrain_epochs=1)
+    at_adaptation = {}
+    real_fit = vision_demo.fit
+
+    def spy(model, data, fit_settings, **kwargs):
+        if kwargs["desc"].startswith("adapting"):
+            at_adaptation.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return real_fit(model, data, fit_settings, **kwargs)
+
+    monkeypatch.setattr(vision_demo, "fit", spy)
+    _, record = adapt_variant(root / "cache", digits_task(settings), 3, settings, show_progress=False)
+    fresh_base = vision_demo.load_with_fresh_head(root / "cache", settings.adapt.seed)
+    fresh = vision_demo.get_coda_model(fresh_base, vision_demo.CodaConfig(reduction=3, bottleneck=QUICK.bottleneck))
+    fresh = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
+    head = [n for n in fresh if "classifier" in n]
+    assert head and all(torch.equal(at_adaptation[n], fresh[n]) for n in head)
+    up_projections = [n for n in fresh if "adapter" in n and "up" in n]  # zero when fresh
+    assert up_projections and all(at_adaptation[n].abs().sum() > 0 for n in up_projections)
+    assert record["mnist_pretraining"]["epochs"] == 1
+    assert 0 <= record["mnist_pretraining"]["mnist_heldout_accuracy"] <= 1

@@ -326,6 +326,12 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
         "--epsilon", type=float, help="the routers' soft top-k entropy weight (CodaConfig.epsilon; default: the demo's)"
     )
     parser.add_argument(
+        "--mnist-pretrain-epochs",
+        type=int,
+        help="CoDA pretraining: train each variant's adapters and routers this many epochs on the backbone's own "
+        "task (MNIST-5k, its own head) before the digits (default: 0, none)",
+    )
+    parser.add_argument(
         "--router",
         choices=ROUTER_KINDS,
         help="the CoDA variants' routers: learned, or random (the compute-matched baseline; default: learned)",
@@ -346,7 +352,8 @@ def run_vision(args: argparse.Namespace) -> None:
     recipe = {"dense_start": args.dense_start, "reduction_warmup": args.reduction_warmup, "epochs": args.epochs}
     recipe["keep_best"] = False if args.keep_last else None
     settings = with_adaptation(settings, **given(recipe))
-    settings = replace(settings, **given({"epsilon": args.epsilon, "router": args.router}))
+    chosen = {"epsilon": args.epsilon, "router": args.router, "mnist_pretrain_epochs": args.mnist_pretrain_epochs}
+    settings = replace(settings, **given(chosen))
     if len(args.seeds) == 1:
         settings = adapt_seed(settings, args.seeds[0])
         run_vision_demo(args.out, cache_dir=args.cache_dir, quick=args.quick, settings=settings)

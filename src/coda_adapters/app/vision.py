@@ -137,6 +137,10 @@ class DemoSettings:
     # the CoDA variants' routers (CodaConfig.router): "random" is the compute-matched baseline of a learned one
     router: str = "learned"
     adapt: FitSettings = field(default_factory=lambda: FitSettings(epochs=20, lr=1e-2, batch_size=32))
+    # CoDA pretraining (the paper's section 3.3) before the digits: each variant's adapters (and routers) are
+    # first trained for this many epochs on the backbone's own task, MNIST-5k with its own head, with the
+    # adaptation's other settings; then the head is replaced by the same fresh one as without it. 0: none
+    mnist_pretrain_epochs: int = 0
     bench_batch_size: int = 64
     bench_repeats: int = 20
     bench_warmup: int = 3
@@ -144,6 +148,7 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         check_number("--epsilon", self.epsilon, above=0)
+        check_int("--mnist-pretrain-epochs", self.mnist_pretrain_epochs, low=0)
         check_choice("--router", self.router, ROUTER_KINDS)
 
     def backbone_key(self) -> dict[str, Any]:
@@ -287,8 +292,7 @@ def pretrain_backbone(settings: DemoSettings, cache_dir: Path, show_progress: bo
     from transformers import ViTForImageClassification
 
     start = time.perf_counter()
-    mnist = first_examples(load_mnist_5k(), settings.mnist_examples, settings.seed)
-    train, heldout = stratified_split(mnist, settings.mnist_heldout, settings.seed)
+    train, heldout = mnist_split(settings)
     torch.manual_seed(settings.seed)
     model = ViTForImageClassification(vit_config(settings.shape))
     hook = (
@@ -312,6 +316,12 @@ def pretrain_backbone(settings: DemoSettings, cache_dir: Path, show_progress: bo
     model.save_pretrained(cache_dir)
     write_json(cache_dir / BACKBONE_INFO_NAME, info)
     return info
+
+
+def mnist_split(settings: DemoSettings) -> tuple[Images, Images]:
+    """The backbone's pretraining data: MNIST-5k's training and held-out parts."""
+    mnist = first_examples(load_mnist_5k(), settings.mnist_examples, settings.seed)
+    return stratified_split(mnist, settings.mnist_heldout, settings.seed)
 
 
 def ensure_backbone(settings: DemoSettings, cache_dir: Path, show_progress: bool = True) -> dict[str, Any]:
@@ -356,26 +366,36 @@ def adapt_variant(
     cache_dir: Path, task: DigitsTask, reduction: float, settings: DemoSettings, show_progress: bool = True
 ) -> tuple[CodaModel, dict[str, Any]]:
     """Wrap the frozen backbone with CoDA at ``reduction`` (1 = dense adapter) and train the adapters,
-    routers and head on ``task.train``; returns the model (eval mode) and its record. The head's and the
-    routers' initial weights, like the order of the batches, come from ``settings.adapt.seed``."""
-    base = load_with_fresh_head(cache_dir, settings.adapt.seed)
-    torch.manual_seed(settings.adapt.seed)
+    routers and head on ``task.train`` (after ``settings.mnist_pretrain_epochs`` of CoDA pretraining on
+    MNIST); returns the model (eval mode) and its record. The head's and the routers' initial weights, like
+    the order of the batches, come from ``settings.adapt.seed``."""
+    seed = settings.adapt.seed
     router = "learned" if reduction == 1 else settings.router  # at r = 1 no router chooses
     config = CodaConfig(reduction=reduction, bottleneck=settings.bottleneck, epsilon=settings.epsilon, router=router)
-    model = get_coda_model(base, config)
+    name = variant_name(reduction, settings.router)
+    record: dict[str, Any] = {
+        "reduction": reduction,
+        "tokens_per_layer": math.ceil(settings.shape.num_tokens / reduction),
+    }
+    if settings.mnist_pretrain_epochs:
+        model, record["mnist_pretraining"] = pretrain_on_mnist(cache_dir, config, settings, name, show_progress)
+        torch.manual_seed(seed)
+        model.model.classifier.reset_parameters()  # the fresh head load_with_fresh_head gives
+    else:
+        base = load_with_fresh_head(cache_dir, seed)
+        torch.manual_seed(seed)
+        model = get_coda_model(base, config)
     history = fit(
         model,
         task.train,
         settings.adapt,
         validation=task.validation,
-        desc=f"adapting, {variant_name(reduction, settings.router)}",
+        desc=f"adapting, {name}",
         show_progress=show_progress,
     )
-    epoch_seconds = [record["epoch_seconds"] for record in history]
+    epoch_seconds = [r["epoch_seconds"] for r in history]
     kept = best_epoch(history) if settings.adapt.keep_best else history[-1]
-    record = {
-        "reduction": reduction,
-        "tokens_per_layer": math.ceil(settings.shape.num_tokens / reduction),
+    record |= {
         "test_accuracy": accuracy(model, task.test),
         "epoch": kept["epoch"],  # whose weights the model keeps
         "val_accuracy": kept["val_accuracy"],
@@ -384,6 +404,24 @@ def adapt_variant(
         "history": history,
     }
     return model, record
+
+
+def pretrain_on_mnist(
+    cache_dir: Path, config: CodaConfig, settings: DemoSettings, name: str, show_progress: bool
+) -> tuple[CodaModel, dict[str, Any]]:
+    """CoDA pretraining: the backbone with its own MNIST head, wrapped with ``config``, its adapters, routers
+    and head trained on MNIST-5k's training part at the variant's reduction. Returns the model and a record
+    (epochs, seconds, MNIST held-out accuracy after)."""
+    from transformers import ViTForImageClassification
+
+    start = time.perf_counter()
+    torch.manual_seed(settings.adapt.seed)
+    model = get_coda_model(ViTForImageClassification.from_pretrained(cache_dir), config)
+    train, heldout = mnist_split(settings)
+    recipe = replace(settings.adapt, epochs=settings.mnist_pretrain_epochs)
+    fit(model, train, recipe, desc=f"CoDA pretraining on MNIST, {name}", show_progress=show_progress)
+    seconds = time.perf_counter() - start
+    return model, {"epochs": recipe.epochs, "seconds": seconds, "mnist_heldout_accuracy": accuracy(model, heldout)}
 
 
 def variant_name(reduction: float, router: str = "learned") -> str:
