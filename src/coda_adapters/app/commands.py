@@ -329,7 +329,7 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
         "--mnist-pretrain-epochs",
         type=int,
         help="CoDA pretraining: train each variant's adapters and routers this many epochs on the backbone's own "
-        "task (MNIST-5k, its own head) before the digits (default: 0, none)",
+        "task (MNIST-5k, its own head) before the digits; 0 for none (default: the demo's, 10; --quick: 0)",
     )
     parser.add_argument(
         "--router",

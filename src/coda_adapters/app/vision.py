@@ -23,7 +23,9 @@ variants interleaved (ratio of medians). Each variant trains 60 epochs and keeps
 epoch on a validation split carved out of the training set (``FitSettings.keep_best``); the learning
 rate and the soft top-k ε were chosen on that split too, and the test split only gives the final
 figures. Routed variants need the long schedule: at 20 epochs CoDA r = 3 was still rising and ended
-9.4 ± 3.9 points below the dense adapter (3 seeds), at 60 epochs 2.4 ± 0.5. The accuracies describe a
+9.4 ± 3.9 points below the dense adapter (3 seeds), at 60 epochs 2.4 ± 0.5. Before the digits, every
+variant gets 10 epochs of CoDA pretraining on MNIST (``DemoSettings.mnist_pretrain_epochs``): its
+adapters and routers learn the backbone's own task at the variant's reduction. The accuracies describe a
 small home-made backbone, not a ViT pretrained on ImageNet; read one run's gap as a sample (``--seeds``
 gives mean and spread).
 """
@@ -141,8 +143,9 @@ class DemoSettings:
     adapt: FitSettings = field(default_factory=lambda: FitSettings(epochs=60, lr=1e-2, batch_size=32))
     # CoDA pretraining (the paper's section 3.3) before the digits: each variant's adapters (and routers) are
     # first trained for this many epochs on the backbone's own task, MNIST-5k with its own head, with the
-    # adaptation's other settings; then the head is replaced by the same fresh one as without it. 0: none
-    mnist_pretrain_epochs: int = 0
+    # adaptation's other settings; then the head is replaced by the same fresh one as without it. 0: none.
+    # Over 3 seeds it raised r = 3 by 1.3 points and r = 5 by 1.4 (the dense adapter's mean unchanged)
+    mnist_pretrain_epochs: int = 10
     bench_batch_size: int = 64
     bench_repeats: int = 20
     bench_warmup: int = 3
@@ -177,6 +180,7 @@ QUICK = DemoSettings(
     reductions=(1, 3),
     bottleneck=8,
     adapt=FitSettings(epochs=1, lr=2e-3, batch_size=40),
+    mnist_pretrain_epochs=0,
     bench_batch_size=8,
     bench_repeats=2,
     bench_warmup=1,
