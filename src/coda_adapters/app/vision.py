@@ -237,9 +237,9 @@ def fit(
         record = {"epoch": epoch + 1, "train_loss": result.loss, "epoch_seconds": result.seconds}
         if validation is not None:
             record["val_accuracy"] = accuracy(model, validation)
-            if settings.keep_best and record["val_accuracy"] > max((r["val_accuracy"] for r in history), default=-1):
-                best = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         history.append(record)
+        if validation is not None and settings.keep_best and best_epoch(history) is record:
+            best = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     if best:
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -363,9 +363,14 @@ def load_with_fresh_head(cache_dir: Path, seed: int) -> Any:
     from transformers import ViTForImageClassification
 
     model = ViTForImageClassification.from_pretrained(cache_dir)
+    reset_head(model, seed)
+    return model
+
+
+def reset_head(model: Any, seed: int) -> None:
+    """Give a ``ViTForImageClassification``'s head the fresh weights of ``seed``."""
     torch.manual_seed(seed)
     model.classifier.reset_parameters()
-    return model
 
 
 def adapt_variant(
@@ -385,8 +390,7 @@ def adapt_variant(
     }
     if settings.mnist_pretrain_epochs:
         model, record["mnist_pretraining"] = pretrain_on_mnist(cache_dir, config, settings, name, show_progress)
-        torch.manual_seed(seed)
-        model.model.classifier.reset_parameters()  # the fresh head load_with_fresh_head gives
+        reset_head(model.model, seed)  # the fresh head load_with_fresh_head gives
     else:
         base = load_with_fresh_head(cache_dir, seed)
         torch.manual_seed(seed)
