@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from coda_adapters import CodaConfig, CodaModel, get_coda_model
+from coda_adapters import layer as layer_module
 from coda_adapters.bindings import supported_model_types
 
 from helpers import (
@@ -57,6 +58,26 @@ def test_padding_invariance_at_reduction_three(family, attn):
         assert torch.equal(kept, alone_trace[layer][0])
         for row, length in enumerate(lengths):
             assert (positions[row] < length).all()  # padding is never selected
+
+
+@pytest.mark.parametrize(("family", "attn"), PADDED_FAMILY_ATTENTION)
+def test_routed_updates_go_to_distinct_rows_of_a_padded_batch(family, attn, monkeypatch):
+    """Empty slots (rows with fewer tokens than the batch's largest k) included: ONNX Runtime runs the exported
+    scatter on several threads without atomics and loses one of two updates to the same row."""
+    flat_indices = []
+    add_tokens = layer_module.add_tokens_
+
+    def recording_add_tokens(hidden_states, flat_index, update):
+        flat_indices.append(flat_index.clone())
+        return add_tokens(hidden_states, flat_index, update)
+
+    monkeypatch.setattr(layer_module, "add_tokens_", recording_add_tokens)
+    coda = get_coda_model(tiny_model(family, attn=attn), CodaConfig(reduction=3, bottleneck=8))
+    with torch.no_grad():
+        coda(**FAMILIES[family].batch([7, 16, 11], 16))
+    assert flat_indices
+    for flat_index in flat_indices:
+        assert flat_index.unique().numel() == flat_index.numel()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from coda_adapters import Router
+from coda_adapters.layer import dense_selection
 from coda_adapters.routing import num_selected_tokens, relative_position_bins, token_budget
 
 
@@ -24,10 +25,10 @@ def test_row_without_valid_token_is_an_error():
         num_selected_tokens(padded_mask([3, 0], 4), 2)
 
 
-@pytest.mark.parametrize("kind", ["learned", "random"])
-def test_selection_is_sorted_unique_never_padding_and_keeps_forced(kind):
+@pytest.mark.parametrize("settings", [dict(kind="learned"), dict(kind="random"), dict(method="coordinate_descent")])
+def test_selection_is_sorted_unique_never_padding_and_keeps_forced(settings):
     torch.manual_seed(0)
-    router = Router(16, kind=kind)
+    router = Router(16, **settings)
     lengths = [20, 13, 5, 2]
     budget = token_budget(padded_mask(lengths, 20), (4, 20), reduction=3, forced_position=0)
     selection = router(torch.randn(4, 20, 16), budget)
@@ -40,9 +41,20 @@ def test_selection_is_sorted_unique_never_padding_and_keeps_forced(kind):
         assert positions[0] == 0
         trace = selection.trace()[row].tolist()
         assert trace == positions + [-1] * (selection.index.shape[1] - k)
+        every_slot = selection.index[row].tolist()  # empty slots point at distinct unselected positions
+        assert len(set(every_slot)) == len(every_slot) and every_slot[:k] == positions
     assert torch.equal(
         selection.weights[~selection.slot_mask], torch.zeros_like(selection.weights[~selection.slot_mask])
     )
+
+
+def test_dense_selection_keeps_every_real_token_in_order_and_fills_empty_slots_with_padding():
+    valid = padded_mask([6, 3, 1], 6)
+    valid[1] = valid[1].flip(-1)  # left padding
+    selection = dense_selection(token_budget(valid, (3, 6), reduction=1, forced_position=None))
+    assert selection.trace().tolist() == [[0, 1, 2, 3, 4, 5], [3, 4, 5, -1, -1, -1], [0, -1, -1, -1, -1, -1]]
+    assert selection.index.tolist()[1:] == [[3, 4, 5, 0, 1, 2], [0, 1, 2, 3, 4, 5]]
+    assert selection.weights.tolist() == selection.slot_mask.float().tolist()
 
 
 def test_learned_router_picks_the_highest_scores_and_weights_them_by_soft_top_k():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import BottleneckAdapter
-from .routing import Router, Selection, TokenBudget, token_budget
+from .routing import Router, Selection, TokenBudget, selected_first, token_budget
 
 if TYPE_CHECKING:
     from .bindings import Binding
@@ -163,11 +163,9 @@ class ConditionalLayer(nn.Module):
 def dense_selection(budget: TokenBudget) -> Selection:
     """The :class:`Selection` that keeps every valid token, with λ = 1."""
     valid, k = budget.valid, budget.num_selected
-    n = valid.shape[1]
-    positions = torch.arange(n, device=valid.device)
-    index = torch.where(valid, positions, n).sort(dim=-1).values
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    index, _ = selected_first(positions.expand_as(valid), valid)
     slot_mask = positions < k[:, None]
-    index = index.masked_fill(~slot_mask, 0)
     return Selection(index, slot_mask, slot_mask.float(), k, all_filled=budget.uniform)
 
 
@@ -186,7 +184,7 @@ def gather_tokens(hidden_states: torch.Tensor, flat_index: torch.Tensor) -> torc
 def add_tokens_(hidden_states: torch.Tensor, flat_index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """In place: add ``update`` ``[batch, k, hidden]`` at rows ``flat_index`` of ``hidden_states``.
 
-    Positions within an example are distinct, except empty slots, whose update is zero.
+    The rows are distinct (:func:`~coda_adapters.routing.selected_first`); empty slots' updates are zero.
     """
     hidden = hidden_states.shape[-1]
     hidden_states.view(-1, hidden).index_add_(0, flat_index, update.reshape(-1, hidden))

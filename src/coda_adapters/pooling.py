@@ -63,8 +63,7 @@ class MeanPooler(nn.Module):
 def selection_weights(selection: Selection, seq_len: int) -> torch.Tensor:
     """``λ`` of the selected tokens at their positions, 0 elsewhere: ``[batch, seq_len]``.
 
-    ``scatter_add`` rather than ``scatter``: empty slots all point at position 0 (with weight 0), and
-    adding keeps position 0's own weight whatever order the writes take.
+    Empty slots point at positions that are not selected, with weight 0.
     """
     weights = selection.weights  # 0 in empty slots
     return weights.new_zeros(weights.shape[0], seq_len).scatter_add(1, selection.index, weights)

@@ -281,7 +281,8 @@ class Selection(NamedTuple):
 
     Attributes:
         index: LongTensor ``[batch, k_max]``, selected positions in ascending order. Empty slots (an
-            example with fewer than ``k_max`` selected tokens) point at position 0 and are masked.
+            example with fewer than ``k_max`` selected tokens) come last and are masked; they point at
+            distinct positions that are not selected (padding, or tokens the router left out).
         slot_mask: bool ``[batch, k_max]``, True for slots that hold a selected token.
         weights: ``λ`` of the selected tokens ``[batch, k_max]``, 0 in empty slots.
         num_selected: LongTensor ``[batch]``, ``k`` per example.
@@ -402,8 +403,25 @@ def relative_position_bins(valid: torch.Tensor, bins: int) -> torch.Tensor:
 def _in_position_order(
     top_index: torch.Tensor, top_weights: torch.Tensor, in_top: torch.Tensor, k: torch.Tensor, uniform: bool
 ) -> Selection:
-    """Re-order the top-k slots by position (ascending), empty slots last, pointing at position 0."""
-    empty_key = top_index.new_tensor(torch.iinfo(top_index.dtype).max)
-    index, order = torch.where(in_top, top_index, empty_key).sort(dim=-1)
-    index = index.masked_fill(~in_top, 0)
+    """Re-order the top-k slots by position (ascending), empty slots last (see :func:`selected_first`)."""
+    index, order = selected_first(top_index, in_top)
     return Selection(index, in_top, top_weights.gather(-1, order), k, all_filled=uniform)
+
+
+# Added to the sort key of positions not selected, so that they sort after every selected one (sequences are
+# far shorter than 2^32 tokens)
+_NOT_SELECTED_OFFSET = 2**32
+
+
+def selected_first(positions: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort ``positions`` ``[batch, m]`` (distinct within a row) with the ``selected`` ones (bool ``[batch, m]``)
+    first, ascending, then the others, ascending: ``(sorted positions, order)``, both ``[batch, m]``.
+
+    The positions that fill the empty slots stay distinct from each other and from the selected ones, so a
+    scatter-add of the slots' zero updates never meets a real update at the same row: ONNX Runtime's
+    multi-threaded ScatterND adds duplicate rows without atomics and loses updates at random
+    (microsoft/onnxruntime#18048), which position 0 for every empty slot ran into.
+    """
+    not_selected = (~selected).to(positions.dtype) * _NOT_SELECTED_OFFSET
+    keys, order = (positions + not_selected).sort(dim=-1)
+    return torch.where(keys >= _NOT_SELECTED_OFFSET, keys - _NOT_SELECTED_OFFSET, keys), order

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from coda_adapters.app.export import GRAPH_FORMAT
 from coda_adapters.app.loadtest import (
     add_loadtest_parser,
     format_load_report,
@@ -101,7 +102,7 @@ def test_adapters_are_reused_unless_a_setting_changed(run, tiny_base):
     report = out / "exports" / "r3" / "coda_export.json"
     report.write_text(json.dumps({**json.loads(report.read_text()), "graph_format": 1}))
     prepare_exports(out, adapters, ("pytorch", "int8"))
-    assert json.loads(report.read_text())["graph_format"] == 2
+    assert json.loads(report.read_text())["graph_format"] == GRAPH_FORMAT
     assert (out / "exports" / "r3" / "model.onnx").stat().st_mtime_ns != exported[out / "exports" / "r3" / "model.onnx"]
     assert (out / "exports" / "r1" / "model.onnx").stat().st_mtime_ns == exported[out / "exports" / "r1" / "model.onnx"]
 

@@ -50,9 +50,9 @@ from .onnx_tracing import traceable_routing
 
 REPORT_NAME = "coda_export.json"
 # The layout of the graphs this exporter writes, recorded in coda_export.json: raised when a change makes
-# older exports compute differently or run slower (2: row-wise ScatterND updates and eager attention), so
-# that a cache of exports (coda loadtest's) is made again
-GRAPH_FORMAT = 2
+# older exports compute differently or run slower (2: row-wise ScatterND updates and eager attention; 3: the
+# updates go to distinct rows, empty slots included), so that a cache of exports (coda loadtest's) is made again
+GRAPH_FORMAT = 3
 DEFAULT_OPSET = 17
 # ScatterND(reduction="add") needs 16; the TorchScript exporter goes up to 20
 OPSET_RANGE = (16, 20)

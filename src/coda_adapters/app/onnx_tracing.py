@@ -24,9 +24,9 @@ def _add_tokens(hidden_states: torch.Tensor, flat_index: torch.Tensor, update: t
     """``layer.add_tokens_`` out of place, exported as one ``ScatterND(reduction="add")`` (:class:`_AddRows`).
 
     The library adds in place through a view (``index_add_``), a mutation the TorchScript tracer loses: the
-    frozen layers' updates vanished from the graph. And the exporter writes ``index_add`` as a plain scatter,
-    which keeps only one of several updates to the same row; empty slots point at position 0 with a zero
-    update, which would erase the real update of the [CLS] token. A scatter with ``reduction="add"`` sums them.
+    frozen layers' updates vanished from the graph. ``reduction="add"`` adds the update to the rows in the one
+    operator. The rows are distinct (empty slots included, see ``routing.selected_first``): ONNX Runtime runs
+    ScatterND on several threads without atomics, so two updates of one row could lose one.
     """
     hidden = hidden_states.shape[-1]
     flat = _AddRows.apply(hidden_states.reshape(-1, hidden), flat_index, update.reshape(-1, hidden))
