@@ -23,6 +23,8 @@ from coda_adapters.files import read_tensors
 RESULT_KEYS = {"demo", "quick", "backbone", "task", "variants", "phase_seconds", "timing", "settings", "versions"}
 VARIANT_KEYS = {
     "reduction",
+    "router",
+    "crop_tokens",
     "tokens_per_layer",
     "test_accuracy",
     "val_accuracy",
@@ -247,6 +249,9 @@ def test_the_command_line_sets_the_adaptation_recipe(monkeypatch, tmp_path):
     assert (settings.adapt.epochs, settings.adapt.keep_best, settings.adapt.seed) == (7, False, 3)
     assert (settings.epsilon, settings.router, settings.mnist_pretrain_epochs) == (0.2, "random", 2)
     assert settings.pretrain == QUICK.pretrain  # the backbone's recipe is not touched
+    assert settings.baselines is False
+    main(["vision", "--quick", "--out", str(tmp_path), "--baselines"])
+    assert seen["settings"].baselines is True
     main(["vision", "--quick", "--out", str(tmp_path)])
     assert seen["settings"] == QUICK
 
@@ -273,3 +278,71 @@ def test_mnist_pretraining_trains_the_adapters_and_the_digits_start_from_the_fre
     assert up_projections and all(at_adaptation[n].abs().sum() > 0 for n in up_projections)
     assert record["mnist_pretraining"]["epochs"] == 1
     assert 0 <= record["mnist_pretraining"]["mnist_heldout_accuracy"] <= 1
+
+
+def test_central_patches_are_the_ones_nearest_the_centre():
+    from coda_adapters.app.vision_data import central_patches
+
+    assert central_patches(7, 1).tolist() == [24]
+    assert central_patches(7, 9).tolist() == [16, 17, 18, 23, 24, 25, 30, 31, 32]  # the 3x3 block
+    assert central_patches(4, 4).tolist() == [5, 6, 9, 10]
+    assert central_patches(4, 5).tolist() == [1, 5, 6, 9, 10]  # of the next ring's equals, the first in raster order
+    assert central_patches(7, 49).tolist() == list(range(49))
+    for count in (0, 50):
+        with pytest.raises(ValueError, match=f"a crop keeps 1 to 49 patches of a 7x7 grid, got {count}"):
+            central_patches(7, count)
+
+
+def test_a_crop_variant_runs_every_layer_on_cls_and_the_central_patches(first_run):
+    root, _ = first_run
+    variant = vision_demo.Variant(1, crop_tokens=6)
+    model, record = adapt_variant(root / "cache", digits_task(QUICK), variant, QUICK, show_progress=False)
+    assert (record["tokens_per_layer"], record["crop_tokens"], record["reduction"]) == (6, 6, 1)
+    assert variant.name == "dense adapter, central 6 tokens" and variant.directory_name == "adapter-crop6"
+    embeddings = model.model.vit.embeddings
+    pixels = digits_task(QUICK).test.pixels[:3]
+    seen = []
+    model.binding.layers()[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(pixel_values=pixels)
+        full = type(embeddings).forward(embeddings, pixels)  # the embedding without the hook: all 17 tokens
+    kept = full[:, [0, 2, 6, 7, 10, 11]]  # [CLS] and patches 1, 5, 6, 9, 10 of the 4x4 grid
+    assert seen[0].shape == (3, 6, full.shape[-1]) and torch.equal(seen[0], kept)
+
+
+def test_baselines_add_a_crop_and_a_random_router_beside_each_reduction(first_run, monkeypatch):
+    root, _ = first_run
+    settings = dataclasses.replace(QUICK, baselines=True)
+    names = [v.name for v in vision_demo.demo_variants(settings)]
+    assert names == ["dense adapter (r=1)", "CoDA r=3", "dense adapter, central 6 tokens", "CoDA r=3, random router"]
+    random_run = dataclasses.replace(settings, router="random")  # its CoDA rows are the random baseline already
+    assert [v.name for v in vision_demo.demo_variants(random_run)] == [
+        "dense adapter (r=1)",
+        "CoDA r=3, random router",
+        "dense adapter, central 6 tokens",
+    ]
+    summary = run_vision_seeds(
+        root / "baselines", [0, 1], cache_dir=root / "cache", settings=settings, quick=True, show_progress=False
+    )
+    runs = [json.loads((root / "baselines" / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert list(runs[0]["variants"]) == names
+    assert (root / "baselines" / "seed-0" / "adapter-crop6").is_dir()
+    assert (root / "baselines" / "seed-0" / "adapter-r3-random").is_dir()
+    for name in ("CoDA r=3", "CoDA r=3, random router"):
+        gaps = [run["variants"][name]["test_accuracy"] - run["variants"][names[2]]["test_accuracy"] for run in runs]
+        assert summary["variants"][name]["gap_to_crop_mean"] == pytest.approx(statistics.mean(gaps))
+        assert summary["variants"][name]["gap_to_crop_std"] == pytest.approx(statistics.stdev(gaps))
+    assert summary["variants"]["dense adapter (r=1)"]["gap_to_crop_mean"] is None
+    assert summary["variants"][names[2]]["gap_to_crop_mean"] is None
+    assert "| vs crop to its budget (paired) |" in (root / "baselines" / "summary.md").read_text()
+
+    # a rerun resumes: the seeds that finished with these settings are read back, not run again
+    def no_run(*args, **kwargs):
+        raise AssertionError("run again")
+
+    monkeypatch.setattr(vision_demo, "run_vision_demo", no_run)
+    again = run_vision_seeds(root / "baselines", [0, 1], cache_dir=root / "cache", settings=settings, quick=True)
+    assert again == summary
+    with pytest.raises(AssertionError, match="run again"):  # other settings: the seed runs again
+        other = vision_demo.with_adaptation(settings, epochs=2)
+        run_vision_seeds(root / "baselines", [0, 1], cache_dir=root / "cache", settings=other, quick=True)

@@ -336,6 +336,12 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=ROUTER_KINDS,
         help="the CoDA variants' routers: learned, or random (the compute-matched baseline; default: learned)",
     )
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="beside every CoDA reduction r, the compute-matched baselines: the dense adapter on the central "
+        "ceil(n / r) tokens (the crop) and CoDA with random routers",
+    )
     parser.set_defaults(run=run_vision)
 
 
@@ -353,6 +359,7 @@ def run_vision(args: argparse.Namespace) -> None:
     recipe["keep_best"] = False if args.keep_last else None
     settings = with_adaptation(settings, **given(recipe))
     chosen = {"epsilon": args.epsilon, "router": args.router, "mnist_pretrain_epochs": args.mnist_pretrain_epochs}
+    chosen["baselines"] = True if args.baselines else None
     settings = replace(settings, **given(chosen))
     if len(args.seeds) == 1:
         settings = adapt_seed(settings, args.seeds[0])

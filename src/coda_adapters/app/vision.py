@@ -15,7 +15,10 @@ classifier head, the same epochs and the same learning rate:
 
 - the dense parallel adapter (``CodaConfig(reduction=1)``): every layer runs on all 50 tokens;
 - CoDA at r = 3 and r = 5: every frozen layer runs on the ``ceil(50 / r)`` tokens its router picks
-  (``[CLS]``, which the head reads, always among them), while its parallel adapter sees all 50.
+  (``[CLS]``, which the head reads, always among them), while its parallel adapter sees all 50;
+- with ``DemoSettings.baselines`` (``--baselines``), beside each r the compute-matched baselines: the dense
+  adapter on a fixed central crop of ``ceil(50 / r)`` tokens (``[CLS]`` and the patches nearest the centre,
+  where the framed digits are: the image counterpart of truncating a text), and CoDA with random routers.
 
 The report (``results.json``, ``results.md``) gives each variant's test accuracy, its training time
 per epoch, and CoDA's speed-up over the dense adapter, timed side by side in one process with the
@@ -33,6 +36,7 @@ gives mean and spread).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 import time
@@ -45,13 +49,14 @@ import torch
 from ..config import ROUTER_KINDS, CodaConfig, check_choice, check_int, check_number
 from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
-from .bench import flop_ratio, inference_step, time_interleaved, training_step
+from .bench import flop_ratio, inference_step, layer_flops, time_interleaved, training_step
 from .classify import library_versions
 from .loop import Optimization, OptimizerConfig, epoch_order, run_epoch, warmed_up_reduction
 from .vision_data import (
     DIGIT_SIZE,
     IMAGE_SIZE,
     Images,
+    central_crop,
     first_examples,
     load_digits_28,
     load_mnist_5k,
@@ -84,9 +89,14 @@ class BackboneShape:
     intermediate_size: int = 512
 
     @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return IMAGE_SIZE // self.patch_size
+
+    @property
     def num_tokens(self) -> int:
         """Sequence length the layers see: the patches and ``[CLS]``."""
-        return (IMAGE_SIZE // self.patch_size) ** 2 + 1
+        return self.grid**2 + 1
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,9 @@ class DemoSettings:
     epsilon: float = 0.03  # the routers' soft top-k entropy weight (CodaConfig.epsilon)
     # the CoDA variants' routers (CodaConfig.router): "random" is the compute-matched baseline of a learned one
     router: str = "learned"
+    # compute-matched baselines beside every CoDA reduction r: the dense adapter on the central ceil(n / r)
+    # tokens (the crop, images' counterpart of truncation) and, with learned routers, CoDA with random routers
+    baselines: bool = False
     adapt: FitSettings = field(default_factory=lambda: FitSettings(epochs=60, lr=1e-2, batch_size=32))
     # CoDA pretraining (the paper's section 3.3) before the digits: each variant's adapters (and routers) are
     # first trained for this many epochs on the backbone's own task, MNIST-5k with its own head, with the
@@ -373,28 +386,91 @@ def reset_head(model: Any, seed: int) -> None:
     model.classifier.reset_parameters()
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of the demo: CoDA at ``reduction`` with ``router``s (``reduction = 1``: the dense adapter), or,
+    with ``crop_tokens``, the dense adapter on a fixed central crop of that many tokens (:func:`central_crop`)."""
+
+    reduction: float
+    router: str = "learned"
+    crop_tokens: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.crop_tokens is not None:
+            return f"dense adapter, central {self.crop_tokens} tokens"
+        return variant_name(self.reduction, self.router)
+
+    @property
+    def directory_name(self) -> str:
+        """Where ``run_vision_demo`` saves the adapter, under its output directory."""
+        if self.crop_tokens is not None:
+            return f"adapter-crop{self.crop_tokens}"
+        return f"adapter-r{self.reduction:g}" + ("-random" if self.reduction != 1 and self.router == "random" else "")
+
+    def tokens_per_layer(self, num_tokens: int) -> int:
+        """Tokens each frozen layer processes, of the ``num_tokens`` an image has."""
+        return self.crop_tokens if self.crop_tokens is not None else math.ceil(num_tokens / self.reduction)
+
+
+def coda_variant(reduction: float, router: str) -> Variant:
+    """CoDA at ``reduction`` with ``router``s; at r = 1 (the dense adapter) no router chooses: "learned"."""
+    return Variant(reduction, "learned" if reduction == 1 else router)
+
+
+def demo_variants(settings: DemoSettings) -> list[Variant]:
+    """The rows of a run, in order: each reduction's CoDA variant, followed with ``settings.baselines`` by its
+    crop to the same token budget and (for learned routers) its random-router twin."""
+    variants = []
+    for reduction in settings.reductions:
+        variants.append(coda_variant(reduction, settings.router))
+        if settings.baselines and reduction != 1:
+            variants.append(Variant(1, crop_tokens=math.ceil(settings.shape.num_tokens / reduction)))
+            if settings.router != "random":
+                variants.append(Variant(reduction, "random"))
+    return variants
+
+
+def wrap_variant(base: Any, variant: Variant, settings: DemoSettings) -> CodaModel:
+    """``base`` (a ``ViTForImageClassification``) wrapped as ``variant``; a crop cuts its token sequence."""
+    config = CodaConfig(
+        reduction=variant.reduction, bottleneck=settings.bottleneck, epsilon=settings.epsilon, router=variant.router
+    )
+    model = get_coda_model(base, config)
+    if variant.crop_tokens is not None:
+        central_crop(model.model.vit.embeddings, settings.shape.grid, variant.crop_tokens)
+    return model
+
+
 def adapt_variant(
-    cache_dir: Path, task: DigitsTask, reduction: float, settings: DemoSettings, show_progress: bool = True
+    cache_dir: Path,
+    task: DigitsTask,
+    variant: Variant | float,
+    settings: DemoSettings,
+    show_progress: bool = True,
 ) -> tuple[CodaModel, dict[str, Any]]:
-    """Wrap the frozen backbone with CoDA at ``reduction`` (1 = dense adapter) and train the adapters,
-    routers and head on ``task.train`` (after ``settings.mnist_pretrain_epochs`` of CoDA pretraining on
-    MNIST); returns the model (eval mode) and its record. The head's and the routers' initial weights, like
-    the order of the batches, come from ``settings.adapt.seed``."""
+    """Wrap the frozen backbone as ``variant`` (a reduction r stands for CoDA at r with ``settings.router``;
+    1 is the dense adapter) and train the adapters, routers and head on ``task.train`` (after
+    ``settings.mnist_pretrain_epochs`` of CoDA pretraining on MNIST); returns the model (eval mode) and its
+    record. The head's and the routers' initial weights, like the order of the batches, come from
+    ``settings.adapt.seed``."""
+    if not isinstance(variant, Variant):
+        variant = coda_variant(variant, settings.router)
     seed = settings.adapt.seed
-    router = "learned" if reduction == 1 else settings.router  # at r = 1 no router chooses
-    config = CodaConfig(reduction=reduction, bottleneck=settings.bottleneck, epsilon=settings.epsilon, router=router)
-    name = variant_name(reduction, settings.router)
     record: dict[str, Any] = {
-        "reduction": reduction,
-        "tokens_per_layer": math.ceil(settings.shape.num_tokens / reduction),
+        "reduction": variant.reduction,
+        "router": variant.router,
+        "crop_tokens": variant.crop_tokens,
+        "tokens_per_layer": variant.tokens_per_layer(settings.shape.num_tokens),
     }
     if settings.mnist_pretrain_epochs:
-        model, record["mnist_pretraining"] = pretrain_on_mnist(cache_dir, config, settings, name, show_progress)
+        model, record["mnist_pretraining"] = pretrain_on_mnist(cache_dir, variant, settings, show_progress)
         reset_head(model.model, seed)  # the fresh head load_with_fresh_head gives
     else:
         base = load_with_fresh_head(cache_dir, seed)
         torch.manual_seed(seed)
-        model = get_coda_model(base, config)
+        model = wrap_variant(base, variant, settings)
+    name = variant.name
     history = fit(
         model,
         task.train,
@@ -417,19 +493,19 @@ def adapt_variant(
 
 
 def pretrain_on_mnist(
-    cache_dir: Path, config: CodaConfig, settings: DemoSettings, name: str, show_progress: bool
+    cache_dir: Path, variant: Variant, settings: DemoSettings, show_progress: bool
 ) -> tuple[CodaModel, dict[str, Any]]:
-    """CoDA pretraining: the backbone with its own MNIST head, wrapped with ``config``, its adapters, routers
-    and head trained on MNIST-5k's training part at the variant's reduction. Returns the model and a record
-    (epochs, seconds, MNIST held-out accuracy after)."""
+    """CoDA pretraining: the backbone with its own MNIST head, wrapped as ``variant``, its adapters, routers
+    and head trained on MNIST-5k's training part at the variant's reduction (or crop). Returns the model and
+    a record (epochs, seconds, MNIST held-out accuracy after)."""
     from transformers import ViTForImageClassification
 
     start = time.perf_counter()
     torch.manual_seed(settings.adapt.seed)
-    model = get_coda_model(ViTForImageClassification.from_pretrained(cache_dir), config)
+    model = wrap_variant(ViTForImageClassification.from_pretrained(cache_dir), variant, settings)
     train, heldout = mnist_split(settings)
     recipe = replace(settings.adapt, epochs=settings.mnist_pretrain_epochs)
-    fit(model, train, recipe, desc=f"CoDA pretraining on MNIST, {name}", show_progress=show_progress)
+    fit(model, train, recipe, desc=f"CoDA pretraining on MNIST, {variant.name}", show_progress=show_progress)
     seconds = time.perf_counter() - start
     return model, {"epochs": recipe.epochs, "seconds": seconds, "mnist_heldout_accuracy": accuracy(model, heldout)}
 
@@ -445,31 +521,43 @@ def variant_name(reduction: float, router: str = "learned") -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def benchmark(models: dict[float, CodaModel], pixels: torch.Tensor, settings: DemoSettings) -> dict[float, dict]:
-    """Per reduction: median inference milliseconds on ``pixels`` ``[batch, 1, 28, 28]``, and the speed-ups
+def benchmark(
+    models: dict[Variant, CodaModel], pixels: torch.Tensor, settings: DemoSettings
+) -> dict[Variant, dict[str, float]]:
+    """Per variant: median inference milliseconds on ``pixels`` ``[batch, 1, 28, 28]``, and the speed-ups
     over the dense adapter (r = 1) of inference and of a training step (on copies), both timed with the
     variants interleaved, and the cost model's."""
     batch = {"pixel_values": pixels}
     for model in models.values():
         model.eval()
-    names = {variant_name(r, settings.router): r for r in models}
-    inference_steps = {name: inference_step(models[r], batch) for name, r in names.items()}
+    inference_steps = {v.name: inference_step(models[v], batch) for v in models}
     inference = time_interleaved(inference_steps, settings.bench_repeats, settings.bench_warmup)
-    training_steps = {name: training_step(copy.deepcopy(models[r]), batch) for name, r in names.items()}
+    training_steps = {v.name: training_step(copy.deepcopy(models[v]), batch) for v in models}
     training = time_interleaved(training_steps, max(1, settings.bench_repeats // 2), settings.bench_warmup)
-    infer_median = {r: statistics.median(inference[name]) for name, r in names.items()}
-    train_median = {r: statistics.median(training[name]) for name, r in names.items()}
-    config, n = next(iter(models.values())).config, settings.shape.num_tokens
+    infer_median = {name: statistics.median(times) for name, times in inference.items()}
+    train_median = {name: statistics.median(times) for name, times in training.items()}
+    dense = variant_name(1)
     return {
-        r: {
-            "inference_ms": 1000 * infer_median[r],
-            "inference_speedup": infer_median[1] / infer_median[r],
-            "train_step_ms": 1000 * train_median[r],
-            "train_step_speedup": train_median[1] / train_median[r],
-            "flop_speedup": flop_ratio(config, n, [n] * len(pixels), r, settings.bottleneck),
+        v: {
+            "inference_ms": 1000 * infer_median[v.name],
+            "inference_speedup": infer_median[dense] / infer_median[v.name],
+            "train_step_ms": 1000 * train_median[v.name],
+            "train_step_speedup": train_median[dense] / train_median[v.name],
+            "flop_speedup": variant_flop_speedup(models[v].config, v, settings, len(pixels)),
         }
-        for r in models
+        for v in models
     }
+
+
+def variant_flop_speedup(config: Any, variant: Variant, settings: DemoSettings, batch_size: int) -> float:
+    """The cost model's speed-up over the dense adapter on all ``n`` tokens; a crop is the dense adapter on
+    fewer tokens."""
+    n = settings.shape.num_tokens
+    if variant.crop_tokens is None:
+        return flop_ratio(config, n, [n] * batch_size, variant.reduction, settings.bottleneck)
+    return layer_flops(config, n, None, settings.bottleneck) / layer_flops(
+        config, variant.crop_tokens, None, settings.bottleneck
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -534,12 +622,12 @@ def _run(
     phases["loading digits"] = time.perf_counter() - start
 
     models, variants = {}, {}
-    for reduction in settings.reductions:
+    for variant in demo_variants(settings):
         start = time.perf_counter()
-        models[reduction], variants[reduction] = adapt_variant(cache_dir, task, reduction, settings, show_progress)
-        phases[f"adapting, {variant_name(reduction, settings.router)}"] = time.perf_counter() - start
+        models[variant], variants[variant] = adapt_variant(cache_dir, task, variant, settings, show_progress)
+        phases[f"adapting, {variant.name}"] = time.perf_counter() - start
         if save_adapters:
-            models[reduction].save_pretrained(out_dir / f"adapter-r{reduction:g}")
+            models[variant].save_pretrained(out_dir / variant.directory_name)
 
     start = time.perf_counter()
     speeds = benchmark(models, task.test.pixels[: settings.bench_batch_size], settings)
@@ -566,11 +654,25 @@ def run_vision_seeds(
     runs = {}
     for seed in seeds:
         seeded = adapt_seed(settings, seed)
-        runs[seed] = run_vision_demo(out_dir / f"seed-{seed}", quick=quick, settings=seeded, **options)
+        runs[seed] = finished_run(out_dir / f"seed-{seed}", seeded, quick)
+        if runs[seed] is None:
+            runs[seed] = run_vision_demo(out_dir / f"seed-{seed}", quick=quick, settings=seeded, **options)
     summary = seed_summary(runs)
     write_json(out_dir / SUMMARY_NAME, summary)
     (out_dir / SUMMARY_REPORT_NAME).write_text(summary_report(summary), encoding="utf-8")
     return summary
+
+
+def finished_run(out_dir: Path, settings: DemoSettings, quick: bool) -> dict[str, Any] | None:
+    """The ``results.json`` in ``out_dir`` if a run with these settings finished there, else None: a run over
+    several seeds that stopped resumes at its first unfinished seed, and seeds run apart (``coda vision
+    --seeds S --out OUT/seed-S``, say one per core) are summarised without being run again."""
+    path = out_dir / RESULTS_NAME
+    if not path.is_file():
+        return None
+    results = read_json_object(path)
+    same = results.get("settings") == json.loads(json.dumps(asdict(settings))) and results.get("quick") == quick
+    return results if same else None
 
 
 def adapt_seed(settings: DemoSettings, seed: int) -> DemoSettings:
@@ -584,37 +686,55 @@ def with_adaptation(settings: DemoSettings, **changes: Any) -> DemoSettings:
 
 
 def seed_summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """``summary.json`` from each seed's ``results.json`` document."""
-    dense = variant_name(1)
+    """``summary.json`` from each seed's ``results.json`` document. A CoDA variant's gap to the crop of its
+    token budget (``gap_to_crop_*``) is there when the runs have that crop (``--baselines``), else None."""
+    first = next(iter(runs.values()))["variants"]
+    crops = {v["tokens_per_layer"]: name for name, v in first.items() if v.get("crop_tokens") is not None}
     variants: dict[str, Any] = {}
-    for name in next(iter(runs.values()))["variants"]:
+    for name, variant in first.items():
         accuracy_by_seed = {seed: run["variants"][name]["test_accuracy"] for seed, run in runs.items()}
-        gaps = [accuracy_by_seed[seed] - run["variants"][dense]["test_accuracy"] for seed, run in runs.items()]
         speedups = [run["variants"][name]["inference_speedup"] for run in runs.values()]
+        crop = crops.get(variant["tokens_per_layer"]) if variant.get("crop_tokens") is None else None
         variants[name] = {
             "test_accuracy_mean": statistics.mean(accuracy_by_seed.values()),
             "test_accuracy_std": statistics.stdev(accuracy_by_seed.values()),
             "test_accuracy_by_seed": accuracy_by_seed,
-            "gap_to_dense_mean": statistics.mean(gaps),
-            "gap_to_dense_std": statistics.stdev(gaps),
+            **paired_gap(runs, name, variant_name(1), "gap_to_dense"),
+            **paired_gap(runs, name, crop, "gap_to_crop"),
             "inference_speedup_median": statistics.median(speedups),
         }
     return {"seeds": list(runs), "variants": variants}
+
+
+def paired_gap(runs: dict[int, dict[str, Any]], name: str, reference: str | None, key: str) -> dict[str, Any]:
+    """``{key_mean, key_std}`` of the test-accuracy difference ``name - reference`` paired by seed (None for
+    no reference)."""
+    if reference is None:
+        return {f"{key}_mean": None, f"{key}_std": None}
+    gaps = [
+        run["variants"][name]["test_accuracy"] - run["variants"][reference]["test_accuracy"] for run in runs.values()
+    ]
+    return {f"{key}_mean": statistics.mean(gaps), f"{key}_std": statistics.stdev(gaps)}
 
 
 def summary_report(summary: dict[str, Any]) -> str:
     lines = [
         f"# CoDA on a Vision Transformer, seeds {', '.join(map(str, summary['seeds']))}",
         "",
-        "| variant | test accuracy (mean ± std) | per seed | vs dense (paired) | inference speed-up (median) |",
-        "|---|---|---|---|---|",
+        "| variant | test accuracy (mean ± std) | per seed | vs dense (paired) | vs crop to its budget (paired) "
+        "| inference speed-up (median) |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def gap(v: dict[str, Any], key: str) -> str:
+        mean = v[f"{key}_mean"]
+        return "" if mean is None else f"{100 * mean:+.1f} ± {100 * v[f'{key}_std']:.1f}"
+
     for name, v in summary["variants"].items():
         per_seed = ", ".join(f"{100 * a:.1f}" for a in v["test_accuracy_by_seed"].values())
         lines.append(
             f"| {name} | {100 * v['test_accuracy_mean']:.1f} ± {100 * v['test_accuracy_std']:.1f}% | {per_seed} "
-            f"| {100 * v['gap_to_dense_mean']:+.1f} ± {100 * v['gap_to_dense_std']:.1f} "
-            f"| {v['inference_speedup_median']:.2f}x |"
+            f"| {gap(v, 'gap_to_dense')} | {gap(v, 'gap_to_crop')} | {v['inference_speedup_median']:.2f}x |"
         )
     return "\n".join([*lines, ""])
 
@@ -624,8 +744,8 @@ def assemble_results(
     cache_dir: Path,
     backbone: dict[str, Any],
     task: DigitsTask,
-    variants: dict[float, dict[str, Any]],
-    speeds: dict[float, dict[str, float]],
+    variants: dict[Variant, dict[str, Any]],
+    speeds: dict[Variant, dict[str, float]],
     phases: dict[str, float],
     quick: bool,
 ) -> dict[str, Any]:
@@ -652,7 +772,7 @@ def assemble_results(
             "validation_examples": len(task.validation),
             "test_examples": len(task.test),
         },
-        "variants": {variant_name(r, settings.router): {**variants[r], **speeds[r]} for r in settings.reductions},
+        "variants": {v.name: {**variants[v], **speeds[v]} for v in variants},
         "phase_seconds": phases,
         "timing": {
             "threads": torch.get_num_threads(),

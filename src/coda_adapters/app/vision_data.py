@@ -91,11 +91,39 @@ def patch_dropout(embeddings: torch.nn.Module, keep: tuple[float, float], seed: 
     def keep_some(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return output
-        batch, tokens, hidden = output.shape
+        batch, tokens, _ = output.shape
         share = keep[0] + (keep[1] - keep[0]) * torch.rand((), generator=generator).item()
         kept = math.ceil(share * (tokens - 1))
         patches = torch.rand(batch, tokens - 1, generator=generator).topk(kept, dim=-1).indices.sort(dim=-1).values
-        index = torch.cat([torch.zeros(batch, 1, dtype=torch.long), patches + 1], dim=1)
-        return output.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden))
+        return keep_cls_and_patches(output, patches)
 
     return embeddings.register_forward_hook(keep_some)
+
+
+def keep_cls_and_patches(embedded: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """``[CLS]`` and the ``patches`` (0-based patch numbers ``[batch, kept]`` or ``[kept]``, ascending) of the
+    embedding output ``[batch, 1 + patches, hidden]`` -> ``[batch, 1 + kept, hidden]``."""
+    batch, _, hidden = embedded.shape
+    patches = patches.expand(batch, -1)
+    index = torch.cat([torch.zeros(batch, 1, dtype=torch.long), patches + 1], dim=1)
+    return embedded.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden))
+
+
+def central_patches(grid: int, count: int) -> torch.Tensor:
+    """The ``count`` patches of a ``grid`` × ``grid`` image nearest its centre (by the distance between the
+    centres; ties in raster order), as ascending raster numbers ``[count]``."""
+    if not 1 <= count <= grid * grid:
+        raise ValueError(f"a crop keeps 1 to {grid * grid} patches of a {grid}x{grid} grid, got {count}")
+    row, column = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    centre = (grid - 1) / 2
+    distance = ((row - centre) ** 2 + (column - centre) ** 2).flatten()
+    return distance.argsort(stable=True)[:count].sort().values
+
+
+def central_crop(embeddings: torch.nn.Module, grid: int, tokens: int) -> Any:
+    """Hook a ViT's ``embeddings`` so that its output (position embeddings added) keeps ``[CLS]`` and the
+    ``tokens - 1`` patches nearest the centre (:func:`central_patches`), in training and at inference: the
+    image counterpart of truncating a text to a token budget (the framed digits sit in the centre). Returns
+    the hook's handle."""
+    patches = central_patches(grid, tokens - 1)
+    return embeddings.register_forward_hook(lambda module, args, output: keep_cls_and_patches(output, patches))
