@@ -423,9 +423,10 @@ def demo_variants(settings: DemoSettings) -> list[Variant]:
     crop to the same token budget and (for learned routers) its random-router twin."""
     variants = []
     for reduction in settings.reductions:
-        variants.append(coda_variant(reduction, settings.router))
+        routed = coda_variant(reduction, settings.router)
+        variants.append(routed)
         if settings.baselines and reduction != 1:
-            variants.append(Variant(1, crop_tokens=math.ceil(settings.shape.num_tokens / reduction)))
+            variants.append(Variant(1, crop_tokens=routed.tokens_per_layer(settings.shape.num_tokens)))
             if settings.router != "random":
                 variants.append(Variant(reduction, "random"))
     return variants
