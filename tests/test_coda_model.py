@@ -185,6 +185,49 @@ def test_dense_layers_run_every_token_with_their_adapter_and_leave_no_trace():
     assert list(coda.routing_trace()) == [1]
 
 
+def test_shared_selection_runs_the_first_routed_layers_tokens_and_weights_in_every_routed_layer():
+    """One router (the first routed layer's, after the dense ones); each later layer computes
+    x + λ (F(x_sel) - x_sel) + A(x) on its tokens with its λ."""
+    base = tiny_model("bert", num_hidden_layers=4)
+    frozen_layer = copy.deepcopy(base.encoder.layer[3])
+    config = CodaConfig(reduction=3, bottleneck=8, epsilon=1.0, dense_layers=[0], share_selection=True)
+    coda = get_coda_model(base, config)
+    randomize_trainable(coda)
+    assert [name for name, p in coda.named_parameters() if ".router." in name] == [
+        "model.encoder.layer.1.router.weight"
+    ]
+    ids, mask = padded_batch([12, 9], 12)
+    hidden = coda(input_ids=ids, attention_mask=mask).last_hidden_state
+    traces, selections = coda.routing_trace(), coda.routing_state.selections
+    assert list(traces) == [1, 2, 3] and all(torch.equal(traces[1], traces[i]) for i in (2, 3))
+    assert all(torch.equal(selections[1].weights, selections[i].weights) for i in (2, 3))
+    (hidden * torch.randn_like(hidden)).sum().backward()
+    assert coda.conditional_layers()[1].router.weight.grad.abs().sum() > 0
+
+    def frozen_on_selected(x_sel, positions):
+        return frozen_layer(x_sel, create_bidirectional_mask(base.config, x_sel, torch.ones(1, len(positions))))
+
+    assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected, layer=3)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_kept_first_and_last_tokens_are_always_routed_and_can_raise_k(padding):
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=4, keep_first=3, keep_last=2))
+    randomize_trainable(coda)
+    ids, mask = padded_batch([20, 16, 4], 20)
+    if padding == "left":
+        mask = mask.flip(-1)
+    with torch.no_grad():
+        coda(input_ids=ids, attention_mask=mask)
+    for positions in coda.routing_trace().values():
+        for row, length in enumerate([20, 16, 4]):
+            real = mask[row].nonzero().flatten().tolist()
+            kept = [p for p in positions[row].tolist() if p >= 0]
+            must = set(real[:3]) | set(real[-2:])
+            assert must <= set(kept) and set(kept) <= set(real)
+            assert len(kept) == max(-(-length // 4), len(must))  # 5, 5 (4 + 1 raised), 4 (all of them)
+
+
 def test_dense_layers_must_be_converted_layers():
     with pytest.raises(ValueError, match=r"dense_layers must be indices among layers \[1, 2\], got \[0\]"):
         CodaConfig(layers=[1, 2], dense_layers=[0])

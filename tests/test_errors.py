@@ -32,6 +32,9 @@ from helpers import random_ids, tiny_model
         (dict(router_position_bins=-1), "router_position_bins must be an int >= 0"),
         (dict(router_position_bins=2.5), "router_position_bins must be an int >= 0"),
         (dict(router_position_bins=8, router="random"), "router_position_bins must be 0 with router='random', got 8"),
+        (dict(keep_first=-1), "keep_first must be an int >= 0, got -1"),
+        (dict(keep_last=2.5), "keep_last must be an int >= 0, got 2.5"),
+        (dict(share_selection="yes"), "share_selection must be True or False, got 'yes'"),
     ],
 )
 def test_invalid_config_values(kwargs, message):

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from coda_adapters import CodaConfig, CodaModel, get_coda_model
 
@@ -13,7 +12,9 @@ from helpers import (
     ATTENTION,
     assert_layer_runs_the_frozen_layer_on_the_selected_tokens,
     dense_with_hand_adapters,
+    hand_adapter,
     padded_batch,
+    random_ids,
     randomize_trainable,
     tiny_causal_lm,
     tiny_model,
@@ -78,29 +79,74 @@ def test_the_last_token_is_always_selected(padding):
         assert all(mask[row, sorted(kept[row])].all() for row in range(3))  # never padding
 
 
-def test_routed_prefill_caches_keys_and_values_of_every_prompt_token():
-    """Each layer's cache must hold k_proj/v_proj of *all* n layer inputs, rotated at their positions."""
-    coda = get_coda_model(tiny_causal_lm(), CodaConfig(reduction=3, bottleneck=8))
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_tokens_after_a_routed_prompt_see_in_each_layer_only_the_prompt_tokens_that_layer_ran(attn):
+    """Reference: each frozen layer run on [the prompt tokens it ran (their inputs to it), the new tokens], at
+    their original positions, plus the adapter on the new tokens; then the final norm and the LM head."""
+    coda = get_coda_model(tiny_causal_lm(attn=attn), CodaConfig(reduction=3, bottleneck=8, epsilon=0.5))
     randomize_trainable(coda)
-    ids, mask = left_padded_batch([12, 9], 12)
-    layers = coda.binding.layers()
+    ids = random_ids(2, 18)
+    prompt, rest = ids[:, :12], ids[:, 12:]
     inputs = {}
-    for index, layer in enumerate(layers):
-        layer.register_forward_hook(lambda module, args, output, i=index: inputs.update({i: args[0]}))
+    layers = coda.conditional_layers()
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out, i=i: inputs.update({i: args[0]}))
+        for i, layer in layers.items()
+    ]
     with torch.no_grad():
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() passes them
-        out = coda(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        for index, layer in enumerate(layers):
-            frozen = layer.layer
-            x = frozen.input_layernorm(inputs[index])
-            keys = frozen.self_attn.k_proj(x).view(2, 12, -1, frozen.self_attn.head_dim).transpose(1, 2)
-            values = frozen.self_attn.v_proj(x).view(2, 12, -1, frozen.self_attn.head_dim).transpose(1, 2)
-            cos, sin = coda.model.model.rotary_emb(x, position_ids=position_ids)
-            keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
-            cached = out.past_key_values.layers[index]
-            torch.testing.assert_close(cached.keys, keys, atol=1e-5, rtol=0)
-            torch.testing.assert_close(cached.values, values, atol=1e-5, rtol=0)
-    assert len(coda.routing_trace()[0][0]) == 4  # the prefill was routed: ceil(12 / 3)
+        cache = coda(input_ids=prompt, use_cache=True).past_key_values
+        ran = coda.routing_trace()
+        for hook in hooks:
+            hook.remove()
+        got = coda(input_ids=rest, past_key_values=cache, use_cache=True).logits
+        assert all(positions.shape == (2, 4) for positions in ran.values())  # the prompt was routed: ceil(12 / 3)
+
+        llama = coda.model.model
+        hidden, new_positions = llama.embed_tokens(rest), torch.arange(12, 18)
+        for index, layer in layers.items():
+            rows = []
+            for row in range(2):
+                kept = ran[index][row][ran[index][row] >= 0]
+                x = torch.cat([inputs[index][row, kept], hidden[row]])[None]
+                positions = torch.cat([kept, new_positions])[None]
+                rotary = llama.rotary_emb(x, position_ids=positions)
+                out = layer.layer(x, attention_mask=causal_mask(x.shape[1]), position_embeddings=rotary)
+                rows.append(out[0, len(kept) :])
+            hidden = torch.stack(rows) + hand_adapter(layer.adapter, hidden)
+        want = coda.model.lm_head(llama.norm(hidden))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_with_every_slot_kept_a_routed_prompt_computes_the_dense_model_on_the_kept_tokens_alone(padding):
+    """keep_first + keep_last fill the budget, so every layer runs the same tokens with λ = 1: the prompt and
+    the tokens after it must compute what the dense model (same adapters) computes on those tokens alone, at
+    their original positions; the other tokens leave no trace."""
+    dense = tiny_causal_lm()
+    coda = get_coda_model(copy.deepcopy(dense), CodaConfig(reduction=3, bottleneck=8, keep_first=1, keep_last=3))
+    randomize_trainable(coda, std=0.1)
+    dense_with_hand_adapters(dense, coda)
+    ids = random_ids(2, 18)
+    prompt, rest = ids[:, :12], ids[:, 12:]
+    mask = torch.ones(2, 12, dtype=torch.long)
+    kept = torch.tensor([[0, 9, 10, 11], [0, 9, 10, 11]])
+    if padding == "left":  # row 1 starts with 3 padding tokens: its first real token is at position 3
+        mask[1, :3] = 0
+        kept[1, 0] = 3
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() passes them
+    with torch.no_grad():
+        routed = coda(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
+        assert all(torch.equal(trace, kept) for trace in coda.routing_trace().values())
+        full_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], dim=1)
+        new_positions = full_mask.cumsum(-1)[:, 12:] - 1
+        cache = routed.past_key_values
+        after = coda(input_ids=rest, attention_mask=full_mask, position_ids=new_positions, past_key_values=cache)
+
+        kept_positions = positions.gather(1, kept)
+        alone = dense(input_ids=prompt.gather(1, kept), position_ids=kept_positions, use_cache=True)
+        alone_after = dense(input_ids=rest, position_ids=new_positions, past_key_values=alone.past_key_values)
+    torch.testing.assert_close(routed.logits.gather(1, kept[..., None].expand(-1, -1, 100)), alone.logits)
+    torch.testing.assert_close(after.logits, alone_after.logits)
 
 
 def test_generation_continues_from_the_routed_prefill_and_decodes_densely():

@@ -38,6 +38,19 @@ def test_round_trip_keeps_the_routers_position_bias_and_the_routed_mean_pooling(
     assert loaded.coda_config == config
 
 
+def test_round_trip_keeps_the_kept_ends_and_the_one_shared_router(tmp_path):
+    config = CodaConfig(reduction=3, keep_first=2, keep_last=1, share_selection=True)
+    coda = get_coda_model(tiny_model("bert", head=True), config)
+    randomize_trainable(coda)
+    coda.save_pretrained(tmp_path)
+    assert sum(".router." in name for name in load_file(tmp_path / "coda_model.safetensors")) == 1
+    loaded = CodaModel.from_pretrained(tiny_model("bert", head=True), tmp_path)
+    ids = random_ids(3, 14)
+    with torch.no_grad():
+        assert torch.equal(coda(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert loaded.coda_config == config
+
+
 def test_saved_file_holds_only_trainable_weights(tmp_path):
     coda = saved_adapter(tmp_path)
     saved = load_file(tmp_path / "coda_model.safetensors")

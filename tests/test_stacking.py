@@ -49,6 +49,7 @@ def selected_positions(trace_rows):
         ("bert", dict(pooling="mean", adapter="parallel")),
         ("bert", dict(pooling="routed_mean")),  # the pooled tokens and weights are each example's own router's
         ("bert", dict(router_position_bins=4)),  # each router's own position bias
+        ("bert", dict(keep_first=2, keep_last=1, share_selection=True)),  # one router per adapter, kept ends
         ("bert", dict(pooling="cls", adapter="series", dense_layers=[1])),
         ("roberta", dict(pooling="mean")),  # a two-linear head reading the pooled states as its first token
         ("llama", dict(pooling="cls")),  # the score head on every token, read at the last one (always routed)

@@ -44,6 +44,14 @@ class CodaConfig:
         dense_layers: indices, among the converted layers, of those that keep every token (an adapter, no
             router): as random-LTD keeps the first and last layers dense. ``None`` (or empty) routes them all.
         keep_pooled_token: always route the token a classifier head reads (``[CLS]`` for BERT).
+        keep_first, keep_last: always route the first / last that many real tokens of each example, within
+            ``k`` (an example with more of them than ``ceil(n_valid / r)`` runs exactly those). Not in the
+            paper: the position prior that truncation has (a text's lead), and for a decoder LM the attention
+            sink and the local window before the predicted token (StreamingLLM, LazyLLM).
+        share_selection: every routed layer runs the tokens the first routed layer selects (one router per
+            model instead of one per layer), so a token a layer runs has run through every routed layer
+            before it. Not in the paper: a pretrained decoder LM cannot use tokens that skipped earlier
+            layers without long CoDA pretraining (README, "SmolLM2").
         pooling: what the model's pooler gives its head: ``"cls"`` (the model's own pooler, on ``[CLS]``)
             or ``"mean"`` (the mean of the last hidden states over the real tokens, replacing the pooler,
             as sentence-transformers models are trained), or ``"routed_mean"`` (the ``λ``-weighted mean over
@@ -87,6 +95,11 @@ class CodaConfig:
         None, "indices of converted layers that run every token: an adapter but no router (None: none)"
     )
     keep_pooled_token: bool = option(True, "always route the token the classifier head reads ([CLS] for BERT)")
+    keep_first: int = option(0, "always route the first N real tokens of each example (within k)")
+    keep_last: int = option(0, "always route the last N real tokens of each example (within k)")
+    share_selection: bool = option(
+        False, "every routed layer runs the tokens the first routed layer selects (one router for the model)"
+    )
     pooling: str = option(
         "cls",
         "what the classifier reads: the model's pooler on [CLS], the mean of the last hidden states, or their "
@@ -124,6 +137,9 @@ class CodaConfig:
             outside = sorted(set(self.dense_layers) - set(self.layers))
             require(not outside, "dense_layers", f"indices among layers {self.layers}", self.dense_layers)
         require(isinstance(self.keep_pooled_token, bool), "keep_pooled_token", "True or False", self.keep_pooled_token)
+        check_int("keep_first", self.keep_first, low=0)
+        check_int("keep_last", self.keep_last, low=0)
+        require(isinstance(self.share_selection, bool), "share_selection", "True or False", self.share_selection)
         check_choice("pooling", self.pooling, POOLING_KINDS)
         check_int("lora_rank", self.lora_rank, low=0)
         check_number("lora_alpha", self.lora_alpha, above=0)

@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 class RoutingState:
     """What the routed layers of one model share.
 
-    ``reduction`` and ``forced_position`` (the pooled token: a position, ``"last"`` or None) are settings. Before every
-    forward, the backbone's inputs give ``padding_mask`` (bool ``[batch, seq]``, True = token, None
-    when there is no padding); the :class:`~coda_adapters.routing.TokenBudget` derived from it is
+    ``reduction``, ``forced_position`` (the pooled token: a position, ``"last"`` or None),
+    ``keep_first``/``keep_last`` (real tokens always kept at each end) and ``share_selection`` (every routed
+    layer runs the first routed layer's selection, kept in ``shared``) are settings. Before every forward,
+    the backbone's inputs give ``padding_mask`` (bool ``[batch, seq]``, True = token, None when there is no
+    padding); the :class:`~coda_adapters.routing.TokenBudget` derived from it is
     computed once and shared by all layers. ``selections`` keeps each layer's last selection for
     :meth:`CodaModel.routing_trace`; ``layer_io`` keeps full-length layer inputs and outputs when the
     caller asks for hidden states. With ``record_dense_targets`` (layer-wise CoDA pretraining), each
@@ -40,6 +42,10 @@ class RoutingState:
 
     reduction: float | torch.Tensor  # a float64 tensor [batch]: one r per example (a stacked model's forward)
     forced_position: int | str | None
+    keep_first: int = 0
+    keep_last: int = 0
+    share_selection: bool = False
+    shared: Selection | None = None
     padding_mask: torch.Tensor | None = None
     budget: TokenBudget | None = None
     selections: dict[int, Selection] = field(default_factory=dict)
@@ -64,6 +70,7 @@ class RoutingState:
         self.route = route
         self.budget = None
         self.selections = {}
+        self.shared = None
 
     def token_budget(self, hidden_states: torch.Tensor) -> TokenBudget:
         shape = tuple(hidden_states.shape[:2])
@@ -76,8 +83,17 @@ class RoutingState:
                 )
             mask = None if mask is None else mask.to(hidden_states.device)
             reduction = self.reduction if self.route else 1.0
-            self.budget = token_budget(mask, shape, reduction, self.forced_position, hidden_states.device)
+            kept = dict(keep_first=self.keep_first, keep_last=self.keep_last)
+            self.budget = token_budget(mask, shape, reduction, self.forced_position, hidden_states.device, **kept)
         return self.budget
+
+    def shared_selection(self, layer_index: int) -> Selection:
+        """The selection of this forward's first routed layer, for a layer that shares it."""
+        if self.shared is None:
+            raise RuntimeError(
+                f"layer {layer_index} shares the first routed layer's selection, but no routed layer ran before it"
+            )
+        return self.shared
 
 
 class ConditionalLayer(nn.Module):
@@ -85,7 +101,8 @@ class ConditionalLayer(nn.Module):
 
     It is called exactly like the layer it replaces and returns the same structure. Without a router
     (``router=None``) it is an adapter-only layer that never routes: T5's decoder, and the
-    ``CodaConfig.dense_layers`` of a routed model.
+    ``CodaConfig.dense_layers`` of a routed model; unless ``shares_selection``: then it routes the tokens the
+    first routed layer of the same forward selected (``CodaConfig.share_selection``).
     """
 
     def __init__(
@@ -98,10 +115,13 @@ class ConditionalLayer(nn.Module):
         adapter_placement: str,
         binding: Binding,
         state: RoutingState,
+        shares_selection: bool = False,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.router = router
+        self.shares_selection = shares_selection
+        self.routes = router is not None or shares_selection
         self.adapter = adapter
         self.layer_index = layer_index
         self.adapter_placement = adapter_placement
@@ -113,7 +133,7 @@ class ConditionalLayer(nn.Module):
         if self.state.disabled:
             return self.layer(hidden_states, *args, **kwargs)
         budget = self.state.token_budget(hidden_states)
-        if budget.dense or self.router is None:
+        if budget.dense or not self.routes:
             output = self._dense_forward(hidden_states, budget, args, kwargs)
         else:
             output = self._routed_forward(hidden_states, budget, args, kwargs)
@@ -127,7 +147,12 @@ class ConditionalLayer(nn.Module):
         return output
 
     def _routed_forward(self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict) -> Any:
-        selection = self.router(hidden_states, budget)
+        if self.router is None:
+            selection = self.state.shared_selection(self.layer_index)
+        else:
+            selection = self.router(hidden_states, budget)
+            if self.state.share_selection:
+                self.state.shared = selection
         self.state.selections[self.layer_index] = selection
         flat_index = flatten_index(selection.index, hidden_states.shape[1])
 
@@ -146,9 +171,10 @@ class ConditionalLayer(nn.Module):
 
     def _dense_forward(self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict) -> Any:
         """Every token is selected with λ = 1: the layer is exactly ``F(x) + A(x)``, the dense baseline.
-        (A layer without a router routes nothing, so it leaves no selection in the routing trace.)"""
-        if self.router is not None:
+        (A layer that never routes leaves no selection in the routing trace.)"""
+        if self.routes:
             self.state.selections[self.layer_index] = dense_selection(budget)
+        args, kwargs = self.binding.dense_layer_arguments(self.layer, hidden_states, args, kwargs)
         layer_output = self.layer(hidden_states, *args, **kwargs)
         full = self.binding.layer_hidden_states(layer_output)
         parallel = self.adapter_placement == "parallel"

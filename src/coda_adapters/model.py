@@ -33,7 +33,13 @@ class CodaModel(nn.Module):
         self.coda_config = config
         self.binding = binding_for(model)
         pooled = self.binding.pooled_token if config.keep_pooled_token else None
-        self.routing_state = RoutingState(reduction=config.reduction, forced_position=pooled)
+        self.routing_state = RoutingState(
+            reduction=config.reduction,
+            forced_position=pooled,
+            keep_first=config.keep_first,
+            keep_last=config.keep_last,
+            share_selection=config.share_selection,
+        )
         # adapter-only layers (T5's decoder) never route: a state of reduction 1 keeps them dense
         self.adapter_state = RoutingState(reduction=1.0, forced_position=None)
         self.layer_indices = _layer_indices(config, self.binding)
@@ -178,10 +184,13 @@ class CodaModel(nn.Module):
         """Replace each routed layer (and each adapter-only layer) by a :class:`ConditionalLayer` around it."""
         layers, adapter_layers = self.binding.layers(), self.binding.adapter_layers()
         dense = set(self.coda_config.dense_layers or ())
+        routed = [index for index in self.layer_indices if index not in dense]
         for index in self.layer_indices:
             self._original_layers[index] = layers[index]
-            router = None if index in dense else self._router()  # no router: every token, and an adapter
-            layers[index] = self._conditional_layer(layers[index], index, router, self.routing_state)
+            # no router: every token and an adapter, unless the layer shares the first routed layer's selection
+            shares = self.coda_config.share_selection and index in routed[1:]
+            router = None if index in dense or shares else self._router()
+            layers[index] = self._conditional_layer(layers[index], index, router, self.routing_state, shares)
         for index, original in enumerate(adapter_layers):
             self._original_adapter_layers[index] = original
             adapter_layers[index] = self._conditional_layer(original, index, None, self.adapter_state)
@@ -202,7 +211,7 @@ class CodaModel(nn.Module):
         return router
 
     def _conditional_layer(
-        self, original: nn.Module, index: int, router: Router | None, state: RoutingState
+        self, original: nn.Module, index: int, router: Router | None, state: RoutingState, shares: bool = False
     ) -> ConditionalLayer:
         config = self.coda_config
         weight = next(original.parameters())
@@ -223,6 +232,7 @@ class CodaModel(nn.Module):
             adapter_placement=config.adapter,
             binding=self.binding,
             state=state,
+            shares_selection=shares,
         )
 
     def _head_modules(self) -> list[nn.Module]:

@@ -229,7 +229,8 @@ class TokenBudget(NamedTuple):
     Attributes:
         valid: bool ``[batch, n]``, False at padding.
         num_selected: LongTensor ``[batch]``, ``k = ceil(n_valid / r)``.
-        forced: bool ``[batch, n]`` of positions always kept (the pooled token), or None.
+        forced: bool ``[batch, n]`` of positions always kept (the pooled token, and the first and last tokens
+            ``CodaConfig.keep_first``/``keep_last`` ask for), or None.
         dense: every example keeps all its tokens (``r = 1``, or very short inputs): no routing needed.
         uniform: the same ``k`` in every example: no empty slots, so the routed tokens need no attention mask
             (padding is never routed).
@@ -248,14 +249,19 @@ def token_budget(
     reduction: float | torch.Tensor,
     forced_position: int | str | None,
     device: torch.device | str = "cpu",
+    *,
+    keep_first: int = 0,
+    keep_last: int = 0,
 ) -> TokenBudget:
     """The :class:`TokenBudget` for a batch of ``shape = (batch, n)`` with an optional bool padding mask.
 
     ``reduction`` is one ``r`` for the batch, or a float64 tensor ``[batch]`` of one ``r`` per example
     (a :class:`~coda_adapters.stacking.StackedCodaModel` mixes adapters of different reductions).
 
-    ``forced_position`` is always kept: a position, ``"last"`` (each example's last valid token, which a
-    causal language model predicts from), or None.
+    Always kept (:func:`forced_tokens`): ``forced_position`` (a position, ``"last"`` for each example's last
+    valid token, which a causal language model predicts from, or None), and the first ``keep_first`` and
+    last ``keep_last`` real tokens of each example. They count within ``k``; an example with more of them
+    than ``ceil(n_valid / r)`` keeps exactly them (``k`` never drops a token that must be kept).
     """
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(
@@ -263,17 +269,39 @@ def token_budget(
         )
     valid = torch.ones(shape, dtype=torch.bool, device=device) if padding_mask is None else padding_mask
     k = num_selected_tokens(valid, reduction)
-    forced = None
-    if forced_position == "last":
-        last = valid.shape[1] - 1 - valid.flip(-1).int().argmax(dim=-1)
-        forced = torch.zeros_like(valid).scatter_(1, last[:, None], True)
-    elif forced_position is not None:
-        forced = torch.zeros_like(valid)
-        forced[:, forced_position] = True
-        forced &= valid
+    forced = forced_tokens(valid, forced_position, keep_first, keep_last)
+    if forced is not None:
+        k = torch.maximum(k, forced.sum(dim=-1))
     dense = bool((k == valid.sum(dim=-1)).all())
     uniform = bool((k == k[0]).all())
     return TokenBudget(valid, k, forced, dense, uniform)
+
+
+def forced_tokens(
+    valid: torch.Tensor, forced_position: int | str | None, keep_first: int = 0, keep_last: int = 0
+) -> torch.Tensor | None:
+    """The tokens every routed layer keeps, bool ``[batch, n]`` from the padding mask ``[batch, n]`` (None if
+    there are none): position ``forced_position`` (or each row's last valid token for ``"last"``), and the
+    first ``keep_first`` and last ``keep_last`` real tokens of each row (counted among real tokens, so left
+    and right padding alike). Built without in-place writes, so that the ONNX exporter can trace it."""
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    kept = []
+    if forced_position == "last":
+        kept.append(positions == (valid.shape[1] - 1 - valid.flip(-1).int().argmax(dim=-1))[:, None])
+    elif forced_position is not None:
+        kept.append(valid & (positions == positions[forced_position]))
+    if keep_first or keep_last:
+        place = valid.long().cumsum(dim=-1) - 1  # each token's rank among the real tokens of its row
+        if keep_first:
+            kept.append(valid & (place < keep_first))
+        if keep_last:
+            kept.append(valid & (place >= valid.sum(dim=-1, keepdim=True) - keep_last))
+    if not kept:
+        return None
+    forced = kept[0]
+    for more in kept[1:]:
+        forced = forced | more
+    return forced
 
 
 class Selection(NamedTuple):
@@ -316,7 +344,8 @@ class Router(nn.Module):
 
     The selection is the hard top-k of the scores, the same in training and at inference; the weights
     ``λ`` are the soft top-k solution (see :func:`soft_topk`), so the router learns through them. Padding
-    is never selected; the budget's forced positions (the pooled token) always are, with ``λ = 1``.
+    is never selected; the budget's forced positions (the pooled token, kept first/last tokens) always are, with
+    ``λ = 1``.
     A ``"random"`` router selects uniformly at random, with ``λ = 1``: the paper's ablation baseline.
 
     With ``position_bins > 0`` (an addition to the paper) a learned bias per bin of relative position

@@ -259,6 +259,7 @@ def test_coda_export_and_eval_with_onnxruntime_from_the_command_line(classifier_
     [
         dict(pooling="routed_mean"),  # reads the last router's selection and λ: both must be in the graph
         dict(pooling="mean", router_position_bins=4),  # the bins come from each batch's attention mask
+        dict(pooling="mean", keep_first=3, keep_last=2, share_selection=True),  # kept ends can raise k per row
     ],
 )
 def test_routing_options_export_and_equal_pytorch_on_a_ragged_batch(base_dir, tmp_path, settings):

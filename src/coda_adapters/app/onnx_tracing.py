@@ -57,31 +57,22 @@ def _token_budget(
     reduction: float,
     forced_position: int | str | None,
     device: torch.device | str = "cpu",
+    *,
+    keep_first: int = 0,
+    keep_last: int = 0,
 ) -> routing_module.TokenBudget:
     """``routing.token_budget`` without shortcuts that depend on the batch's values.
 
     ``dense`` (every example keeps all its tokens) and ``uniform`` (one ``k`` for all examples) are Python
     booleans the tracer would freeze at the example batch's values: a graph traced on equal lengths would
     never mask empty slots. The general path is exact for every batch, so both are off unless they hold for
-    every batch (``r = 1``; no padding mask). The forced positions come from :func:`_forced_tokens`.
+    every batch (``r = 1``; no padding mask and no kept tokens, which can raise ``k`` above ``n / r``).
     """
-    budget = library_token_budget(padding_mask, shape, reduction, None, device)
-    forced = _forced_tokens(budget.valid, forced_position)
+    kept = dict(keep_first=keep_first, keep_last=keep_last)
+    budget = library_token_budget(padding_mask, shape, reduction, forced_position, device, **kept)
     dense = budget.dense and reduction <= 1
-    uniform = budget.uniform and padding_mask is None
-    return budget._replace(forced=forced, dense=dense, uniform=uniform)
-
-
-def _forced_tokens(valid: torch.Tensor, forced_position: int | str | None) -> torch.Tensor | None:
-    """The budget's ``forced`` mask, built without in-place writes (``forced[:, p] = True``, ``&=``, ``scatter_``
-    with a scalar), which the exporter cannot translate: position ``p``, or each row's last valid token."""
-    if forced_position is None:
-        return None
-    positions = torch.arange(valid.shape[1], device=valid.device)
-    if forced_position == "last":
-        last = valid.shape[1] - 1 - valid.flip(-1).int().argmax(dim=-1)
-        return positions == last[:, None]
-    return valid & (positions == positions[forced_position])
+    uniform = budget.uniform and padding_mask is None and not (keep_first or keep_last)
+    return budget._replace(dense=dense, uniform=uniform)
 
 
 def _rank_top_k(

@@ -130,6 +130,14 @@ class Binding:
         """
         return args, kwargs
 
+    def dense_layer_arguments(
+        self, layer: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """The ``(args, kwargs)`` of a call that runs ``layer`` on every token of ``hidden_states``
+        ``[batch, n, hidden]``: unchanged, except where earlier routing must be remembered (a decoder LM's
+        tokens after a routed prompt see, in each layer, only the prompt tokens that layer ran)."""
+        return args, kwargs
+
     def routed_layer_output(
         self, layer_output: Any, hidden_states: torch.Tensor, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
