@@ -1,10 +1,13 @@
 """The SmolLM2 prefill demo's measurements, on a tiny random Llama."""
 
+import re
+
+import pytest
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
 from coda_adapters.app.prefill import compare, measure_quality
-from coda_adapters.app.prefill_distill import distill_prefill, prefill_log_probs
+from coda_adapters.app.prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs
 
 from helpers import tiny_causal_lm
 
@@ -53,3 +56,32 @@ def test_prefill_pretraining_with_a_warmup_starts_dense_and_ends_at_r():
     assert seen[0] == 1.0 and max(seen) == 3.0 and seen == sorted(seen)
     assert losses[0] < 1e-6  # at r = 1 with fresh adapters the routed prefill is the dense one
     assert coda.reduction == 3.0 and not coda.training
+
+
+def test_the_decoder_recipe_keeps_the_sink_and_a_window_that_is_a_share_of_each_prompts_budget():
+    routing = PrefillRouting(keep_first=4, window_share=0.75)
+    assert routing.config(1024, 3) == CodaConfig(reduction=3, keep_first=4, keep_last=256, share_selection=True)
+    assert routing.config(512, 5).keep_last == 77  # floor(0.75 * ceil(512 / 5) = 103)
+    paper = PrefillRouting(keep_first=0, window_share=0, share_selection=False)
+    assert paper.config(512, 3) == CodaConfig(reduction=3)
+    for settings, message in [
+        (dict(window_share=1.5), "window_share must be a finite number >= 0 and <= 1, got 1.5"),
+        (dict(keep_first=-1), "keep_first must be an int >= 0, got -1"),
+        (dict(share_selection=1), "share_selection must be True or False, got 1"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PrefillRouting(**settings)
+
+
+def test_the_decoder_recipe_routes_a_prompt_in_one_selection_with_its_ends(minilm_tokenizer):
+    """What measure_quality builds for a 24-token prompt at r = 3: k = 8, the first 2 and the last 4 kept, every
+    layer the same tokens."""
+    model = tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size)
+    coda = get_coda_model(model, PrefillRouting(keep_first=2, window_share=0.5).config(24, 3))
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        coda(input_ids=ids)
+    traces = list(coda.routing_trace().values())
+    assert all(torch.equal(trace, traces[0]) for trace in traces)
+    for row in traces[0].tolist():
+        assert len(row) == 8 and {0, 1, 20, 21, 22, 23} <= set(row)

@@ -123,9 +123,14 @@ class Variant:
 
 
 def build_variants(
-    base: nn.Module, reductions: list[float], bottleneck: int, quantize: str, train: bool
+    base: nn.Module,
+    reductions: list[float],
+    bottleneck: int,
+    quantize: str,
+    train: bool,
+    coda_fields: Callable[[float], dict[str, Any]] | None = None,
 ) -> dict[str, tuple[Variant, nn.Module]]:
-    """Copies of ``base`` as the frozen model, merged LoRA and CoDA at each reduction."""
+    """Copies of ``base`` as the frozen model, merged LoRA and CoDA at each reduction (with ``coda_fields(r)``)."""
     variants: dict[str, tuple[Variant, nn.Module]] = {}
     if not train:
         variants["frozen"] = (Variant("frozen"), copy.deepcopy(base))
@@ -134,7 +139,8 @@ def build_variants(
         lora_model(base, merge=not train),
     )
     for r in reductions:
-        model = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=r, bottleneck=bottleneck))
+        fields = coda_fields(r) if coda_fields is not None and r > 1 else {}
+        model = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=r, bottleneck=bottleneck, **fields))
         variants[Variant("coda", r).label] = (Variant("coda", r), model)
     if quantize == "int8":
         for _, model in variants.values():
@@ -313,6 +319,7 @@ def run_benchmark(
     bottleneck: int = 64,
     profile: bool = False,
     runtime: str = "pytorch",
+    coda_fields: Callable[[float], dict[str, Any]] | None = None,
 ) -> list[BenchRow]:
     """Time CoDA at each reduction against its baselines; see :class:`BenchRow` for what is reported.
 
@@ -321,6 +328,7 @@ def run_benchmark(
     ``runtime="onnxruntime"``, time the ONNX exports of CoDA classifiers at each reduction beside the same
     classifiers in float PyTorch (:func:`.bench_onnx.benchmark_exports`); ``quantize="int8"`` then adds the
     int8 graphs and leaves PyTorch in float. ``threads`` applies to torch and ONNX Runtime alike.
+    ``coda_fields(r)`` gives more :class:`CodaConfig` fields of the CoDA variant at ``r`` (a routing recipe).
     """
     validate_runtime(runtime, model_name, train, profile)
     spec = bench_model(model_name)
@@ -338,7 +346,7 @@ def run_benchmark(
         from .bench_onnx import benchmark_exports
 
         return benchmark_exports(run, reductions, batches)
-    variants = build_variants(spec.load(train), reductions, bottleneck, quantize, train)
+    variants = build_variants(spec.load(train), reductions, bottleneck, quantize, train, coda_fields)
     rows = time_variants(run, variants, batches, float_dense="float dense")
     if profile:
         batch = batches[(max(seq_lens), False)]

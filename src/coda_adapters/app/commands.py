@@ -9,7 +9,15 @@ import argparse
 from pathlib import Path
 
 from ..config import ROUTER_KINDS, check_int
-from .options import CommandError, add_subcommand, flag, output_directory, output_file
+from .options import (
+    CommandError,
+    add_dataclass_options,
+    add_subcommand,
+    dataclass_from_args,
+    flag,
+    output_directory,
+    output_file,
+)
 
 
 def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +34,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "routing-long",
             "needle",
             "needle-ablation",
+            "prior",
+            "prior-needle",
             "aggressive",
             "demo",
             "mpnet",
@@ -33,8 +43,9 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "smoke",
         ],
         help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; r = 3 "
-        "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; r = 8 "
-        "and 16 without warm-up; the short demo; the MPNet point; the adapter-kinds table; a smoke test",
+        "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; "
+        "half of r = 3's budget kept for the first tokens, on BBC News and bbc-needle; r = 8 and 16 without "
+        "warm-up; the short demo; the MPNet point; the adapter-kinds table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
@@ -226,6 +237,8 @@ def run_bench_soft_topk(args: argparse.Namespace) -> None:
 
 
 def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .prefill_distill import PrefillRouting
+
     parser = add_subcommand(
         subparsers,
         "prefill",
@@ -262,13 +275,21 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     parser.add_argument("--out", default="runs/prefill", help="output directory")
+    recipe = parser.add_argument_group(
+        "routing recipe",
+        "which prompt tokens every routed layer keeps (--keep-first 0 --window-share 0 "
+        "--no-share-selection: the paper's routing, one router per layer)",
+    )
+    add_dataclass_options(recipe, PrefillRouting)
     parser.set_defaults(run=run_prefill)
 
 
 def run_prefill(args: argparse.Namespace) -> None:
     from .prefill import run_prefill_demo
+    from .prefill_distill import PrefillRouting
 
     output_directory(args.out)
+    routing = dataclass_from_args(PrefillRouting, args)
     run_prefill_demo(
         args.out,
         lengths=tuple(args.seq_lens),
@@ -282,6 +303,7 @@ def run_prefill(args: argparse.Namespace) -> None:
         passkey=args.passkey,
         model_name=args.model,
         time_prefill=not args.no_timing,
+        routing=routing,
     )
     print(Path(args.out, "results.md").read_text(encoding="utf-8"))
 

@@ -139,6 +139,31 @@ PRESETS = {
         pretrain=PretrainConfig(steps=1, max_length=128),  # unused
         data="bbc-needle",
     ),
+    # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
+    # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
+    # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`
+    # and `--preset prior-needle`; about an hour and 30 minutes on 2 cores)
+    "prior": Preset(
+        rows=[
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=3", {"reduction": 3}),
+            Row("CoDA r=3, first 43 tokens kept", {"reduction": 3, "keep_first": 43}),
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=256),
+        pretrain=PretrainConfig(steps=1, max_length=256),  # unused
+        baselines=True,
+    ),
+    "prior-needle": Preset(
+        rows=[
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=3", {"reduction": 3}),
+            Row("CoDA r=3, first 22 tokens kept", {"reduction": 3, "keep_first": 22}),
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
+        pretrain=PretrainConfig(steps=1, max_length=128),  # unused
+        baselines=True,
+        data="bbc-needle",
+    ),
     # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import CodaConfig, get_coda_model
-from .prefill_distill import distill_prefill, prefill_log_probs
+from .. import get_coda_model
+from .prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs
 
 HEAD = (
     "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -116,15 +116,18 @@ def measure_passkey(
     pretrain_steps: int = 0,
     pretrain_prompts: int = 64,
     reduction_warmup: float = 0.0,
+    routing: PrefillRouting | None = None,
 ) -> list[PasskeyResult]:
-    """The dense prefill, and per reduction: the routed prefill (as built, and after ``pretrain_steps`` of
-    prefill pretraining on ``pretrain_prompts`` other pass-key prompts) and the last ``n / r`` tokens alone."""
+    """The dense prefill, and per reduction: the routed prefill (``routing``, the decoder recipe by default; as
+    built, and after ``pretrain_steps`` of prefill pretraining on ``pretrain_prompts`` other pass-key prompts)
+    and the last ``n / r`` tokens alone."""
+    routing = routing or PrefillRouting()
     problems = passkey_problems(tokenizer, prompt_tokens, count, seed=0)
     rows = [PasskeyResult(prompt_tokens, "dense", 1.0, share(keys_found(model, problems.prompts, problems.answers)))]
     training = passkey_problems(tokenizer, prompt_tokens, pretrain_prompts, seed=1) if pretrain_steps else None
     for r in reductions:
         torch.manual_seed(0)  # the routers' initial weights
-        coda = get_coda_model(copy.deepcopy(model), CodaConfig(reduction=r))
+        coda = get_coda_model(copy.deepcopy(model), routing.config(prompt_tokens, r))
         found = share(keys_found(coda, problems.prompts, problems.answers))
         rows.append(PasskeyResult(prompt_tokens, f"coda r={r:g}", r, found))
         if training is not None:

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import CodaConfig, get_coda_model
+from .. import get_coda_model
 from ..config import check_int, check_number
 from ..files import atomic_write, write_json
 from .bench import BenchRow, format_table, run_benchmark
 from .data import load_bbc_news
 from .options import flag
 from .passkey import PasskeyResult, measure_passkey
-from .prefill_distill import distill_prefill, prefill_log_probs
+from .prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs
 
 
 @dataclass
@@ -81,10 +81,12 @@ def measure_quality(
     pretrain_steps: int = 0,
     pretrain_windows: int = 64,
     reduction_warmup: float = 0.0,
+    routing: PrefillRouting | None = None,
 ) -> list[PrefillQuality]:
-    """Routed and truncated prefills against the dense one on ``count`` windows of BBC News text; with
-    ``pretrain_steps``, also the routed prefill after that many steps of :func:`distill_prefill` on
-    ``pretrain_windows`` other windows of the same text."""
+    """Routed (``routing``, the decoder recipe by default) and truncated prefills against the dense one on
+    ``count`` windows of BBC News text; with ``pretrain_steps``, also the routed prefill after that many steps
+    of :func:`distill_prefill` on ``pretrain_windows`` other windows of the same text."""
+    routing = routing or PrefillRouting()
     length = prompt_tokens + continuation
     text = continuous_text(tokenizer, count, length)
     prompts, rest = text[:, :prompt_tokens], text[:, prompt_tokens:]
@@ -93,7 +95,7 @@ def measure_quality(
     rows = []
     for r in reductions:
         torch.manual_seed(0)  # the routers' initial weights
-        coda = get_coda_model(copy.deepcopy(model), CodaConfig(reduction=r))
+        coda = get_coda_model(copy.deepcopy(model), routing.config(prompt_tokens, r))
         rows.append(
             PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, prefill_log_probs(coda, prompts, rest)))
         )
@@ -123,10 +125,11 @@ def run_prefill_demo(
     passkey: int = 0,
     model_name: str = "smollm2",
     time_prefill: bool = True,
+    routing: PrefillRouting | None = None,
 ) -> dict[str, Any]:
-    """Time and score routed prefills; with ``passkey``, also the pass-key probe on that many prompts per
-    length (:mod:`.passkey`; its pretraining, with ``pretrain_steps``, reads pass-key prompts); writes
-    ``results.json`` and ``results.md`` to ``out_dir``."""
+    """Time and score routed prefills (``routing``, the decoder recipe by default); with ``passkey``, also the
+    pass-key probe on that many prompts per length (:mod:`.passkey`; its pretraining, with ``pretrain_steps``,
+    reads pass-key prompts); writes ``results.json`` and ``results.md`` to ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model_path
@@ -137,21 +140,24 @@ def run_prefill_demo(
     check_int(flag("pretrain_steps"), pretrain_steps, low=0)
     check_int(flag("passkey"), passkey, low=0)
     check_number(flag("reduction_warmup"), reduction_warmup, low=0, high=1)
+    routing = routing or PrefillRouting()
     settings.update(pretrain_steps=pretrain_steps, reduction_warmup=reduction_warmup, passkey=passkey)
+    settings.update(routing=asdict(routing))
     if not reductions or any(r <= 1 for r in reductions):
         raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     speed = []
-    if time_prefill:
-        speed = run_benchmark(
+    for n in lengths if time_prefill else ():  # the window is a share of each length's budget
+        speed += run_benchmark(
             model_name=model_name,
-            seq_lens=list(lengths),
+            seq_lens=[n],
             reductions=[1, *reductions],
             batch_size=batch_size,
             repeats=repeats,
             warmup=1,
             mixed=False,
+            coda_fields=lambda r, n=n: routing.fields(n, r),
         )
     path = resolve_model_path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -168,13 +174,21 @@ def run_prefill_demo(
             continuation,
             pretrain_steps,
             reduction_warmup=reduction_warmup,
+            routing=routing,
         )
     ]
     passkey_rows = []
     if passkey:
         for n in lengths:
             passkey_rows += measure_passkey(
-                model, tokenizer, n, list(reductions), passkey, pretrain_steps, reduction_warmup=reduction_warmup
+                model,
+                tokenizer,
+                n,
+                list(reductions),
+                passkey,
+                pretrain_steps,
+                reduction_warmup=reduction_warmup,
+                routing=routing,
             )
     results = {
         "model": model_name,

@@ -4,11 +4,49 @@ the dense prefill does (used by the SmolLM2 demo, :mod:`.prefill`, and the pass-
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
+from ..config import CodaConfig, check_int, check_number, option, require
 from ..model import CodaModel
 from .loop import Optimization, OptimizerConfig, run_epoch, warmed_up_reduction
+
+
+@dataclass
+class PrefillRouting:
+    """How a decoder LM's prompt is routed: which tokens every routed layer keeps, and whether the layers share one
+    selection. The defaults are the decoder recipe (README, "SmolLM2"); ``keep_first=0, window_share=0,
+    share_selection=False`` is the paper's routing, one router per layer over every token.
+
+    A pretrained decoder cannot use a token in a layer when the layers below skipped it (its keys and values
+    come from hidden states those layers never updated), and it predicts from its attention sink (the first
+    tokens) and the tokens just before the prediction: so the window and the sink are kept, and the layers
+    share the router's choice of the rest.
+    """
+
+    keep_first: int = option(4, "prompt tokens always routed at the start (the attention sink, or instructions)")
+    window_share: float = option(
+        0.75, "share of each prompt's budget ceil(n/r) kept as a local window of its last tokens (0 = none)"
+    )
+    share_selection: bool = option(True, "every routed layer runs the tokens the first one selects")
+
+    def __post_init__(self) -> None:
+        check_int("keep_first", self.keep_first, low=0)
+        check_number("window_share", self.window_share, low=0, high=1)
+        require(isinstance(self.share_selection, bool), "share_selection", "True or False", self.share_selection)
+
+    def config(self, prompt_tokens: int, reduction: float) -> CodaConfig:
+        """The CoDA settings for prompts of ``prompt_tokens`` tokens at reduction ``r``."""
+        return CodaConfig(reduction=reduction, **self.fields(prompt_tokens, reduction))
+
+    def fields(self, prompt_tokens: int, reduction: float) -> dict[str, Any]:
+        """The :class:`CodaConfig` fields besides ``reduction`` (the window is a share of ``ceil(n / r)``)."""
+        window = math.floor(self.window_share * math.ceil(prompt_tokens / reduction))
+        return dict(keep_first=self.keep_first, keep_last=window, share_selection=self.share_selection)
 
 
 def prefill_log_probs(
