@@ -7,7 +7,9 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from coda_adapters.app.passkey import keys_found, measure_passkey, passkey_problems
+from coda_adapters import get_coda_model
+from coda_adapters.app.passkey import keys_found, measure_passkey, passkey_problems, routed_needle_share
+from coda_adapters.app.prefill_distill import PrefillRouting
 
 from helpers import tiny_causal_lm
 
@@ -28,13 +30,14 @@ def text_of(tokenizer, ids):
 def test_prompts_have_the_exact_length_and_the_key_at_its_recorded_depth(characters):
     problems = passkey_problems(characters, 1000, count=20, seed=0)
     assert problems.prompts.shape == (20, 1000) and problems.answers.shape == (20, 7)  # " 12345."
-    for prompt, answer, key, depth in zip(
-        problems.prompts, problems.answers, problems.keys, problems.depths, strict=True
+    for prompt, answer, key, depth, (start, end) in zip(
+        problems.prompts, problems.answers, problems.keys, problems.depths, problems.needles, strict=True
     ):
         text = text_of(characters, prompt)
         assert text.startswith("There is an important pass key") and text.endswith("The pass key is")
-        needle = text.index(f" The pass key is {key}. Remember it. {key} is the pass key.")
-        assert needle == round(depth * 1000)  # one character per token
+        needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+        assert text.index(needle) == round(depth * 1000) == start  # one character per token
+        assert text[start:end] == needle
         assert text_of(characters, answer) == f" {key}."
     assert min(problems.depths) < 0.25 and max(problems.depths) > 0.75  # every depth, not one place
     assert passkey_problems(characters, 1000, count=20, seed=0).keys == problems.keys
@@ -68,3 +71,14 @@ def test_measure_passkey_compares_routing_and_truncation_with_the_dense_prompt(c
         "last n/3 tokens",
     ]
     assert all(0 <= row.found <= 1 and row.prompt_tokens == 260 for row in rows)
+
+
+def test_the_needle_share_counts_the_needle_tokens_each_routed_layer_ran(characters):
+    problems = passkey_problems(characters, 300, count=3, seed=0)
+    model = tiny_causal_lm(vocab_size=len(string.printable), num_hidden_layers=3).eval()
+    ends = PrefillRouting(keep_first=300, window_share=0).config(300, 3)  # every token kept: k raised to n
+    assert routed_needle_share(get_coda_model(model, ends), problems) == 1.0
+    tail = PrefillRouting(keep_first=0, window_share=1.0).config(300, 3)  # the last 100 tokens, like truncation
+    coda = get_coda_model(tiny_causal_lm(vocab_size=len(string.printable), num_hidden_layers=3).eval(), tail)
+    inside = [max(0, end - max(start, 200)) / (end - start) for start, end in problems.needles]
+    assert routed_needle_share(coda, problems) == pytest.approx(sum(inside) / 3)

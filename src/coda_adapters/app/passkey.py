@@ -41,12 +41,14 @@ ANSWER = " {key}."
 @dataclass
 class PasskeyProblems:
     """``prompts`` ``[count, prompt_tokens]`` and the answers ``[count, m]`` (the key's tokens, then "."),
-    with the keys and the depth of each needle (its start as a share of the prompt)."""
+    with the keys, the depth of each needle (its start as a share of the prompt) and its tokens' positions
+    ``(start, end)``."""
 
     prompts: torch.Tensor
     answers: torch.Tensor
     keys: list[int]
     depths: list[float]
+    needles: list[tuple[int, int]]
 
     @property
     def windows(self) -> torch.Tensor:
@@ -63,7 +65,7 @@ def passkey_problems(tokenizer: Any, prompt_tokens: int, count: int, seed: int) 
     head, question = ids(HEAD), ids(QUESTION)
     sentences = [ids((" " if i else "") + sentence) for i, sentence in enumerate(FILLER)]
     rng = random.Random(seed)
-    prompts, answers, keys, depths = [], [], [], []
+    prompts, answers, keys, depths, needles = [], [], [], [], []
     for _ in range(count):
         key = rng.randint(10_000, 99_999)
         needle = ids(NEEDLE.format(key=key))
@@ -80,9 +82,10 @@ def passkey_problems(tokenizer: Any, prompt_tokens: int, count: int, seed: int) 
         answers.append(ids(ANSWER.format(key=key)))
         keys.append(key)
         depths.append((len(head) + cut) / prompt_tokens)
+        needles.append((len(head) + cut, len(head) + cut + len(needle)))
     if len({len(answer) for answer in answers}) != 1:
         raise ValueError("this tokenizer splits five-digit keys into different numbers of tokens; the probe needs one")
-    return PasskeyProblems(torch.tensor(prompts), torch.tensor(answers), keys, depths)
+    return PasskeyProblems(torch.tensor(prompts), torch.tensor(answers), keys, depths, needles)
 
 
 def keys_found(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor, batch_size: int = 2) -> list[bool]:
@@ -97,14 +100,28 @@ def keys_found(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor, b
     return found
 
 
+def routed_needle_share(model: nn.Module, problems: PasskeyProblems, batch_size: int = 2) -> float:
+    """The share of the needles' tokens that a routed prefill ran, over the routed layers and the prompts."""
+    shares = []
+    for start in range(0, len(problems.prompts), batch_size):
+        with torch.inference_mode():
+            model(input_ids=problems.prompts[start : start + batch_size], logits_to_keep=1)
+        for row, (first, end) in enumerate(problems.needles[start : start + batch_size]):
+            for trace in model.routing_trace().values():
+                shares.append(float(((trace[row] >= first) & (trace[row] < end)).sum()) / (end - first))
+    return sum(shares) / len(shares)
+
+
 @dataclass
 class PasskeyResult:
-    """The share of keys found by one way of running the prompt, at one prompt length."""
+    """The share of keys found by one way of running the prompt, at one prompt length, and the share of the
+    needle's tokens it ran (``needle_routed``: for the last n/r tokens, the share inside them)."""
 
     prompt_tokens: int
     method: str
     reduction: float
     found: float
+    needle_routed: float = 1.0
 
 
 def measure_passkey(
@@ -129,18 +146,20 @@ def measure_passkey(
         torch.manual_seed(0)  # the routers' initial weights
         coda = get_coda_model(copy.deepcopy(model), routing.config(prompt_tokens, r))
         found = share(keys_found(coda, problems.prompts, problems.answers))
-        rows.append(PasskeyResult(prompt_tokens, f"coda r={r:g}", r, found))
+        rows.append(PasskeyResult(prompt_tokens, f"coda r={r:g}", r, found, routed_needle_share(coda, problems)))
         if training is not None:
             distill_prefill(coda, training.windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup)
             found = share(keys_found(coda, problems.prompts, problems.answers))
             warmup = f", reduction warm-up {reduction_warmup:g}" if reduction_warmup else ""
             method = f"coda r={r:g}, {pretrain_steps} steps of pass-key pretraining{warmup}"
-            rows.append(PasskeyResult(prompt_tokens, method, r, found))
+            rows.append(PasskeyResult(prompt_tokens, method, r, found, routed_needle_share(coda, problems)))
         keep = math.ceil(prompt_tokens / r)
         found = share(keys_found(model, problems.prompts[:, -keep:], problems.answers))
-        rows.append(PasskeyResult(prompt_tokens, f"last n/{r:g} tokens", r, found))
+        inside = [max(0, end - max(first, prompt_tokens - keep)) / (end - first) for first, end in problems.needles]
+        rows.append(PasskeyResult(prompt_tokens, f"last n/{r:g} tokens", r, found, share(inside)))
     return rows
 
 
-def share(flags: list[bool]) -> float:
-    return sum(flags) / len(flags)
+def share(values: list[bool] | list[float]) -> float:
+    """The mean of ``values`` (the share of True ones)."""
+    return sum(values) / len(values)

@@ -221,6 +221,9 @@ def format_prefill_report(
             f"| {100 * row.top1_agreement:.1f}% |"
         )
     if passkey:
-        lines += ["", "## Pass-key retrieval (keys found by greedy decoding)", "", "| prompt tokens | method | found |"]
-        lines += ["|---:|---|---:|"] + [f"| {r.prompt_tokens} | {r.method} | {100 * r.found:.0f}% |" for r in passkey]
+        lines += ["", "## Pass-key retrieval (keys found by greedy decoding)", ""]
+        lines += ["| prompt tokens | method | found | needle tokens run |", "|---:|---|---:|---:|"]
+        lines += [
+            f"| {r.prompt_tokens} | {r.method} | {100 * r.found:.0f}% | {100 * r.needle_routed:.0f}% |" for r in passkey
+        ]
     return "\n".join(lines) + "\n"
