@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
+from coda_adapters import CodaConfig
 from coda_adapters.app.classify import TrainConfig
 from coda_adapters.app.data import ClassificationData, LabelledTexts
 from coda_adapters.app.experiment import (
@@ -20,6 +21,7 @@ from coda_adapters.app.experiment import (
     row_directory,
     run_experiment,
     select_rows,
+    token_budget,
 )
 from coda_adapters.app.pretrain import PretrainConfig
 
@@ -126,6 +128,22 @@ def test_needle_ablation_rows_shared_with_the_needle_preset_are_the_same_runs():
         assert {**asdict(ablation.train), **row.train} == {**asdict(needle.train), **twin.train}
     variants = [{**asdict(ablation.train), **row.train} for row in ablation.rows[1:]]
     assert len({tuple(sorted(v.items())) for v in variants}) == len(variants)  # every variant is a different recipe
+
+
+@pytest.mark.parametrize(
+    ("preset", "data", "max_length", "budget", "kept"),
+    [("prior", "bbc-news", 256, 86, 43), ("prior-needle", "bbc-needle", 128, 43, 22)],
+)
+def test_the_prior_presets_keep_half_of_r3s_budget_for_the_first_tokens(preset, data, max_length, budget, kept):
+    """Beside the dense adapter, CoDA r = 3 and its baselines, all with the needle table's routing recipe."""
+    rows = experiment_rows(PRESETS[preset])
+    prior = next(row for row in rows if row_coda_config(PRESETS[preset], row).keep_first)
+    assert row_coda_config(PRESETS[preset], prior) == CodaConfig(reduction=3, pooling="mean", keep_first=kept)
+    assert token_budget(PRESETS[preset], prior) == budget
+    names = [row.name for row in rows]
+    assert names == [DENSE, "CoDA r=3", prior.name, f"Dense adapter, first {budget} tokens", "CoDA r=3, random router"]
+    assert asdict(PRESETS[preset].train) == {**asdict(PRESETS["needle"].train), "max_length": max_length}
+    assert PRESETS[preset].data == data
 
 
 def test_one_seed_keeps_the_single_run_layout(tmp_path):

@@ -76,6 +76,24 @@ DENSE = "Dense parallel adapter (r=1)"
 ROUTING_RECIPE = dict(epochs=3, min_steps=0, batch_size=16, lr=1e-3, dense_start=1 / 3, reduction_warmup=1 / 3)
 NO_WARMUP = {"dense_start": 0.0, "reduction_warmup": 0.0}
 
+
+def prior_preset(data: str, max_length: int) -> Preset:
+    """The dense adapter, CoDA at r = 3, and CoDA at r = 3 with the first half (rounded up) of its token budget
+    kept for the text's first tokens, with the routing recipe and the compute-matched baselines."""
+    kept = (math.ceil(max_length / 3) + 1) // 2
+    return Preset(
+        rows=[
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=3", {"reduction": 3}),
+            Row(f"CoDA r=3, first {kept} tokens kept", {"reduction": 3, "keep_first": kept}),
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=max_length),
+        pretrain=PretrainConfig(steps=1, max_length=max_length),  # unused
+        baselines=True,
+        data=data,
+    )
+
+
 PRESETS = {
     # BBC News at 256 tokens, r = 3, 5 and 16, each against truncation to its budget and a random router
     # (`coda experiment --preset routing --seeds 0 1 2`, about 3.5 hours on 2 cores)
@@ -142,28 +160,9 @@ PRESETS = {
     # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
     # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
     # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`
-    # and `--preset prior-needle`; about an hour and 30 minutes on 2 cores)
-    "prior": Preset(
-        rows=[
-            Row(DENSE, {"reduction": 1}),
-            Row("CoDA r=3", {"reduction": 3}),
-            Row("CoDA r=3, first 43 tokens kept", {"reduction": 3, "keep_first": 43}),
-        ],
-        train=TrainConfig(**ROUTING_RECIPE, max_length=256),
-        pretrain=PretrainConfig(steps=1, max_length=256),  # unused
-        baselines=True,
-    ),
-    "prior-needle": Preset(
-        rows=[
-            Row(DENSE, {"reduction": 1}),
-            Row("CoDA r=3", {"reduction": 3}),
-            Row("CoDA r=3, first 22 tokens kept", {"reduction": 3, "keep_first": 22}),
-        ],
-        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
-        pretrain=PretrainConfig(steps=1, max_length=128),  # unused
-        baselines=True,
-        data="bbc-needle",
-    ),
+    # and `--preset prior-needle`; about 1.5 hours and 40 minutes per seed on one core)
+    "prior": prior_preset("bbc-news", max_length=256),
+    "prior-needle": prior_preset("bbc-needle", max_length=128),
     # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
