@@ -273,7 +273,13 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also run the pass-key probe on N prompts per length (with --pretrain-steps, pretraining reads "
         "other pass-key prompts)",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the routers' initial weights and the pretraining data and its order"
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
+    parser.add_argument(
+        "--no-quality", action="store_true", help="skip the next-token KL on BBC text (and its pretraining)"
+    )
     parser.add_argument("--out", default="runs/prefill", help="output directory")
     recipe = parser.add_argument_group(
         "routing recipe",
@@ -304,6 +310,8 @@ def run_prefill(args: argparse.Namespace) -> None:
         model_name=args.model,
         time_prefill=not args.no_timing,
         routing=routing,
+        seed=args.seed,
+        score_quality=not args.no_quality,
     )
     print(Path(args.out, "results.md").read_text(encoding="utf-8"))
 

@@ -134,21 +134,26 @@ def measure_passkey(
     pretrain_prompts: int = 64,
     reduction_warmup: float = 0.0,
     routing: PrefillRouting | None = None,
+    seed: int = 0,
 ) -> list[PasskeyResult]:
     """The dense prefill, and per reduction: the routed prefill (``routing``, the decoder recipe by default; as
     built, and after ``pretrain_steps`` of prefill pretraining on ``pretrain_prompts`` other pass-key prompts)
-    and the last ``n / r`` tokens alone."""
+    and the last ``n / r`` tokens alone. The scored prompts are the same for every ``seed``; it sets the
+    routers' initial weights, the pretraining prompts and their order."""
     routing = routing or PrefillRouting()
     problems = passkey_problems(tokenizer, prompt_tokens, count, seed=0)
     rows = [PasskeyResult(prompt_tokens, "dense", 1.0, share(keys_found(model, problems.prompts, problems.answers)))]
-    training = passkey_problems(tokenizer, prompt_tokens, pretrain_prompts, seed=1) if pretrain_steps else None
+    # scored prompts come from seed 0, pretraining prompts from seeds 1, 2, ...: never the same
+    training = passkey_problems(tokenizer, prompt_tokens, pretrain_prompts, seed=1 + seed) if pretrain_steps else None
     for r in reductions:
-        torch.manual_seed(0)  # the routers' initial weights
+        torch.manual_seed(seed)  # the routers' initial weights
         coda = get_coda_model(copy.deepcopy(model), routing.config(prompt_tokens, r))
         found = share(keys_found(coda, problems.prompts, problems.answers))
         rows.append(PasskeyResult(prompt_tokens, f"coda r={r:g}", r, found, routed_needle_share(coda, problems)))
         if training is not None:
-            distill_prefill(coda, training.windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup)
+            distill_prefill(
+                coda, training.windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup, seed=seed
+            )
             found = share(keys_found(coda, problems.prompts, problems.answers))
             warmup = f", reduction warm-up {reduction_warmup:g}" if reduction_warmup else ""
             method = f"coda r={r:g}, {pretrain_steps} steps of pass-key pretraining{warmup}"

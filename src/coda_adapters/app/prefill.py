@@ -82,10 +82,12 @@ def measure_quality(
     pretrain_windows: int = 64,
     reduction_warmup: float = 0.0,
     routing: PrefillRouting | None = None,
+    seed: int = 0,
 ) -> list[PrefillQuality]:
     """Routed (``routing``, the decoder recipe by default) and truncated prefills against the dense one on
     ``count`` windows of BBC News text; with ``pretrain_steps``, also the routed prefill after that many steps
-    of :func:`distill_prefill` on ``pretrain_windows`` other windows of the same text."""
+    of :func:`distill_prefill` on ``pretrain_windows`` other windows of the same text (``seed``: the routers'
+    initial weights and the windows' order)."""
     routing = routing or PrefillRouting()
     length = prompt_tokens + continuation
     text = continuous_text(tokenizer, count, length)
@@ -94,13 +96,13 @@ def measure_quality(
     windows = continuous_text(tokenizer, pretrain_windows, length, skip=count) if pretrain_steps else None
     rows = []
     for r in reductions:
-        torch.manual_seed(0)  # the routers' initial weights
+        torch.manual_seed(seed)  # the routers' initial weights
         coda = get_coda_model(copy.deepcopy(model), routing.config(prompt_tokens, r))
         rows.append(
             PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, prefill_log_probs(coda, prompts, rest)))
         )
         if pretrain_steps:
-            distill_prefill(coda, windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup)
+            distill_prefill(coda, windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup, seed=seed)
             routed = prefill_log_probs(coda, prompts, rest)
             warmup = f", reduction warm-up {reduction_warmup:g}" if reduction_warmup else ""
             method = f"coda r={r:g}, {pretrain_steps} steps of prefill pretraining{warmup}"
@@ -126,10 +128,13 @@ def run_prefill_demo(
     model_name: str = "smollm2",
     time_prefill: bool = True,
     routing: PrefillRouting | None = None,
+    seed: int = 0,
+    score_quality: bool = True,
 ) -> dict[str, Any]:
     """Time and score routed prefills (``routing``, the decoder recipe by default); with ``passkey``, also the
     pass-key probe on that many prompts per length (:mod:`.passkey`; its pretraining, with ``pretrain_steps``,
-    reads pass-key prompts); writes ``results.json`` and ``results.md`` to ``out_dir``."""
+    reads pass-key prompts); ``score_quality=False`` skips the next-token KL on BBC text (and its pretraining);
+    writes ``results.json`` and ``results.md`` to ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model_path
@@ -139,9 +144,10 @@ def run_prefill_demo(
         check_int(flag(name), value, low=1)
     check_int(flag("pretrain_steps"), pretrain_steps, low=0)
     check_int(flag("passkey"), passkey, low=0)
+    check_int(flag("seed"), seed, low=0)
     check_number(flag("reduction_warmup"), reduction_warmup, low=0, high=1)
     routing = routing or PrefillRouting()
-    settings.update(pretrain_steps=pretrain_steps, reduction_warmup=reduction_warmup, passkey=passkey)
+    settings.update(pretrain_steps=pretrain_steps, reduction_warmup=reduction_warmup, passkey=passkey, seed=seed)
     settings.update(routing=asdict(routing))
     if not reductions or any(r <= 1 for r in reductions):
         raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")
@@ -164,7 +170,7 @@ def run_prefill_demo(
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     quality = [
         row
-        for n in lengths
+        for n in (lengths if score_quality else ())
         for row in measure_quality(
             model,
             tokenizer,
@@ -175,6 +181,7 @@ def run_prefill_demo(
             pretrain_steps,
             reduction_warmup=reduction_warmup,
             routing=routing,
+            seed=seed,
         )
     ]
     passkey_rows = []
@@ -189,6 +196,7 @@ def run_prefill_demo(
                 pretrain_steps,
                 reduction_warmup=reduction_warmup,
                 routing=routing,
+                seed=seed,
             )
     results = {
         "model": model_name,
@@ -209,12 +217,13 @@ def format_prefill_report(
     lines = []
     if speed:
         lines += ["## Prefill speed (forward with KV cache)", "", "```", format_table(speed), "```", ""]
-    lines += [
-        "## Next-token distribution against the dense prefill (KL in nats/token)",
-        "",
-        "| prompt tokens | method | KL next token | KL mean over continuation | top-1 agreement |",
-        "|---:|---|---:|---:|---:|",
-    ]
+    if quality:
+        lines += [
+            "## Next-token distribution against the dense prefill (KL in nats/token)",
+            "",
+            "| prompt tokens | method | KL next token | KL mean over continuation | top-1 agreement |",
+            "|---:|---|---:|---:|---:|",
+        ]
     for row in quality:
         lines.append(
             f"| {row.prompt_tokens} | {row.method} | {row.kl_next_token:.3f} | {row.kl_continuation:.3f} "

@@ -68,16 +68,17 @@ def distill_prefill(
     lr: float = 1e-3,
     batch_size: int = 2,
     reduction_warmup: float = 0.0,
+    seed: int = 0,
 ) -> list[float]:
     """CoDA pretraining for prefill: routers and adapters learn to make the routed prefill predict what the
     dense one does, minimising ``KL(dense || routed)`` at the prompt's next token and over the continuation
     decoded with the routed prefill's cache. ``windows`` ``[count, prompt_tokens + m]`` must not overlap the
     text the quality is measured on. With ``reduction_warmup``, the routed prefill keeps every token at
-    first and reaches ``r`` after that share of the steps (:func:`~.loop.warmed_up_reduction`). Returns
-    the loss of every step."""
+    first and reaches ``r`` after that share of the steps (:func:`~.loop.warmed_up_reduction`). ``seed`` sets
+    the order of the windows. Returns the loss of every step."""
     config = OptimizerConfig(batch_size=batch_size, lr=lr, weight_decay=0.0, max_length=windows.shape[1])
     optimization = Optimization(coda, config, steps)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     batches = (torch.randperm(len(windows), generator=generator)[:batch_size] for _ in range(steps))
     target = coda.reduction
 
