@@ -8,6 +8,7 @@ import torch
 
 from coda_adapters import CodaConfig, get_coda_model
 from coda_adapters.app.bench import (
+    build_variants,
     flop_ratio,
     layer_flops,
     quantize_frozen_linears,
@@ -162,3 +163,9 @@ def test_bench_runs_every_random_weight_family(name):
     rows = run_benchmark(model_name=name, seq_lens=[n], reductions=[1, 3], batch_size=1, repeats=1, warmup=0)
     assert {row.variant for row in rows} == {"frozen", "lora-merged", "coda r=1", "coda r=3"}
     assert all(row.latency_ms > 0 and row.seq_len == n for row in rows)
+
+
+def test_a_routing_recipe_reaches_the_routed_variants_only():
+    variants = build_variants(tiny_model("bert"), [1, 3], 8, "none", False, lambda r: {"keep_first": 2, "keep_last": 1})
+    assert variants["coda r=3"][1].coda_config == CodaConfig(reduction=3, bottleneck=8, keep_first=2, keep_last=1)
+    assert variants["coda r=1"][1].coda_config == CodaConfig(reduction=1, bottleneck=8)
