@@ -53,6 +53,41 @@ def test_reduction_warmup_trains_from_dense_to_r_and_validates_and_saves_at_r(tm
         TrainConfig(dense_start=0.6, reduction_warmup=0.5)
 
 
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_ends_with_the_best_validation_epochs_weights(tmp_path, minilm_tokenizer, monkeypatch, keep_best):
+    from coda_adapters.app import classify
+    from coda_adapters.checkpoint import WEIGHTS_NAME, read_adapter_weights
+
+    model = get_coda_model(
+        tiny_model("bert", head=True, vocab_size=minilm_tokenizer.vocab_size), CodaConfig(reduction=2)
+    )
+    texts = [f"document number {i} about topic {i % 3}" for i in range(30)]
+    data = ClassificationData(
+        LabelledTexts(texts, [i % 3 for i in range(30)]), LabelledTexts(texts[:6], [0, 1, 2] * 2), list("abc"), "t"
+    )
+    validation = iter([0.4, 0.9, 0.6])  # epoch 2 is the best, and not the last
+    snapshots, real_evaluate = [], classify.evaluate
+
+    def evaluate(model, tokenizer, part, *args):
+        if part is data.test:
+            return real_evaluate(model, tokenizer, part, *args)
+        snapshots.append({k: v.clone() for k, v in model.trainable_state_dict().items()})
+        return {"accuracy": next(validation), "macro_f1": 0.0}
+
+    monkeypatch.setattr(classify, "evaluate", evaluate)
+    config = TrainConfig(epochs=3, min_steps=0, batch_size=8, lr=1e-2, max_length=16, val_size=0.2, keep_best=keep_best)
+    train_classifier(model, minilm_tokenizer, data, config, tmp_path, model_name="minilm", show_progress=False)
+
+    kept = 2 if keep_best else 3
+    saved = read_adapter_weights(tmp_path / WEIGHTS_NAME)
+    assert all(torch.equal(saved[name], snapshots[kept - 1][name]) for name in saved)
+    assert not all(torch.equal(saved[name], snapshots[(kept % 3)][name]) for name in saved)  # the epochs differ
+    assert all(torch.equal(saved[name], value) for name, value in model.trainable_state_dict().items())  # tested too
+    assert json.loads((tmp_path / "metrics.json").read_text())["kept_epoch"] == kept
+    with pytest.raises(ValueError, match="--keep-best needs a validation split: set --val-size above 0"):
+        TrainConfig(keep_best=True, val_size=0)
+
+
 def test_distillation_loss_is_the_weighted_sum_of_cross_entropy_and_the_softened_kl():
     generator = torch.Generator().manual_seed(0)
     logits, teacher = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)

@@ -29,9 +29,12 @@ from .loop import (
     CHECKPOINTS,
     Optimization,
     OptimizerConfig,
+    best_epoch,
     epoch_order,
+    restore_best_weights,
     resume_from_checkpoint,
     run_epoch,
+    save_best_weights,
     save_checkpoint,
     warmed_up_reduction,
 )
@@ -51,6 +54,11 @@ class TrainConfig(OptimizerConfig):
         250, "optimizer steps at least: small data sets get more epochs (0 = exactly --epochs epochs)"
     )
     val_size: float = option(0.1, "share of the training data held out for validation (0 = none)")
+    # A routed model can lose what it had learned in its last epoch (bbc-needle, README "A position prior
+    # inside routing": validation 78% -> 57%); validation runs at the target r, so the best epoch is one to deploy
+    keep_best: bool = option(
+        False, "end with the weights of the epoch with the best validation accuracy (default: the last epoch's)"
+    )
     # Routing that starts dense (README "Training", "Routing that earns its keep"): on bbc-needle, routing
     # from the first step does not find the evidence; the paper's behaviour is --dense-start 0 --reduction-warmup 0
     dense_start: float = option(
@@ -76,6 +84,8 @@ class TrainConfig(OptimizerConfig):
         check_int(flag("min_steps"), self.min_steps, low=0)
         check_int(flag("eval_batch_size"), self.eval_batch_size, low=1)
         check_number(flag("val_size"), self.val_size, low=0, below=1)
+        if self.keep_best and self.val_size == 0:
+            raise ValueError(f"{flag('keep_best')} needs a validation split: set {flag('val_size')} above 0")
         check_number(flag("dense_start"), self.dense_start, low=0, high=1)
         check_number(flag("reduction_warmup"), self.reduction_warmup, low=0, high=1)
         check_number("--dense-start plus --reduction-warmup", self.dense_start + self.reduction_warmup, high=1)
@@ -374,6 +384,8 @@ def train_classifier(
             record.update(val_accuracy=val["accuracy"], val_macro_f1=val["macro_f1"])
         history.append(record)
         if accelerator.is_main_process:
+            if config.keep_best and best_epoch(history) is record:
+                save_best_weights(out_dir, model)
             state = {"epoch": epoch + 1, "train_seconds": train_seconds, "history": history, "config": asdict(config)}
             save_checkpoint(out_dir, model, optimization, state)
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
@@ -388,8 +400,10 @@ def train_classifier(
                 f"({history[-2]['val_accuracy']:.4f} -> {history[-1]['val_accuracy']:.4f}); more epochs may help",
                 file=sys.stderr,
             )
+        kept = keep_best_epoch(out_dir, model, history) if config.keep_best else history[-1]
         run = {
             "epochs": epochs,
+            "kept_epoch": kept["epoch"],
             "still_improving": improving,
             "train_seconds": train_seconds,
             "epoch_seconds": [r["epoch_seconds"] for r in history],
@@ -405,6 +419,20 @@ def train_classifier(
         write_json(out_dir / METRICS_NAME, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def keep_best_epoch(out_dir: Path, model: CodaModel, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load the best validation epoch's weights (``--keep-best``) into ``model`` unless they are the last
+    epoch's; returns that epoch's record."""
+    best = best_epoch(history)
+    if best is not history[-1]:
+        restore_best_weights(out_dir, model)
+        print(
+            f"note: --keep-best: the weights of epoch {best['epoch']} (validation accuracy {best['val_accuracy']:.4f}; "
+            f"the last epoch {history[-1]['val_accuracy']:.4f})",
+            file=sys.stderr,
+        )
+    return best
 
 
 def teacher_logits(

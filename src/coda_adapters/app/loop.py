@@ -27,6 +27,7 @@ from .options import flag
 from .progress import progress_bar
 
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # checkpoints/best: the best validation epoch's weights (--keep-best)
 OPTIMIZER_NAME = "optimizer.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -235,29 +236,52 @@ def batches_for_steps(size: int, batch_size: int, steps: int, seed: int) -> Iter
 
 
 def save_checkpoint(out_dir: Path, model: CodaModel, optimization: Optimization, state: dict[str, Any]) -> Path:
-    """Write ``checkpoints/epoch-N`` through a temporary directory renamed at the end, then drop older ones.
+    """Write ``checkpoints/epoch-N`` (atomically: a crash leaves the previous checkpoint or the new one),
+    then drop older ones."""
 
-    Every file is flushed and fsynced before the rename, so a crash leaves either the previous
-    checkpoint or the new one, never half of one.
-    """
-    root = out_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch-{state['epoch']}"
-    temporary = root / f".tmp-epoch-{state['epoch']}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    model.save_pretrained(temporary)
-    tensors = optimization.state_tensors(model)
-    tensors["torch_rng_state"] = torch.get_rng_state()
-    write_tensors(temporary / OPTIMIZER_NAME, tensors)
-    write_json(temporary / TRAINER_STATE_NAME, {**state, "scheduler": optimization.scheduler.state_dict()})
-    _fsync_directory(temporary)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    _fsync_directory(root)
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tensors = optimization.state_tensors(model)
+        tensors["torch_rng_state"] = torch.get_rng_state()
+        write_tensors(directory / OPTIMIZER_NAME, tensors)
+        write_json(directory / TRAINER_STATE_NAME, {**state, "scheduler": optimization.scheduler.state_dict()})
+
+    final = out_dir / CHECKPOINTS / f"epoch-{state['epoch']}"
+    _replace_directory(final, write)
     for older in completed_checkpoints(out_dir)[:-1]:
         shutil.rmtree(older, ignore_errors=True)
     return final
+
+
+def save_best_weights(out_dir: Path, model: CodaModel) -> None:
+    """Write the trainable weights to ``checkpoints/best`` (replacing the last best; atomic like an epoch's
+    checkpoint), for ``--keep-best`` to restore at the end, also after a ``--resume``."""
+    _replace_directory(out_dir / CHECKPOINTS / BEST, model.save_pretrained)
+
+
+def restore_best_weights(out_dir: Path, model: CodaModel) -> None:
+    """Load the weights :func:`save_best_weights` wrote into ``model``."""
+    path = out_dir / CHECKPOINTS / BEST / WEIGHTS_NAME
+    model.load_trainable_state_dict(read_adapter_weights(path), source=path)
+
+
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of the first epoch with the highest validation accuracy."""
+    return max(history, key=lambda record: record["val_accuracy"])
+
+
+def _replace_directory(final: Path, write: Callable[[Path], None]) -> None:
+    """Fill ``final`` through ``write(temporary)`` and a rename at the end: every file is flushed and fsynced
+    before the rename, so a crash leaves either the previous directory or the new one, never half of one."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    write(temporary)
+    _fsync_directory(temporary)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    _fsync_directory(final.parent)
 
 
 def completed_checkpoints(out_dir: Path) -> list[Path]:

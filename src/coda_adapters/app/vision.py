@@ -51,7 +51,7 @@ from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
 from .bench import flop_ratio, inference_step, layer_flops, time_interleaved, training_step
 from .classify import library_versions
-from .loop import Optimization, OptimizerConfig, epoch_order, run_epoch, warmed_up_reduction
+from .loop import Optimization, OptimizerConfig, best_epoch, epoch_order, run_epoch, warmed_up_reduction
 from .vision_data import (
     DIGIT_SIZE,
     IMAGE_SIZE,
@@ -259,11 +259,6 @@ def fit(
                 if name in best:
                     parameter.copy_(best[name])
     return history
-
-
-def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    """The record of the first epoch with the highest validation accuracy."""
-    return max(history, key=lambda record: record["val_accuracy"])
 
 
 def accuracy(model: torch.nn.Module, data: Images, batch_size: int = 256) -> float:
