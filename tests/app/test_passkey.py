@@ -66,6 +66,7 @@ def test_measure_passkey_compares_routing_and_truncation_with_the_dense_prompt(c
     rows = measure_passkey(model, characters, 260, [3], count=2, pretrain_steps=2, pretrain_prompts=2)
     assert [row.method for row in rows] == [
         "dense",
+        "coda r=3, random router",
         "coda r=3",
         "coda r=3, 2 steps of pass-key pretraining",
         "last n/3 tokens",

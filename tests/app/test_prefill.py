@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters import CodaConfig, CodaModel, get_coda_model
 from coda_adapters.app.prefill import compare, measure_quality
-from coda_adapters.app.prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs
+from coda_adapters.app.prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs, routed_copy
 
 from helpers import tiny_causal_lm
 
@@ -26,13 +26,31 @@ def test_prefill_then_cached_continuation_equals_one_dense_forward():
 def test_quality_rows_compare_routing_and_truncation_with_the_dense_prefill(minilm_tokenizer):
     model = tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size)
     rows = measure_quality(model, minilm_tokenizer, prompt_tokens=24, reductions=[3], count=2, continuation=4)
-    assert [row.method for row in rows] == ["coda r=3", "last n/3 tokens"]
+    assert [row.method for row in rows] == ["coda r=3, random router", "coda r=3", "last n/3 tokens"]
     for row in rows:
         assert row.kl_next_token >= 0 and row.kl_continuation >= 0 and 0 <= row.top1_agreement <= 1
     routed = get_coda_model(tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size), CodaConfig(reduction=1))
     ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
     dense = prefill_log_probs(model, ids[:, :12], ids[:, 12:])
     assert compare(dense, prefill_log_probs(routed, ids[:, :12], ids[:, 12:]))[1] < 1e-6  # r = 1 is the dense model
+
+
+def test_the_random_router_baseline_keeps_the_ends_and_draws_the_rest_once_for_every_layer():
+    model = tiny_causal_lm(num_hidden_layers=3).eval()
+    routing = PrefillRouting(keep_first=2, window_share=0.5)  # 30 tokens at r = 3: k = 10, 2 first and 5 last
+    coda = routed_copy(model, routing, prompt_tokens=30, reduction=3, seed=0, router="random")
+    assert not any(isinstance(m, CodaModel) for m in model.modules()) and coda.model is not model  # a copy
+    ids = torch.randint(3, 100, (1, 30), generator=torch.Generator().manual_seed(0))
+    draws = set()
+    for _ in range(5):
+        with torch.inference_mode():
+            coda(input_ids=ids, logits_to_keep=1)
+        traces = [trace[0] for trace in coda.routing_trace().values()]
+        assert len(traces) == 3 and all(torch.equal(trace, traces[0]) for trace in traces)
+        chosen = frozenset(traces[0].tolist())
+        assert len(chosen) == 10 and {0, 1, 25, 26, 27, 28, 29} <= chosen
+        draws.add(chosen)
+    assert len(draws) > 1  # the other 3 of the 23 middle tokens are drawn anew (all 5 alike: p < 1e-12)
 
 
 def test_prefill_pretraining_lowers_the_kl_and_trains_only_routers_and_adapters():

@@ -16,7 +16,6 @@ that last part; a routed prefill finds it only if its routers keep the key's tok
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import get_coda_model
-from .prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs
+from .prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs, routed_copy, routed_method
 
 HEAD = (
     "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -146,10 +144,11 @@ def measure_passkey(
     # scored prompts come from seed 0, pretraining prompts from seeds 1, 2, ...: never the same
     training = passkey_problems(tokenizer, prompt_tokens, pretrain_prompts, seed=1 + seed) if pretrain_steps else None
     for r in reductions:
-        torch.manual_seed(seed)  # the routers' initial weights
-        coda = get_coda_model(copy.deepcopy(model), routing.config(prompt_tokens, r))
-        found = share(keys_found(coda, problems.prompts, problems.answers))
-        rows.append(PasskeyResult(prompt_tokens, f"coda r={r:g}", r, found, routed_needle_share(coda, problems)))
+        for router in ("random", "learned"):
+            coda = routed_copy(model, routing, prompt_tokens, r, seed, router)
+            found = share(keys_found(coda, problems.prompts, problems.answers))
+            method = routed_method(r, router)
+            rows.append(PasskeyResult(prompt_tokens, method, r, found, routed_needle_share(coda, problems)))
         if training is not None:
             distill_prefill(
                 coda, training.windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup, seed=seed

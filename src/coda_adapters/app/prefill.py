@@ -13,7 +13,6 @@ keeping only the last ``n / r`` prompt tokens.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -23,21 +22,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import get_coda_model
 from ..config import check_int, check_number
 from ..files import atomic_write, write_json
 from .bench import BenchRow, format_table, run_benchmark
 from .data import load_bbc_news
 from .options import flag
 from .passkey import PasskeyResult, measure_passkey
-from .prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs
+from .prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs, routed_copy, routed_method
 
 
 @dataclass
 class PrefillQuality:
     """Next-token agreement with the dense prefill for one prompt length and one way of cutting cost.
 
-    ``method`` is ``"coda r=R"`` (routed prefill) or ``"last n/R tokens"`` (a truncated prompt).
+    ``method`` is ``"coda r=R"`` (routed prefill; ``", random router"``: the router's share drawn at random)
+    or ``"last n/R tokens"`` (a truncated prompt).
     ``kl_next_token`` is the KL divergence at the first predicted token, ``kl_continuation`` the mean
     over all scored tokens; ``top1_agreement`` the share of scored positions where the most likely token
     is the same as after the dense prefill.
@@ -96,11 +95,10 @@ def measure_quality(
     windows = continuous_text(tokenizer, pretrain_windows, length, skip=count) if pretrain_steps else None
     rows = []
     for r in reductions:
-        torch.manual_seed(seed)  # the routers' initial weights
-        coda = get_coda_model(copy.deepcopy(model), routing.config(prompt_tokens, r))
-        rows.append(
-            PrefillQuality(prompt_tokens, f"coda r={r:g}", r, *compare(dense, prefill_log_probs(coda, prompts, rest)))
-        )
+        for router in ("random", "learned"):
+            coda = routed_copy(model, routing, prompt_tokens, r, seed, router)
+            routed = prefill_log_probs(coda, prompts, rest)
+            rows.append(PrefillQuality(prompt_tokens, routed_method(r, router), r, *compare(dense, routed)))
         if pretrain_steps:
             distill_prefill(coda, windows, prompt_tokens, pretrain_steps, reduction_warmup=reduction_warmup, seed=seed)
             routed = prefill_log_probs(coda, prompts, rest)

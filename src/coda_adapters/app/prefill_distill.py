@@ -4,15 +4,16 @@ the dense prefill does (used by the SmolLM2 demo, :mod:`.prefill`, and the pass-
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import CodaConfig, check_int, check_number, option, require
-from ..model import CodaModel
+from ..model import CodaModel, get_coda_model
 from .loop import Optimization, OptimizerConfig, run_epoch, warmed_up_reduction
 
 
@@ -47,6 +48,21 @@ class PrefillRouting:
         """The :class:`CodaConfig` fields besides ``reduction`` (the window is a share of ``ceil(n / r)``)."""
         window = math.floor(self.window_share * math.ceil(prompt_tokens / reduction))
         return dict(keep_first=self.keep_first, keep_last=window, share_selection=self.share_selection)
+
+
+def routed_copy(
+    model: nn.Module, routing: PrefillRouting, prompt_tokens: int, reduction: float, seed: int, router: str = "learned"
+) -> CodaModel:
+    """A CoDA model around a copy of the decoder ``model`` (left untouched), routed as ``routing`` says at
+    reduction ``r``; ``seed`` sets the routers' initial weights (``router="random"``: the compute-matched
+    baseline that picks the router's share of the tokens at random, the kept ends alike)."""
+    torch.manual_seed(seed)
+    return get_coda_model(copy.deepcopy(model), replace(routing.config(prompt_tokens, reduction), router=router))
+
+
+def routed_method(reduction: float, router: str) -> str:
+    """A routed prefill's row name in the reports: ``coda r=3``, ``coda r=3, random router``."""
+    return f"coda r={reduction:g}" + (", random router" if router == "random" else "")
 
 
 def prefill_log_probs(
