@@ -1,12 +1,14 @@
 """The SmolLM2 prefill demo's measurements, on a tiny random Llama."""
 
+import json
 import re
+import statistics
 
 import pytest
 import torch
 
 from coda_adapters import CodaConfig, CodaModel, get_coda_model
-from coda_adapters.app.prefill import compare, measure_quality
+from coda_adapters.app.prefill import SEED_METRICS, compare, measure_quality, run_prefill_seeds, summarise_rows
 from coda_adapters.app.prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs, routed_copy
 
 from helpers import tiny_causal_lm
@@ -103,3 +105,48 @@ def test_the_decoder_recipe_routes_a_prompt_in_one_selection_with_its_ends(minil
     assert all(torch.equal(trace, traces[0]) for trace in traces)
     for row in traces[0].tolist():
         assert len(row) == 8 and {0, 1, 20, 21, 22, 23} <= set(row)
+
+
+def test_prefill_over_seeds_summarises_every_row_and_keeps_the_seeds_finished_with_the_same_settings(
+    tmp_path, minilm_tokenizer
+):
+    lm = tmp_path / "lm"
+    tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size).save_pretrained(lm)
+    minilm_tokenizer.save_pretrained(lm)
+    options = dict(lengths=(128,), reductions=(3,), prompts=2, continuation=2, passkey=2, model_name=str(lm))
+    out = tmp_path / "out"
+    summary = run_prefill_seeds(out, [0, 1], time_prefill=False, **options)
+
+    runs = [json.loads((out / f"seed-{seed}" / "results.json").read_text()) for seed in (0, 1)]
+    for section, metrics in SEED_METRICS.items():
+        assert [row["method"] for row in summary[section]] == [row["method"] for row in runs[0][section]]
+        for i, row in enumerate(summary[section]):
+            for metric in metrics:
+                values = [run[section][i][metric] for run in runs]
+                assert row[metric]["mean"] == pytest.approx(statistics.mean(values))
+                assert row[metric]["std"] == pytest.approx(statistics.stdev(values))
+    assert any(row["kl_next_token"]["std"] > 0 for row in summary["quality"])  # the seeds' routers differ
+    assert "coda r=3, random router" in (out / "summary.md").read_text()
+
+    runs[0]["quality"][0]["kl_next_token"] = 123.0  # a finished seed is read back, not run again
+    (out / "seed-0" / "results.json").write_text(json.dumps(runs[0]))
+    again = run_prefill_seeds(out, [0, 1], time_prefill=False, **options)
+    assert again["quality"][0]["kl_next_token"]["per_seed"][0] == 123.0
+    other = run_prefill_seeds(out, [0, 1], time_prefill=False, **{**options, "continuation": 3})
+    assert other["quality"][0]["kl_next_token"]["per_seed"][0] != 123.0  # other settings: run again
+
+    with pytest.raises(ValueError, match=re.escape("--seeds needs two or more distinct seeds (or one, --seed)")):
+        run_prefill_seeds(out, [1, 1], **options)
+    mismatched = {
+        0: {"passkey": [{"prompt_tokens": 128, "method": "dense"}]},
+        1: {"passkey": [{"prompt_tokens": 128, "method": "coda r=3"}]},
+    }
+    with pytest.raises(ValueError, match="the seeds' passkey rows do not match"):
+        summarise_rows(mismatched, "passkey")
+
+
+def test_prefill_takes_one_seed_or_several():
+    from coda_adapters.app.cli import build_parser
+
+    assert build_parser().parse_args(["prefill", "--seed", "2"]).seeds == [2]
+    assert build_parser().parse_args(["prefill", "--seeds", "0", "1", "2"]).seeds == [0, 1, 2]

@@ -274,7 +274,13 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
         "other pass-key prompts)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="the routers' initial weights and the pretraining data and its order"
+        "--seeds",
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="the routers' initial weights and the pretraining data and its order; two or more run once per seed "
+        "into OUT/seed-S (a seed finished there with the same settings is kept) and write summary.md, mean ± std",
     )
     parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     parser.add_argument(
@@ -291,13 +297,12 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_prefill(args: argparse.Namespace) -> None:
-    from .prefill import run_prefill_demo
+    from .prefill import run_prefill_demo, run_prefill_seeds
     from .prefill_distill import PrefillRouting
 
     output_directory(args.out)
     routing = dataclass_from_args(PrefillRouting, args)
-    run_prefill_demo(
-        args.out,
+    options = dict(
         lengths=tuple(args.seq_lens),
         reductions=tuple(args.reductions),
         prompts=args.prompts,
@@ -310,10 +315,14 @@ def run_prefill(args: argparse.Namespace) -> None:
         model_name=args.model,
         time_prefill=not args.no_timing,
         routing=routing,
-        seed=args.seed,
         score_quality=not args.no_quality,
     )
-    print(Path(args.out, "results.md").read_text(encoding="utf-8"))
+    if len(args.seeds) > 1:
+        run_prefill_seeds(args.out, args.seeds, **options)
+        print(Path(args.out, "summary.md").read_text(encoding="utf-8"))
+    else:
+        run_prefill_demo(args.out, seed=args.seeds[0], **options)
+        print(Path(args.out, "results.md").read_text(encoding="utf-8"))
 
 
 def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -13,8 +13,10 @@ keeping only the last ``n / r`` prompt tokens.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,15 @@ import torch
 from torch import nn
 
 from ..config import check_int, check_number
-from ..files import atomic_write, write_json
+from ..files import atomic_write, read_json_object, write_json
 from .bench import BenchRow, format_table, run_benchmark
 from .data import load_bbc_news
 from .options import flag
 from .passkey import PasskeyResult, measure_passkey
 from .prefill_distill import PrefillRouting, distill_prefill, prefill_log_probs, routed_copy, routed_method
+
+RESULTS_NAME = "results.json"
+SUMMARY_NAME = "summary.json"  # of a run over several seeds (run_prefill_seeds)
 
 
 @dataclass
@@ -128,11 +133,13 @@ def run_prefill_demo(
     routing: PrefillRouting | None = None,
     seed: int = 0,
     score_quality: bool = True,
+    reuse_finished: bool = False,
 ) -> dict[str, Any]:
     """Time and score routed prefills (``routing``, the decoder recipe by default); with ``passkey``, also the
     pass-key probe on that many prompts per length (:mod:`.passkey`; its pretraining, with ``pretrain_steps``,
     reads pass-key prompts); ``score_quality=False`` skips the next-token KL on BBC text (and its pretraining);
-    writes ``results.json`` and ``results.md`` to ``out_dir``."""
+    writes ``results.json`` and ``results.md`` to ``out_dir``. With ``reuse_finished``, a ``results.json``
+    already in ``out_dir`` from the same settings is returned instead of running again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model_path
@@ -146,10 +153,16 @@ def run_prefill_demo(
     check_number(flag("reduction_warmup"), reduction_warmup, low=0, high=1)
     routing = routing or PrefillRouting()
     settings.update(pretrain_steps=pretrain_steps, reduction_warmup=reduction_warmup, passkey=passkey, seed=seed)
-    settings.update(routing=asdict(routing))
+    settings.update(routing=asdict(routing), model=model_name, lengths=list(lengths), reductions=list(reductions))
+    settings.update(timing=time_prefill, quality=score_quality)
     if not reductions or any(r <= 1 for r in reductions):
         raise ValueError(f"--reductions must be reductions r > 1 to compare with the dense prefill, got {reductions}")
     out = Path(out_dir)
+    finished = out / RESULTS_NAME
+    if reuse_finished and finished.is_file():
+        results = read_json_object(finished)
+        if results.get("settings") == json.loads(json.dumps(settings)):
+            return results
     out.mkdir(parents=True, exist_ok=True)
     speed = []
     for n in lengths if time_prefill else ():  # the window is a share of each length's budget
@@ -203,7 +216,7 @@ def run_prefill_demo(
         "passkey": [asdict(row) for row in passkey_rows],
         "settings": settings,
     }
-    write_json(out / "results.json", results)
+    write_json(out / RESULTS_NAME, results)
     report = format_prefill_report(speed, quality, passkey_rows)
     atomic_write(out / "results.md", lambda temporary: Path(temporary).write_text(report, encoding="utf-8"))
     return results
@@ -234,3 +247,76 @@ def format_prefill_report(
             f"| {r.prompt_tokens} | {r.method} | {100 * r.found:.0f}% | {100 * r.needle_routed:.0f}% |" for r in passkey
         ]
     return "\n".join(lines) + "\n"
+
+
+# What the summary over seeds averages, per section of results.json
+SEED_METRICS = {
+    "quality": ("kl_next_token", "kl_continuation", "top1_agreement"),
+    "passkey": ("found", "needle_routed"),
+}
+
+
+def run_prefill_seeds(out_dir: str | Path, seeds: list[int], **options: Any) -> dict[str, Any]:
+    """:func:`run_prefill_demo` once per seed (``OUT/seed-<s>/``; a seed that finished there with the same
+    settings is read back, so seeds can run apart, one per core, and be summarised after), then
+    ``summary.json`` and ``summary.md`` in ``out_dir``: every quality and pass-key row's mean and sample
+    standard deviation over the seeds, and each seed's value."""
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs two or more distinct seeds (or one, --seed), got {seeds}")
+    out = Path(out_dir)
+    runs = {seed: run_prefill_demo(out / f"seed-{seed}", seed=seed, reuse_finished=True, **options) for seed in seeds}
+    summary = {"seeds": list(seeds), **{section: summarise_rows(runs, section) for section in SEED_METRICS}}
+    write_json(out / SUMMARY_NAME, summary)
+    report = format_seed_summary(summary)
+    atomic_write(out / "summary.md", lambda temporary: Path(temporary).write_text(report, encoding="utf-8"))
+    return summary
+
+
+def summarise_rows(runs: dict[int, dict[str, Any]], section: str) -> list[dict[str, Any]]:
+    """Per row of ``section`` (the rows of every seed's run come in the same order, one per prompt length and
+    method): each metric of :data:`SEED_METRICS` as ``{"mean", "std", "per_seed"}``."""
+    per_seed_rows = {seed: run[section] for seed, run in runs.items()}
+    summary = []
+    for rows in zip(*per_seed_rows.values(), strict=True):
+        names = {(row["prompt_tokens"], row["method"]) for row in rows}
+        if len(names) != 1:
+            raise ValueError(f"the seeds' {section} rows do not match: {sorted(names)}")
+        entry: dict[str, Any] = {"prompt_tokens": rows[0]["prompt_tokens"], "method": rows[0]["method"]}
+        for metric in SEED_METRICS[section]:
+            values = [row[metric] for row in rows]
+            per_seed = dict(zip(per_seed_rows, values, strict=True))
+            entry[metric] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "per_seed": per_seed}
+        summary.append(entry)
+    return summary
+
+
+def format_seed_summary(summary: dict[str, Any]) -> str:
+    """``summary.md``: the summary's rows as tables, mean ± sample std over the seeds (shares in %)."""
+
+    def cell(value: dict[str, Any], scale: float = 1, digits: int = 3) -> str:
+        return f"{scale * value['mean']:.{digits}f} ± {scale * value['std']:.{digits}f}"
+
+    lines = [f"# SmolLM2 prefill, seeds {', '.join(map(str, summary['seeds']))} (mean ± std)", ""]
+    if summary["quality"]:
+        lines += [
+            "| prompt tokens | method | KL next token | KL mean over continuation | top-1 agreement (%) |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['prompt_tokens']} | {r['method']} | {cell(r['kl_next_token'])} | {cell(r['kl_continuation'])} "
+            f"| {cell(r['top1_agreement'], 100, 1)} |"
+            for r in summary["quality"]
+        ]
+        lines.append("")
+    if summary["passkey"]:
+        lines += [
+            "| prompt tokens | method | keys found (%) | per seed | needle tokens run (%) |",
+            "|---:|---|---:|---|---:|",
+        ]
+        for r in summary["passkey"]:
+            per_seed = ", ".join(f"{100 * value:.0f}" for value in r["found"]["per_seed"].values())
+            lines.append(
+                f"| {r['prompt_tokens']} | {r['method']} | {cell(r['found'], 100, 1)} | {per_seed} "
+                f"| {cell(r['needle_routed'], 100, 1)} |"
+            )
+    return "\n".join([*lines, ""])
