@@ -346,3 +346,58 @@ def test_baselines_add_a_crop_and_a_random_router_beside_each_reduction(first_ru
     with pytest.raises(AssertionError, match="run again"):  # other settings: the seed runs again
         other = vision_demo.with_adaptation(settings, epochs=2)
         run_vision_seeds(root / "baselines", [0, 1], cache_dir=root / "cache", settings=other, quick=True)
+
+
+def test_digits_placed_anywhere_keep_their_ink_in_a_small_box_at_a_spot_fixed_by_the_seed():
+    from coda_adapters.app.vision_data import ANYWHERE_SIZE, BACKGROUND, load_digits_28, place_digits
+
+    centred = load_digits_28()
+    placed = place_digits(centred, "anywhere", seed=0)
+    assert placed.pixels.shape == centred.pixels.shape and torch.equal(placed.labels, centred.labels)
+    ink = placed.pixels[:, 0] > BACKGROUND
+    rows, columns = ink.any(dim=2), ink.any(dim=1)  # [n, 28]: which rows / columns hold ink
+    first_row, last_row = rows.int().argmax(dim=1), 27 - rows.flip(1).int().argmax(dim=1)
+    first_column, last_column = columns.int().argmax(dim=1), 27 - columns.flip(1).int().argmax(dim=1)
+    assert int((last_row - first_row).max()) < ANYWHERE_SIZE and int((last_column - first_column).max()) < ANYWHERE_SIZE
+    # the spots spread over the frame (uniform over 17 offsets: std ~4.9), where the centred digits do not move
+    assert first_row.float().std() > 3.5 and first_column.float().std() > 3.5
+    assert int(first_row.min()) <= 1 and int(last_row.max()) >= 26  # some reach the frame's edges
+    # scaling by 12/20 keeps the mean intensity of the box: the ink's total shrinks by the area, (12/20)^2
+    before, after = (centred.pixels - BACKGROUND).sum(dim=(1, 2, 3)), (placed.pixels - BACKGROUND).sum(dim=(1, 2, 3))
+    assert torch.allclose(after, before * (ANYWHERE_SIZE / 20) ** 2, rtol=0.02)
+    assert torch.equal(place_digits(centred, "anywhere", seed=0).pixels, placed.pixels)
+    assert not torch.equal(place_digits(centred, "anywhere", seed=1).pixels, placed.pixels)
+    assert place_digits(centred, "centre", seed=0) is centred
+    with pytest.raises(ValueError, match="--placement must be one of \\('centre', 'anywhere'\\), got 'corner'"):
+        place_digits(centred, "corner", seed=0)
+
+
+def test_placing_digits_anywhere_changes_the_backbone_key_and_both_data_sets():
+    anywhere = dataclasses.replace(QUICK, placement="anywhere")
+    assert "placement" not in QUICK.backbone_key()  # a cache made before the option existed stays valid
+    assert anywhere.backbone_key() == {**QUICK.backbone_key(), "placement": "anywhere"}
+
+    def digits_splits(settings):
+        task = digits_task(settings)
+        return task.train, task.validation, task.test
+
+    for split in (vision_demo.mnist_split, digits_splits):
+        for centred, placed in zip(split(QUICK), split(anywhere), strict=True):
+            assert torch.equal(centred.labels, placed.labels) and not torch.equal(centred.pixels, placed.pixels)
+    with pytest.raises(ValueError, match="--placement must be one of"):
+        dataclasses.replace(QUICK, placement="corner")
+
+
+def test_the_anywhere_demo_caches_its_backbone_apart_and_names_its_task(tmp_path, monkeypatch):
+    from coda_adapters.app.cli import main
+
+    monkeypatch.setattr(vision_demo, "DEFAULT_CACHE_DIR", tmp_path / "vit")
+    settings = dataclasses.replace(QUICK, placement="anywhere", reductions=(1,))
+    results = run_vision_demo(tmp_path / "out", quick=True, settings=settings, save_adapters=False, show_progress=False)
+    assert (tmp_path / "vit-quick-anywhere" / "pretraining.json").is_file() and not (tmp_path / "vit-quick").exists()
+    assert "12x12 at a random spot" in results["task"]["data"] and results["settings"]["placement"] == "anywhere"
+    seen = {}
+    monkeypatch.setattr(vision_demo, "run_vision_demo", lambda out, **kwargs: seen.update(kwargs))
+    (tmp_path / "results.md").write_text("report")
+    main(["vision", "--quick", "--out", str(tmp_path), "--placement", "anywhere"])
+    assert seen["settings"].placement == "anywhere"

