@@ -401,3 +401,60 @@ def test_the_anywhere_demo_caches_its_backbone_apart_and_names_its_task(tmp_path
     (tmp_path / "results.md").write_text("report")
     main(["vision", "--quick", "--out", str(tmp_path), "--placement", "anywhere"])
     assert seen["settings"].placement == "anywhere"
+
+
+def ink_box(image: torch.Tensor) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the ink of one image ``[1, H, W]``, bottom and right exclusive."""
+    from coda_adapters.app.vision_data import BACKGROUND
+
+    ink = image[0] > BACKGROUND + 1e-3
+    rows, columns = ink.any(dim=1).nonzero().flatten(), ink.any(dim=0).nonzero().flatten()
+    return int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+
+
+def test_random_move_puts_each_digit_unchanged_at_a_new_spot_inside_the_frame():
+    from coda_adapters.app.vision_data import BACKGROUND, load_digits_28, random_move
+
+    pixels = load_digits_28().pixels[:64].clone()
+    pixels[5] = BACKGROUND  # a blank image
+    moved = random_move(pixels, torch.Generator().manual_seed(0))
+    assert torch.equal(moved[5], pixels[5])
+    spots = []
+    for before, after in zip(pixels[torch.arange(64) != 5], moved[torch.arange(64) != 5], strict=True):
+        (top, bottom, left, right), (y, y_end, x, x_end) = ink_box(before), ink_box(after)
+        assert (y_end - y, x_end - x) == (bottom - top, right - left)
+        assert torch.equal(after[:, y:y_end, x:x_end], before[:, top:bottom, left:right])
+        assert (after > BACKGROUND).sum() == (before > BACKGROUND).sum()  # nothing else in the frame
+        spots.append((y, x))
+    assert len(set(spots)) > 40  # 63 digits, spots drawn from up to ~100 positions each
+    again = random_move(pixels, torch.Generator().manual_seed(0))
+    assert torch.equal(again, moved)
+
+
+def test_the_anywhere_backbone_and_its_mnist_pretraining_move_every_digit(tmp_path, monkeypatch):
+    moved = []
+    real_move = vision_demo.random_move
+    monkeypatch.setattr(
+        vision_demo, "random_move", lambda pixels, generator: moved.append(len(pixels)) or real_move(pixels, generator)
+    )
+    anywhere = dataclasses.replace(QUICK, placement="anywhere", reductions=(1,), mnist_pretrain_epochs=1)
+    train, _ = vision_demo.mnist_split(anywhere)
+    run_vision_demo(
+        tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        settings=anywhere,
+        quick=True,
+        save_adapters=False,
+        show_progress=False,
+    )
+    assert sum(moved) == 2 * len(train)  # one epoch of backbone pretraining, one of CoDA pretraining
+    moved.clear()
+    run_vision_demo(
+        tmp_path / "centre",
+        cache_dir=tmp_path / "cache-centre",
+        settings=dataclasses.replace(anywhere, placement="centre"),
+        quick=True,
+        save_adapters=False,
+        show_progress=False,
+    )
+    assert moved == []  # centred digits keep the small shifts

@@ -64,6 +64,7 @@ from .vision_data import (
     load_mnist_5k,
     patch_dropout,
     place_digits,
+    random_move,
     random_shift,
     stratified_split,
 )
@@ -221,10 +222,13 @@ def fit(
     validation: Images | None = None,
     desc: str = "training",
     show_progress: bool = True,
+    move_anywhere: bool = False,
 ) -> list[dict[str, float]]:
     """Train the parameters of ``model`` that require a gradient with the application's training loop;
     one record per epoch (loss, seconds, validation accuracy). With ``validation`` and
-    ``settings.keep_best``, the model ends with the trained weights of its best validation epoch."""
+    ``settings.keep_best``, the model ends with the trained weights of its best validation epoch. With
+    ``move_anywhere``, each training image's ink moves to a random spot of the frame (:func:`random_move`)
+    instead of the small shifts of ``settings.max_shift``."""
     config = OptimizerConfig(
         batch_size=settings.batch_size,
         lr=settings.lr,
@@ -242,7 +246,11 @@ def fit(
         if target is not None:
             step, warmup, dense = optimization.steps_taken, settings.reduction_warmup, settings.dense_start
             model.reduction = warmed_up_reduction(target, step, total_steps, warmup, dense)
-        pixels = random_shift(data.pixels[index], settings.max_shift, generator)
+        pixels = data.pixels[index]
+        if move_anywhere:
+            pixels = random_move(pixels, generator)
+        else:
+            pixels = random_shift(pixels, settings.max_shift, generator)
         return model(pixel_values=pixels, labels=data.labels[index]).loss
 
     history: list[dict[str, float]] = []
@@ -320,7 +328,14 @@ def pretrain_backbone(settings: DemoSettings, cache_dir: Path, show_progress: bo
     hook = (
         None if settings.patch_keep is None else patch_dropout(model.vit.embeddings, settings.patch_keep, settings.seed)
     )
-    history = fit(model, train, settings.pretrain, desc="pretraining ViT on MNIST-5k", show_progress=show_progress)
+    history = fit(
+        model,
+        train,
+        settings.pretrain,
+        desc="pretraining ViT on MNIST-5k",
+        show_progress=show_progress,
+        move_anywhere=settings.placement == "anywhere",
+    )
     if hook is not None:
         hook.remove()
     info = {
@@ -511,7 +526,8 @@ def pretrain_on_mnist(
     model = wrap_variant(ViTForImageClassification.from_pretrained(cache_dir), variant, settings)
     train, heldout = mnist_split(settings)
     recipe = replace(settings.adapt, epochs=settings.mnist_pretrain_epochs)
-    fit(model, train, recipe, desc=f"CoDA pretraining on MNIST, {variant.name}", show_progress=show_progress)
+    desc = f"CoDA pretraining on MNIST, {variant.name}"
+    fit(model, train, recipe, desc=desc, show_progress=show_progress, move_anywhere=settings.placement == "anywhere")
     seconds = time.perf_counter() - start
     return model, {"epochs": recipe.epochs, "seconds": seconds, "mnist_heldout_accuracy": accuracy(model, heldout)}
 

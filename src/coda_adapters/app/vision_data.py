@@ -109,6 +109,24 @@ def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generato
     return torch.stack([padded[i, :, y : y + height, x : x + width] for i, (y, x) in enumerate(offsets)])
 
 
+def random_move(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Move each image's ink ``[batch, 1, H, W]`` (its bounding box) to a uniformly random spot where it fits
+    the frame; blank elsewhere. The augmentation of MNIST for digits placed anywhere: every epoch shows each
+    digit at new spots, where a fixed placement would show it at one."""
+    height, width = pixels.shape[-2:]
+    ink = pixels[:, 0] > BACKGROUND + 1e-3  # [batch, H, W]
+    moved = torch.full_like(pixels, BACKGROUND)
+    for image, mask in enumerate(ink):
+        rows, columns = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        if len(rows) == 0:  # a blank image stays blank
+            continue
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+        y = int(torch.randint(0, height - (bottom - top) + 1, (), generator=generator))
+        x = int(torch.randint(0, width - (right - left) + 1, (), generator=generator))
+        moved[image, :, y : y + bottom - top, x : x + right - left] = pixels[image, :, top:bottom, left:right]
+    return moved
+
+
 def patch_dropout(embeddings: torch.nn.Module, keep: tuple[float, float], seed: int) -> Any:
     """Hook ``embeddings`` so that in training its output ``[batch, 1 + patches, hidden]`` (position
     embeddings added) keeps ``[CLS]`` and ``ceil(share * patches)`` random patches, ``share`` drawn
