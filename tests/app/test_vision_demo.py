@@ -400,7 +400,11 @@ def test_the_anywhere_demo_caches_its_backbone_apart_and_names_its_task(tmp_path
     monkeypatch.setattr(vision_demo, "run_vision_demo", lambda out, **kwargs: seen.update(kwargs))
     (tmp_path / "results.md").write_text("report")
     main(["vision", "--quick", "--out", str(tmp_path), "--placement", "anywhere"])
-    assert seen["settings"].placement == "anywhere"
+    assert seen["settings"] == dataclasses.replace(QUICK, placement="anywhere")
+    main(["vision", "--out", str(tmp_path), "--placement", "anywhere", "--epochs", "5"])
+    full = seen["settings"]  # the full demo's backbone for small digits: every patch, 40 epochs
+    assert (full.placement, full.patch_keep, full.pretrain.epochs, full.adapt.epochs) == ("anywhere", None, 40, 5)
+    assert vision_demo.demo_settings() == vision_demo.FULL
 
 
 def ink_box(image: torch.Tensor) -> tuple[int, int, int, int]:

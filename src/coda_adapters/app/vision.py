@@ -209,6 +209,16 @@ QUICK = DemoSettings(
 )
 
 
+def demo_settings(quick: bool = False, placement: str = "centre") -> DemoSettings:
+    """The demo's defaults (``FULL``, or ``QUICK`` for a smoke test) for digits placed ``placement``."""
+    base = QUICK if quick else FULL
+    if placement == "centre" or quick:
+        return replace(base, placement=placement)
+    # Small digits anywhere: PatchDropout drops most of a digit's ~11 patches, so the backbone pretrains on every
+    # patch, and longer (MNIST held out: 79% after 40 epochs; 51% with PatchDropout after 20, loss still falling)
+    return replace(base, placement=placement, patch_keep=None, pretrain=replace(base.pretrain, epochs=40))
+
+
 # --------------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------------
