@@ -145,6 +145,21 @@ def test_prefill_over_seeds_summarises_every_row_and_keeps_the_seeds_finished_wi
         summarise_rows(mismatched, "passkey")
 
 
+def test_prefill_over_seeds_times_only_the_first_seed(tmp_path, minilm_tokenizer):
+    lm = tmp_path / "lm"
+    tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size).save_pretrained(lm)
+    minilm_tokenizer.save_pretrained(lm)
+    options = dict(lengths=(64,), reductions=(3,), prompts=2, continuation=2, repeats=1, model_name=str(lm))
+    out = tmp_path / "out"
+    summary = run_prefill_seeds(out, [1, 0], score_quality=False, **options)
+
+    runs = {seed: json.loads((out / f"seed-{seed}" / "results.json").read_text()) for seed in (0, 1)}
+    assert runs[1]["settings"]["timing"] and runs[1]["speed"]
+    assert not runs[0]["settings"]["timing"] and runs[0]["speed"] == []
+    assert summary["speed"] == runs[1]["speed"]
+    assert "## Prefill speed (seed 1 only)" in (out / "summary.md").read_text()
+
+
 def test_prefill_takes_one_seed_or_several():
     from coda_adapters.app.cli import build_parser
 

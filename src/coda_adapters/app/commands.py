@@ -281,7 +281,8 @@ def add_prefill_parser(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[0],
         help="the routers' initial weights and the pretraining data and its order; two or more run once per seed "
-        "into OUT/seed-S (a seed finished there with the same settings is kept) and write summary.md, mean ± std",
+        "into OUT/seed-S (a seed finished there with the same settings is kept; only the first is timed) and write "
+        "summary.md, mean ± std",
     )
     parser.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     parser.add_argument(

@@ -256,16 +256,32 @@ SEED_METRICS = {
 }
 
 
-def run_prefill_seeds(out_dir: str | Path, seeds: list[int], **options: Any) -> dict[str, Any]:
+def run_prefill_seeds(
+    out_dir: str | Path, seeds: list[int], *, time_prefill: bool = True, **options: Any
+) -> dict[str, Any]:
     """:func:`run_prefill_demo` once per seed (``OUT/seed-<s>/``; a seed that finished there with the same
     settings is read back, so seeds can run apart, one per core, and be summarised after), then
     ``summary.json`` and ``summary.md`` in ``out_dir``: every quality and pass-key row's mean and sample
-    standard deviation over the seeds, and each seed's value."""
+    standard deviation over the seeds, and each seed's value. Only the first seed is timed (its speed rows
+    are the summary's): the cost of a routed prefill depends on the shapes, not on the seed's weights."""
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs two or more distinct seeds (or one, --seed), got {seeds}")
     out = Path(out_dir)
-    runs = {seed: run_prefill_demo(out / f"seed-{seed}", seed=seed, reuse_finished=True, **options) for seed in seeds}
-    summary = {"seeds": list(seeds), **{section: summarise_rows(runs, section) for section in SEED_METRICS}}
+    runs = {
+        seed: run_prefill_demo(
+            out / f"seed-{seed}",
+            seed=seed,
+            reuse_finished=True,
+            time_prefill=time_prefill and seed == seeds[0],
+            **options,
+        )
+        for seed in seeds
+    }
+    summary = {
+        "seeds": list(seeds),
+        "speed": runs[seeds[0]]["speed"],
+        **{section: summarise_rows(runs, section) for section in SEED_METRICS},
+    }
     write_json(out / SUMMARY_NAME, summary)
     report = format_seed_summary(summary)
     atomic_write(out / "summary.md", lambda temporary: Path(temporary).write_text(report, encoding="utf-8"))
@@ -297,6 +313,9 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
         return f"{scale * value['mean']:.{digits}f} ± {scale * value['std']:.{digits}f}"
 
     lines = [f"# SmolLM2 prefill, seeds {', '.join(map(str, summary['seeds']))} (mean ± std)", ""]
+    if summary["speed"]:
+        speed = format_table([BenchRow(**row) for row in summary["speed"]])
+        lines += [f"## Prefill speed (seed {summary['seeds'][0]} only)", "", "```", speed, "```", ""]
     if summary["quality"]:
         lines += [
             "| prompt tokens | method | KL next token | KL mean over continuation | top-1 agreement (%) |",
