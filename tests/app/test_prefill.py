@@ -107,13 +107,19 @@ def test_the_decoder_recipe_routes_a_prompt_in_one_selection_with_its_ends(minil
         assert len(row) == 8 and {0, 1, 20, 21, 22, 23} <= set(row)
 
 
-def test_prefill_over_seeds_summarises_every_row_and_keeps_the_seeds_finished_with_the_same_settings(
-    tmp_path, minilm_tokenizer
-):
+@pytest.fixture
+def tiny_lm_dir(tmp_path, minilm_tokenizer):
+    """A tiny random Llama saved with MiniLM's tokenizer: a local model directory for ``model_name``."""
     lm = tmp_path / "lm"
     tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size).save_pretrained(lm)
     minilm_tokenizer.save_pretrained(lm)
-    options = dict(lengths=(128,), reductions=(3,), prompts=2, continuation=2, passkey=2, model_name=str(lm))
+    return str(lm)
+
+
+def test_prefill_over_seeds_summarises_every_row_and_keeps_the_seeds_finished_with_the_same_settings(
+    tmp_path, tiny_lm_dir
+):
+    options = dict(lengths=(128,), reductions=(3,), prompts=2, continuation=2, passkey=2, model_name=tiny_lm_dir)
     out = tmp_path / "out"
     summary = run_prefill_seeds(out, [0, 1], time_prefill=False, **options)
 
@@ -145,11 +151,8 @@ def test_prefill_over_seeds_summarises_every_row_and_keeps_the_seeds_finished_wi
         summarise_rows(mismatched, "passkey")
 
 
-def test_prefill_over_seeds_times_only_the_first_seed(tmp_path, minilm_tokenizer):
-    lm = tmp_path / "lm"
-    tiny_causal_lm(vocab_size=minilm_tokenizer.vocab_size).save_pretrained(lm)
-    minilm_tokenizer.save_pretrained(lm)
-    options = dict(lengths=(64,), reductions=(3,), prompts=2, continuation=2, repeats=1, model_name=str(lm))
+def test_prefill_over_seeds_times_only_the_first_seed(tmp_path, tiny_lm_dir):
+    options = dict(lengths=(64,), reductions=(3,), prompts=2, continuation=2, repeats=1, model_name=tiny_lm_dir)
     out = tmp_path / "out"
     summary = run_prefill_seeds(out, [1, 0], score_quality=False, **options)
 
