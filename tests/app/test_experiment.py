@@ -131,17 +131,24 @@ def test_needle_ablation_rows_shared_with_the_needle_preset_are_the_same_runs():
 
 
 @pytest.mark.parametrize(
-    ("preset", "data", "max_length", "budget", "kept"),
-    [("prior", "bbc-news", 256, 86, 43), ("prior-needle", "bbc-needle", 128, 43, 22)],
+    ("preset", "data", "max_length", "reduction", "budget", "kept"),
+    [
+        ("prior", "bbc-news", 256, 3, 86, 43),
+        ("prior-r5", "bbc-news", 256, 5, 52, 26),
+        ("prior-needle", "bbc-needle", 128, 3, 43, 22),
+    ],
 )
-def test_the_prior_presets_keep_half_of_r3s_budget_for_the_first_tokens(preset, data, max_length, budget, kept):
-    """Beside the dense adapter, CoDA r = 3 and its baselines, all with the needle table's routing recipe."""
+def test_the_prior_presets_keep_half_of_the_budget_for_the_first_tokens(
+    preset, data, max_length, reduction, budget, kept
+):
+    """Beside the dense adapter, plain CoDA at the same r and its baselines, all with the needle table's recipe."""
     rows = experiment_rows(PRESETS[preset])
     prior = next(row for row in rows if row_coda_config(PRESETS[preset], row).keep_first)
-    assert row_coda_config(PRESETS[preset], prior) == CodaConfig(reduction=3, pooling="mean", keep_first=kept)
+    assert row_coda_config(PRESETS[preset], prior) == CodaConfig(reduction=reduction, pooling="mean", keep_first=kept)
     assert token_budget(PRESETS[preset], prior) == budget
     names = [row.name for row in rows]
-    assert names == [DENSE, "CoDA r=3", prior.name, f"Dense adapter, first {budget} tokens", "CoDA r=3, random router"]
+    plain = f"CoDA r={reduction}"
+    assert names == [DENSE, plain, prior.name, f"Dense adapter, first {budget} tokens", f"{plain}, random router"]
     assert asdict(PRESETS[preset].train) == {**asdict(PRESETS["needle"].train), "max_length": max_length}
     assert PRESETS[preset].data == data
 

@@ -36,6 +36,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle",
             "needle-ablation",
             "prior",
+            "prior-r5",
             "prior-needle",
             "aggressive",
             "demo",
@@ -45,8 +46,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         ],
         help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; r = 3 "
         "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; "
-        "half of r = 3's budget kept for the first tokens, on BBC News and bbc-needle; r = 8 and 16 without "
-        "warm-up; the short demo; the MPNet point; the adapter-kinds table; a smoke test",
+        "half of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle; r = 8 and 16 "
+        "without warm-up; the short demo; the MPNet point; the adapter-kinds table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
