@@ -4,6 +4,7 @@ adapter written out by hand, padded batches, and saved checkpoints. Fixtures liv
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,19 @@ def minilm_model_path() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def load_example(name: str) -> Any:
+    """The script ``examples/<name>.py`` imported as the module ``name`` (registered in ``sys.modules``, so
+    that workers which pickle its classes by reference find it)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[name] = example
+    spec.loader.exec_module(example)
+    return example
 
 
 def save_tiny_base(directory: Path, head: bool = True) -> Path:

@@ -1,9 +1,7 @@
 """`coda export`: the ONNX graph keeps the routing and matches PyTorch on batches it was not traced on."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import onnx  # the app extra installs onnx and onnxruntime: a missing one fails here, it is not skipped
 import pytest
@@ -16,9 +14,8 @@ from coda_adapters.app.export import ExportCheckError, compare_speed, export_onn
 from coda_adapters.app.onnx_classifier import OnnxClassifier, evaluate_onnx
 from coda_adapters.app.onnx_tracing import traceable_routing
 
-from helpers import padded_batch, save_tiny_base, save_tiny_classifier
+from helpers import load_example, padded_batch, save_tiny_base, save_tiny_classifier
 
-EXAMPLES = Path(__file__).parents[2] / "examples"
 LABELS = ["a", "b", "c"]
 # lengths from 2 tokens ("" is [CLS] [SEP]) to past max_length (64), none batched as the export traced them
 TEXTS = [
@@ -120,13 +117,6 @@ def test_export_directory_is_deployable_on_its_own(exported, tmp_path):
     assert report["check"]["max_probability_difference"] <= 1e-3
     assert report["check"]["batch_shapes"][0] == [len(export.CHECK_TEXTS), 64]
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
 
 
 def test_onnx_runtime_fuses_every_frozen_matrix_of_the_int8_graph(exported, pytorch):

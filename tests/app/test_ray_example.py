@@ -1,18 +1,14 @@
 """examples/ray_data_predict.py on a local Ray: the same labels and probabilities as `coda predict`."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from coda_adapters.app.classify import Encoded, load_classifier, predict_probabilities
 
-from helpers import save_tiny_base, save_tiny_classifier
+from helpers import EXAMPLES, load_example, save_tiny_base, save_tiny_classifier
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "ray_data_predict.py"
 LABELS = ["business", "sport", "tech"]
 
 
@@ -24,16 +20,13 @@ def test_ray_data_map_predicts_what_coda_predict_does(tmp_path, minilm_path):
     rows = [{"id": i, "text": f"document {i} about shares, goals or chips " * (1 + i % 4)} for i in range(40)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
-    spec = importlib.util.spec_from_file_location("ray_data_predict", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules["ray_data_predict"] = example
-    spec.loader.exec_module(example)
+    example = load_example("ray_data_predict")
     ray.init(  # the workers import the example by name, as Ray pickles its class by reference
         num_cpus=4,  # Ray Data needs CPUs left for its read and write tasks beside the two workers
         include_dashboard=False,
         object_store_memory=100 * 2**20,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(EXAMPLE.parent), "HF_HUB_OFFLINE": "1"}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(EXAMPLES), "HF_HUB_OFFLINE": "1"}},
     )
     try:
         example.predict_with_ray(str(adapter), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), batch_size=16)

@@ -20,6 +20,8 @@ from coda_adapters.app.vision import (
 )
 from coda_adapters.files import read_tensors
 
+from helpers import load_example
+
 RESULT_KEYS = {"demo", "quick", "backbone", "task", "variants", "phase_seconds", "timing", "settings", "versions"}
 VARIANT_KEYS = {
     "reduction",
@@ -370,6 +372,84 @@ def test_digits_placed_anywhere_keep_their_ink_in_a_small_box_at_a_spot_fixed_by
     assert place_digits(centred, "centre", seed=0) is centred
     with pytest.raises(ValueError, match="--placement must be one of \\('centre', 'anywhere'\\), got 'corner'"):
         place_digits(centred, "corner", seed=0)
+
+
+def frame_with_ink(patch_sets: list[set[int]], faint: tuple[int, int] | None = None) -> torch.Tensor:
+    """Blank 28x28 images ``[n, 1, 28, 28]``, image ``i`` with one full-ink pixel inside each patch of
+    ``patch_sets[i]`` (4x4 patches, raster order), and optionally a faint pixel at ``faint``."""
+    pixels = torch.full((len(patch_sets), 1, 28, 28), -1.0)
+    for image, patches in enumerate(patch_sets):
+        for patch in patches:
+            pixels[image, 0, 4 * (patch // 7) + 1, 4 * (patch % 7) + 2] = 1.0
+    if faint is not None:
+        pixels[0, 0, faint[0], faint[1]] = -0.9  # intensity 0.05: resizing's haze, not ink
+    return pixels
+
+
+def test_ink_patches_are_the_patches_with_a_pixel_above_a_tenth_of_full_intensity():
+    from coda_adapters.app.vision_data import ink_patches
+
+    pixels = frame_with_ink([{0, 9, 48}, set()], faint=(13, 13))  # the faint pixel is in patch 3 * 7 + 3
+    ink = ink_patches(pixels, patch_size=4)
+    assert ink.shape == (2, 49) and ink.dtype == torch.bool
+    assert ink[0].nonzero().flatten().tolist() == [0, 9, 48] and not ink[1].any()
+    assert ink_patches(frame_with_ink([{0, 1, 7, 8}]), patch_size=8)[0].nonzero().flatten().tolist() == [0]
+
+
+class FixedRouting(torch.nn.Module):
+    """A stand-in CoDA ViT whose ``routing_trace`` gives, batch after batch, the rows of fixed traces."""
+
+    def __init__(self, traces: dict[int, torch.Tensor]):
+        super().__init__()
+        self.traces, self.seen, self.batch = traces, 0, 0
+
+    def forward(self, pixel_values: torch.Tensor) -> None:
+        self.seen, self.batch = self.seen + self.batch, len(pixel_values)
+
+    def routing_trace(self) -> dict[int, torch.Tensor]:
+        return {layer: trace[self.seen : self.seen + self.batch] for layer, trace in self.traces.items()}
+
+
+def test_ink_recall_is_the_share_of_each_images_ink_patches_each_layer_ran():
+    from coda_adapters.app.vision import ink_recall
+    from coda_adapters.app.vision_data import Images
+
+    ink = [{0, 8, 9}, {20}, set(), {47, 48}]  # the image without ink is left out of the means
+    data = Images(frame_with_ink(ink), torch.zeros(len(ink), dtype=torch.long))
+    traces = {  # token positions: patch j is token j + 1, token 0 is [CLS]; -1 pads
+        1: torch.tensor([[0, 1, 10, -1], [0, 21, 5, 6], [0, 1, 2, 3], [0, 48, 49, -1]]),
+        3: torch.tensor([[0, 2, 3, 4], [0, 1, 2, 3], [1, 9, 10, -1], [-1, -1, -1, -1]]),
+    }
+    expected = {}
+    for layer, trace in traces.items():
+        shares = [
+            len({p - 1 for p in row.tolist() if p > 0} & patches) / len(patches)
+            for row, patches in zip(trace, ink, strict=True)
+            if patches
+        ]
+        expected[layer] = sum(shares) / len(shares)
+    assert expected == {1: pytest.approx((2 / 3 + 1 + 1) / 3), 3: 0.0}
+    for batch_size in (4, 3, 1):  # batches of equal and unequal sizes
+        recall = ink_recall(FixedRouting(traces), data, patch_size=4, batch_size=batch_size)
+        assert recall == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("placement", ["centre", "anywhere"])
+def test_demo_settings_come_back_from_the_json_a_run_records(placement):
+    settings = vision_demo.adapt_seed(vision_demo.demo_settings(placement=placement), 2)
+    assert vision_demo.DemoSettings.from_dict(json.loads(json.dumps(dataclasses.asdict(settings)))) == settings
+    assert vision_demo.DemoSettings.from_dict(json.loads(json.dumps(dataclasses.asdict(QUICK)))) == QUICK
+
+
+def test_the_ink_recall_example_reloads_each_routed_adapter_of_a_run(first_run):
+    """examples/vision_ink_recall.py: the same test split and adapter as the run (same accuracy)."""
+    root, results = first_run
+    rows = load_example("vision_ink_recall").ink_recall_rows(root / "first")
+    assert [row["variant"] for row in rows] == ["CoDA r=3"]
+    assert rows[0]["test_accuracy"] == results["variants"]["CoDA r=3"]["test_accuracy"]
+    layers = QUICK.shape.num_layers
+    assert len(rows[0]["ink_recall"]) == layers and all(0 <= s <= 1 for s in rows[0]["ink_recall"].values())
+    assert rows[0]["chance"] == (math.ceil(QUICK.shape.num_tokens / 3) - 1) / QUICK.shape.grid**2
 
 
 def test_placing_digits_anywhere_changes_the_backbone_key_and_both_data_sets():

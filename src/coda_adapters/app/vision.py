@@ -60,6 +60,7 @@ from .vision_data import (
     Images,
     central_crop,
     first_examples,
+    ink_patches,
     load_digits_28,
     load_mnist_5k,
     patch_dropout,
@@ -175,6 +176,21 @@ class DemoSettings:
         check_int("--mnist-pretrain-epochs", self.mnist_pretrain_epochs, low=0)
         check_choice("--router", self.router, ROUTER_KINDS)
         check_choice("--placement", self.placement, PLACEMENTS)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DemoSettings:
+        """The settings a run recorded (``results.json``'s ``settings``: :func:`dataclasses.asdict` of them)."""
+        patch_keep = values["patch_keep"]
+        return cls(
+            **{
+                **values,
+                "shape": BackboneShape(**values["shape"]),
+                "pretrain": FitSettings(**values["pretrain"]),
+                "adapt": FitSettings(**values["adapt"]),
+                "reductions": tuple(values["reductions"]),
+                "patch_keep": None if patch_keep is None else tuple(patch_keep),
+            }
+        )
 
     def backbone_key(self) -> dict[str, Any]:
         """What the cached backbone depends on: a cache whose key differs is pretrained again."""
@@ -296,6 +312,27 @@ def accuracy(model: torch.nn.Module, data: Images, batch_size: int = 256) -> flo
             logits = model(pixel_values=data.pixels[start : start + batch_size]).logits
             correct += (logits.argmax(-1) == data.labels[start : start + batch_size]).sum().item()
     return correct / len(data)
+
+
+def ink_recall(model: CodaModel, data: Images, patch_size: int, batch_size: int = 256) -> dict[int, float]:
+    """Per routed layer of ``model`` (a CoDA-wrapped ViT), the share of each image's ink patches
+    (:func:`ink_patches`) that the layer's frozen part ran, averaged over the images of ``data`` that have
+    ink: how well the routers follow the object. A router that ignores the image runs about ``(k - 1) / 49``
+    of them (``[CLS]`` is one of the ``k``)."""
+    model.eval()
+    shares: dict[int, list[torch.Tensor]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            pixels = data.pixels[start : start + batch_size]
+            ink = ink_patches(pixels, patch_size)  # [batch, patches]
+            model(pixel_values=pixels)
+            for layer, positions in model.routing_trace().items():  # [batch, k_max], -1 padded
+                ran = torch.zeros(len(pixels), ink.shape[1] + 1, dtype=torch.bool)
+                ran.scatter_(1, positions.clamp(min=0), positions >= 0)  # a -1 only touches [CLS], not read
+                has_ink = ink.any(1)
+                hits = (ran[:, 1:] & ink).sum(1)[has_ink] / ink.sum(1)[has_ink]
+                shares.setdefault(layer, []).append(hits)
+    return {layer: torch.cat(parts).mean().item() for layer, parts in shares.items()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .data import stratified_indices
 IMAGE_SIZE = 28  # MNIST's frame
 DIGIT_SIZE = 20  # MNIST's digits fit a 20×20 box centred in the frame; the 8×8 digits are scaled to it
 BACKGROUND = -1.0  # a blank pixel after normalisation
+INK_THRESHOLD = 0.1  # intensity (0 blank, 1 full) above which a pixel counts as ink (ink_patches)
 # where the digits sit: centred as MNIST's ("centre"), or scaled to ANYWHERE_SIZE and placed at a random spot
 PLACEMENTS = ("centre", "anywhere")
 ANYWHERE_SIZE = 12  # pixels: three patches of 4 across, in a frame of seven
@@ -84,6 +85,14 @@ def place_anywhere(data: Images, seed: int, size: int = ANYWHERE_SIZE) -> Images
     for image, (top, left) in enumerate(spots):
         frame[image, :, top : top + size, left : left + size] = small[image]
     return Images(frame, data.labels)
+
+
+def ink_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Which patches of ``pixels`` ``[n, 1, H, W]`` hold ink (a pixel above a tenth of full intensity; resizing
+    leaves faint values around a digit): bool ``[n, (H / patch_size) * (W / patch_size)]`` in the ViT's raster
+    order, so patch ``j`` is token ``j + 1`` (after ``[CLS]``)."""
+    brightest = F.max_pool2d(pixels, patch_size)  # [n, 1, grid, grid]
+    return (brightest > normalise(torch.tensor(INK_THRESHOLD))).flatten(1)
 
 
 def stratified_split(data: Images, fraction: float, seed: int) -> tuple[Images, Images]:
