@@ -26,9 +26,10 @@ from coda_adapters.app.vision import (
 from coda_adapters.app.vision_data import ink_patches
 
 
-def ink_recall_rows(run: Path, cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Per routed variant of the run in ``run``: its name, test accuracy and ink recall per routed layer,
-    and the share a router that ignores the image would run."""
+def ink_recall_report(run: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """For the run in ``run``: how many test images and ink patches per image (of how many patches), and per
+    routed variant (``rows``) its name, test accuracy, ink recall per routed layer, and the share a router
+    that ignores the image would run."""
     results = json.loads((run / RESULTS_NAME).read_text(encoding="utf-8"))
     settings = DemoSettings.from_dict(results["settings"])
     cache_dir = cache_dir or Path(results["backbone"]["directory"])
@@ -49,7 +50,13 @@ def ink_recall_rows(run: Path, cache_dir: Path | None = None) -> list[dict[str, 
                 "chance": (record["tokens_per_layer"] - 1) / patches,
             }
         )
-    return rows
+    ink = ink_patches(test.pixels, settings.shape.patch_size)
+    return {
+        "test_images": len(test),
+        "ink_patches_per_image": ink.sum(1).float().mean().item(),
+        "patches": patches,
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -57,12 +64,14 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a `coda vision` output directory (one seed)")
     parser.add_argument("--cache-dir", type=Path, help="the run's backbone (default: the one results.json names)")
     args = parser.parse_args()
-    settings = DemoSettings.from_dict(json.loads((args.run / RESULTS_NAME).read_text(encoding="utf-8"))["settings"])
-    ink = ink_patches(digits_task(settings).test.pixels, settings.shape.patch_size)
-    print(f"{len(ink)} test images, {ink.sum(1).float().mean():.1f} of {ink.shape[1]} patches with ink on average\n")
+    report = ink_recall_report(args.run, args.cache_dir)
+    print(
+        f"{report['test_images']} test images, {report['ink_patches_per_image']:.1f} of {report['patches']} "
+        "patches with ink on average\n"
+    )
     print("| variant | test accuracy | ink patches run, per routed layer | by a router that ignores the image |")
     print("|---|---|---|---|")
-    for row in ink_recall_rows(args.run, args.cache_dir):
+    for row in report["rows"]:
         per_layer = ", ".join(f"{share:.0%}" for share in row["ink_recall"].values())
         print(f"| {row['variant']} | {row['test_accuracy']:.1%} | {per_layer} | {row['chance']:.0%} |")
 

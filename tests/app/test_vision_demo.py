@@ -444,7 +444,9 @@ def test_demo_settings_come_back_from_the_json_a_run_records(placement):
 def test_the_ink_recall_example_reloads_each_routed_adapter_of_a_run(first_run):
     """examples/vision_ink_recall.py: the same test split and adapter as the run (same accuracy)."""
     root, results = first_run
-    rows = load_example("vision_ink_recall").ink_recall_rows(root / "first")
+    report = load_example("vision_ink_recall").ink_recall_report(root / "first")
+    assert report["test_images"] == len(digits_task(QUICK).test) and report["patches"] == QUICK.shape.grid**2
+    rows = report["rows"]
     assert [row["variant"] for row in rows] == ["CoDA r=3"]
     assert rows[0]["test_accuracy"] == results["variants"]["CoDA r=3"]["test_accuracy"]
     layers = QUICK.shape.num_layers

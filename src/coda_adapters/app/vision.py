@@ -317,19 +317,19 @@ def accuracy(model: torch.nn.Module, data: Images, batch_size: int = 256) -> flo
 def ink_recall(model: CodaModel, data: Images, patch_size: int, batch_size: int = 256) -> dict[int, float]:
     """Per routed layer of ``model`` (a CoDA-wrapped ViT), the share of each image's ink patches
     (:func:`ink_patches`) that the layer's frozen part ran, averaged over the images of ``data`` that have
-    ink: how well the routers follow the object. A router that ignores the image runs about ``(k - 1) / 49``
-    of them (``[CLS]`` is one of the ``k``)."""
+    ink: how well the routers follow the object. A router that ignores the image runs about ``(k - 1) / P``
+    of them (``[CLS]`` is one of the ``k`` tokens, ``P`` the number of patches)."""
     model.eval()
     shares: dict[int, list[torch.Tensor]] = {}
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             pixels = data.pixels[start : start + batch_size]
             ink = ink_patches(pixels, patch_size)  # [batch, patches]
+            has_ink = ink.any(1)
             model(pixel_values=pixels)
             for layer, positions in model.routing_trace().items():  # [batch, k_max], -1 padded
                 ran = torch.zeros(len(pixels), ink.shape[1] + 1, dtype=torch.bool)
                 ran.scatter_(1, positions.clamp(min=0), positions >= 0)  # a -1 only touches [CLS], not read
-                has_ink = ink.any(1)
                 hits = (ran[:, 1:] & ink).sum(1)[has_ink] / ink.sum(1)[has_ink]
                 shares.setdefault(layer, []).append(hits)
     return {layer: torch.cat(parts).mean().item() for layer, parts in shares.items()}
