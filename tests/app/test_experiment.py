@@ -15,12 +15,16 @@ from coda_adapters.app.experiment import (
     PRESETS,
     Preset,
     Row,
+    add_paired_differences,
     baseline_rows,
     experiment_rows,
+    format_results,
     row_coda_config,
     row_directory,
+    row_max_length,
     run_experiment,
     select_rows,
+    speed_matched_row,
     token_budget,
 )
 from coda_adapters.app.pretrain import PretrainConfig
@@ -131,26 +135,82 @@ def test_needle_ablation_rows_shared_with_the_needle_preset_are_the_same_runs():
 
 
 @pytest.mark.parametrize(
-    ("preset", "data", "max_length", "reduction", "budget", "kept"),
+    ("preset", "data", "max_length", "reduction", "budget", "kept", "as_fast"),
     [
-        ("prior", "bbc-news", 256, 3, 86, 43),
-        ("prior-r5", "bbc-news", 256, 5, 52, 26),
-        ("prior-needle", "bbc-needle", 128, 3, 43, 22),
+        ("prior", "bbc-news", 256, 3, 86, 43, 100),
+        ("prior-r5", "bbc-news", 256, 5, 52, 26, 68),
+        ("prior-needle", "bbc-needle", 128, 3, 43, 22, None),
     ],
 )
 def test_the_prior_presets_keep_half_of_the_budget_for_the_first_tokens(
-    preset, data, max_length, reduction, budget, kept
+    preset, data, max_length, reduction, budget, kept, as_fast
 ):
-    """Beside the dense adapter, plain CoDA at the same r and its baselines, all with the needle table's recipe."""
+    """Beside the dense adapter, plain CoDA at the same r and its baselines (on BBC News also truncation as fast as
+    CoDA), all with the needle table's recipe."""
     rows = experiment_rows(PRESETS[preset])
     prior = next(row for row in rows if row_coda_config(PRESETS[preset], row).keep_first)
     assert row_coda_config(PRESETS[preset], prior) == CodaConfig(reduction=reduction, pooling="mean", keep_first=kept)
     assert token_budget(PRESETS[preset], prior) == budget
     names = [row.name for row in rows]
     plain = f"CoDA r={reduction}"
-    assert names == [DENSE, plain, prior.name, f"Dense adapter, first {budget} tokens", f"{plain}, random router"]
+    speed_matched = [] if as_fast is None else [f"Dense adapter, first {as_fast} tokens (as fast as {plain})"]
+    assert names == [
+        DENSE,
+        plain,
+        prior.name,
+        *speed_matched,
+        f"Dense adapter, first {budget} tokens",
+        f"{plain}, random router",
+    ]
+    for row in rows[3 : 3 + len(speed_matched)]:
+        assert row.truncation and row.speed_of == reduction and row_max_length(PRESETS[preset], row) == as_fast > budget
     assert asdict(PRESETS[preset].train) == {**asdict(PRESETS["needle"].train), "max_length": max_length}
     assert PRESETS[preset].data == data
+
+
+def test_routed_rows_are_compared_with_truncation_to_their_budget_and_with_truncation_as_fast():
+    """Two truncation rows of different lengths: each CoDA row pairs with the budget one and with the one as fast as its
+    own r; the speed-matched row is a baseline, not a budget reference (its length is no routed row's budget)."""
+    preset = tiny_preset(
+        [
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=2", {"reduction": 2}),
+            Row("CoDA r=4", {"reduction": 4}),
+            speed_matched_row(20, 2),
+        ]
+    )
+    rows = experiment_rows(preset)
+    accuracy = {row.name: [0.5 + 0.01 * i, 0.6 + 0.02 * i] for i, row in enumerate(rows)}
+    results = [
+        {"name": name, "seeds": [0, 1], "accuracy_per_seed": values, "macro_f1_per_seed": values}
+        for name, values in accuracy.items()
+    ]
+    add_paired_differences(results, rows, preset)
+    by_name = {result["name"]: result for result in results}
+
+    def against(name, key):
+        difference = by_name[name][key]
+        return None if difference is None else (difference["against"], difference["accuracy_per_seed"])
+
+    fast = "Dense adapter, first 20 tokens (as fast as CoDA r=2)"
+    budget_of_2, budget_of_4 = "Dense adapter, first 16 tokens", "Dense adapter, first 8 tokens"
+    expected = [a - b for a, b in zip(accuracy["CoDA r=2"], accuracy[fast], strict=True)]
+    assert against("CoDA r=2", "diff_vs_speed_matched") == (fast, pytest.approx(expected))
+    assert against("CoDA r=2", "diff_vs_truncation")[0] == budget_of_2
+    assert against("CoDA r=2, random router", "diff_vs_speed_matched")[0] == fast
+    assert against("CoDA r=4", "diff_vs_truncation")[0] == budget_of_4
+    assert against("CoDA r=4", "diff_vs_speed_matched") is None  # nothing measured as fast as r = 4
+    for name in (DENSE, fast, budget_of_2):
+        assert against(name, "diff_vs_speed_matched") is None and against(name, "diff_vs_truncation") is None
+
+    for result in results:
+        result.update(macro_f1=0.5, macro_f1_std=0.0, accuracy=0.5, accuracy_std=0.0, pretrain_seconds=0)
+        result.update(eval_examples_per_second=1.0, inference_speedup=1.0, epoch_seconds=1.0, training_speedup=1.0)
+    header = format_results(results).splitlines()[:2]
+    assert "vs truncation as fast" in header[0] and header[0].count("|") == header[1].count("|")
+    for result in results:
+        result["diff_vs_speed_matched"] = None
+    assert "as fast" not in format_results(results).splitlines()[0]  # tables without the row keep their columns
 
 
 def test_one_seed_keeps_the_single_run_layout(tmp_path):

@@ -49,6 +49,7 @@ class Row:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig settings that differ for this row
     truncation: bool = False  # a compute-matched baseline: the dense adapter on a prefix of the tokens
     teacher: str | None = None  # the name of the row whose run of the same seed it distils (TrainConfig.teacher)
+    speed_of: float | None = None  # a truncation row whose input runs as fast as CoDA at this reduction
 
     @property
     def slug(self) -> str:
@@ -77,17 +78,35 @@ ROUTING_RECIPE = dict(epochs=3, min_steps=0, batch_size=16, lr=1e-3, dense_start
 NO_WARMUP = {"dense_start": 0.0, "reduction_warmup": 0.0}
 
 
-def prior_preset(data: str, max_length: int, reduction: int = 3) -> Preset:
+def truncation_row(max_length: int) -> Row:
+    return Row(
+        f"Dense adapter, first {max_length} tokens", {"reduction": 1}, train={"max_length": max_length}, truncation=True
+    )
+
+
+def speed_matched_row(max_length: int, reduction: float) -> Row:
+    """The dense adapter on the first ``max_length`` tokens, where that input runs as fast as CoDA at ``reduction``
+    on the preset's full length: a stronger baseline than truncation to the token budget, which runs faster than
+    CoDA (the adapter and router still see every token). The length is measured, not derived: see the presets."""
+    name = f"Dense adapter, first {max_length} tokens (as fast as CoDA r={reduction:g})"
+    return replace(truncation_row(max_length), name=name, speed_of=reduction)
+
+
+def prior_preset(data: str, max_length: int, reduction: int = 3, speed_matched: int | None = None) -> Preset:
     """The dense adapter, CoDA at ``reduction``, and CoDA at ``reduction`` with the first half (rounded up) of
     its token budget kept for the text's first tokens, with the routing recipe and the compute-matched
-    baselines."""
+    baselines; and, given ``speed_matched``, the dense adapter on that many first tokens (see
+    :func:`speed_matched_row`)."""
     kept = (math.ceil(max_length / reduction) + 1) // 2
+    rows = [
+        Row(DENSE, {"reduction": 1}),
+        Row(f"CoDA r={reduction}", {"reduction": reduction}),
+        Row(f"CoDA r={reduction}, first {kept} tokens kept", {"reduction": reduction, "keep_first": kept}),
+    ]
+    if speed_matched is not None:
+        rows.append(speed_matched_row(speed_matched, reduction))
     return Preset(
-        rows=[
-            Row(DENSE, {"reduction": 1}),
-            Row(f"CoDA r={reduction}", {"reduction": reduction}),
-            Row(f"CoDA r={reduction}, first {kept} tokens kept", {"reduction": reduction, "keep_first": kept}),
-        ],
+        rows=rows,
         train=TrainConfig(**ROUTING_RECIPE, max_length=max_length),
         pretrain=PretrainConfig(steps=1, max_length=max_length),  # unused
         baselines=True,
@@ -163,8 +182,11 @@ PRESETS = {
     # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`
     # and `--preset prior-needle`; about 1.5 hours and 40 minutes per seed on one core; `--preset prior-r5`: the
     # same at r = 5, whose target is within 0.6 points of dense)
-    "prior": prior_preset("bbc-news", max_length=256),
-    "prior-r5": prior_preset("bbc-news", max_length=256, reduction=5),
+    # The speed-matched rows: `coda bench --seq-lens 64 72 96 104 256 --reductions 1 3 5 --no-mixed` (batch 8, 2
+    # threads, idle machine) timed CoDA r = 3 at 256 tokens at 98.6 ms, the dense adapter at 96 / 104 tokens at
+    # 98.1 / 93.5 ms; CoDA r = 5 at 69.8 ms, the dense adapter at 64 / 72 tokens at 67.4 / 73.4 ms
+    "prior": prior_preset("bbc-news", max_length=256, speed_matched=100),
+    "prior-r5": prior_preset("bbc-news", max_length=256, reduction=5, speed_matched=68),
     "prior-needle": prior_preset("bbc-needle", max_length=128),
     # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
@@ -340,12 +362,6 @@ def baseline_rows(preset: Preset) -> list[Row]:
     return [row for row in baselines if row.name not in names]
 
 
-def truncation_row(max_length: int) -> Row:
-    return Row(
-        f"Dense adapter, first {max_length} tokens", {"reduction": 1}, train={"max_length": max_length}, truncation=True
-    )
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -432,16 +448,25 @@ def mean_or_none(values: list[float | None]) -> float | None:
 
 
 def add_paired_differences(results: list[dict[str, Any]], rows: list[Row], preset: Preset) -> None:
-    """``diff_vs_dense`` and ``diff_vs_truncation`` (the truncation row of the same token budget), or None."""
+    """``diff_vs_dense``, ``diff_vs_truncation`` (the truncation row of the same token budget) and
+    ``diff_vs_speed_matched`` (the truncation row as fast as the same reduction, :func:`speed_matched_row`),
+    each None where the row has no such reference."""
     by_name = {result["name"]: result for result in results}
     dense = by_name.get(DENSE)
-    truncation = {row_max_length(preset, row): by_name[row.name] for row in rows if row.truncation}
+    budget_matched = {row_max_length(preset, row): row for row in rows if row.truncation and row.speed_of is None}
+    speed_matched = {row.speed_of: row for row in rows if row.speed_of is not None}
     for row in rows:
         result = by_name[row.name]
         result["diff_vs_dense"] = None if dense is None or row.name == DENSE else paired_difference(result, dense)
         budget = token_budget(preset, row)
-        reference = None if budget is None else truncation.get(budget)
-        result["diff_vs_truncation"] = None if reference is None else paired_difference(result, reference)
+        references = {
+            "diff_vs_truncation": None if budget is None else budget_matched.get(budget),
+            "diff_vs_speed_matched": None
+            if budget is None
+            else speed_matched.get(row_coda_config(preset, row).reduction),
+        }
+        for key, reference in references.items():
+            result[key] = None if reference is None else paired_difference(result, by_name[reference.name])
 
 
 def paired_difference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -533,18 +558,21 @@ def write_results(results: list[dict[str, Any]], preset: Preset, out_dir: Path, 
 
 
 def format_results(results: list[dict[str, Any]]) -> str:
+    speed_matched = any(r.get("diff_vs_speed_matched") for r in results)
+    column = " Δ accuracy vs truncation as fast |" if speed_matched else ""
     lines = [
-        "| model | test accuracy | macro-F1 | Δ accuracy vs dense | Δ accuracy vs truncation | eval examples/s "
-        "| inference speed-up | training s/epoch | training speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | test accuracy | macro-F1 | Δ accuracy vs dense | Δ accuracy vs truncation |"
+        f"{column} eval examples/s | inference speed-up | training s/epoch | training speed-up |",
+        "|---|---|---|---|---|" + "---|" * speed_matched + "---|---|---|---|",
     ]
     for r in results:
         pretrain = f" (+{r['pretrain_seconds']:.0f} s pretraining)" if r["pretrain_seconds"] else ""
+        cell = f" {format_difference(r.get('diff_vs_speed_matched'))} |" if speed_matched else ""
         lines.append(
             f"| {r['name']} | {mean_and_spread(r['accuracy'], r['accuracy_std'], r['seeds'])}% "
             f"| {mean_and_spread(r['macro_f1'], r['macro_f1_std'], r['seeds'])} "
-            f"| {format_difference(r['diff_vs_dense'])} | {format_difference(r['diff_vs_truncation'])} "
-            f"| {r['eval_examples_per_second']:.1f} | {r['inference_speedup']:.2f}x "
+            f"| {format_difference(r['diff_vs_dense'])} | {format_difference(r['diff_vs_truncation'])} |{cell}"
+            f" {r['eval_examples_per_second']:.1f} | {r['inference_speedup']:.2f}x "
             f"| {r['epoch_seconds']:.0f}{pretrain} | {r['training_speedup']:.2f}x |"
         )
     seeds = ", ".join(map(str, results[0]["seeds"]))
@@ -553,7 +581,12 @@ def format_results(results: list[dict[str, Any]]) -> str:
         "",
         f"{spread}. Δ: paired differences in accuracy points (each seed against the "
         "same seed), mean ± std, against the dense adapter and against the dense adapter on the first "
-        "ceil(max_length / r) tokens (the same token budget).",
+        "ceil(max_length / r) tokens (the same token budget)"
+        + (
+            ", and against the dense adapter on the input that runs as fast as CoDA at r (measured)."
+            if speed_matched
+            else "."
+        ),
     ]
     return "\n".join(lines)
 
