@@ -63,6 +63,7 @@ def test_every_cell_is_measured_and_every_request_answered(run):
         assert cell["throughput"] > 0 and cell["seconds"] > 0
         assert 0 < cell["p50_ms"] <= cell["p99_ms"]
         assert cell["mean_batch_size"] >= 1
+        assert cell["server_cpu_ms_per_text"] > 0 and cell["client_cpu_ms_per_text"] > 0
         assert cell["throughput_vs_r1"] > 0 and cell["p99_vs_r1"] > 0
     assert all(cells["pytorch", 1, c]["throughput_vs_r1"] == 1 for c in CONCURRENCY)
     assert cells["int8", 3, 1]["adapter"] == "r3-int8" and cells["onnxruntime", 1, 2]["adapter"] == "r1-onnx"

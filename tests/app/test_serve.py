@@ -183,10 +183,11 @@ def test_health_and_metrics(adapters):
 
     async def scenario():
         async with client_for(app) as client:
+            before = await client.get("/metrics")
             await client.post("/v1/classify", json={"adapter": "yesno", "texts": ["fine", "not fine"]})
-            return await client.get("/health"), await client.get("/metrics")
+            return before, await client.get("/health"), await client.get("/metrics")
 
-    health, metrics = run(scenario())
+    before, health, metrics = run(scenario())
     assert health.status_code == 200 and health.json() == {"status": "ok", "adapters": ["topics", "yesno"]}
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = parse_metrics(metrics.text)
@@ -199,6 +200,8 @@ def test_health_and_metrics(adapters):
     assert samples['coda_request_duration_seconds_bucket{adapter="yesno",le="+Inf"}'] == 1
     for kind in ("counter", "histogram", "gauge"):
         assert f" {kind}" in metrics.text
+    # the process's CPU time (every thread), which the model call in between added to
+    assert samples["process_cpu_seconds_total"] > parse_metrics(before.text)["process_cpu_seconds_total"] > 0
 
 
 # --------------------------------------------------------------------------------------------------

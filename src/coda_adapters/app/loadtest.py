@@ -50,9 +50,12 @@ REQUEST_TIMEOUT = 120.0
 NOTE = (
     "Adapters have random weights: the work per request is set by shapes (k = ceil(n / r) tokens per routed "
     "layer), not by the weights, so the speed is that of trained adapters. p50/p99: answered requests only; "
-    "texts/call: the server's mean batch size (from /metrics)."
+    "texts/call: the server's mean batch size (from /metrics). CPU ms/text: CPU time of the server (every thread) "
+    "and of the load generator during the rounds, per text answered; on a machine they share, what the load "
+    "generator takes is not there for the server."
 )
 BATCH_SIZE_LINE = re.compile(r'^coda_batch_size_(sum|count)\{adapter="([^"]*)"\} (\S+)$', re.MULTILINE)
+CPU_LINE = re.compile(r"^process_cpu_seconds_total (\S+)$", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,6 +250,8 @@ class Tally:
     statuses: Counter[str] = field(default_factory=Counter)  # "200", "503", "other" (errors too)
     texts: int = 0  # texts answered with 200
     seconds: float = 0.0  # wall time of the rounds
+    server_cpu: float = 0.0  # CPU seconds of the server process during the rounds (its /metrics)
+    client_cpu: float = 0.0  # CPU seconds of this process, the load generator, during the rounds
     errors: list[str] = field(default_factory=list)  # the first few non-200 answers, to see why
 
 
@@ -290,6 +295,22 @@ async def batch_counters(client: Any) -> dict[str, list[float]]:
     return counters
 
 
+async def server_cpu_seconds(client: Any) -> float:
+    """The server's ``process_cpu_seconds_total`` from ``/metrics``."""
+    found = CPU_LINE.search((await client.get("/metrics")).text)
+    if found is None:
+        raise RuntimeError("the server's /metrics has no process_cpu_seconds_total")
+    return float(found.group(1))
+
+
+async def measured_round(client: Any, adapter: str, requests: list[list[str]], concurrency: int, tally: Tally) -> None:
+    """:func:`closed_loop`, adding the CPU time the server and this process spent on it to ``tally``."""
+    server, own = await server_cpu_seconds(client), time.process_time()
+    await closed_loop(client, adapter, requests, concurrency, tally)
+    tally.client_cpu += time.process_time() - own
+    tally.server_cpu += await server_cpu_seconds(client) - server
+
+
 async def bounded(work: Any, deadline: float) -> Any:
     """``work`` (a coroutine), cancelled with a ``TimeoutError`` at ``deadline`` (monotonic): the run ends itself."""
     try:
@@ -331,7 +352,7 @@ async def run_levels(
             rounds = min(settings["rounds"], max(1, len(requests) // concurrency))  # every client busy in a round
             for turn, size in enumerate(split_rounds(len(requests), rounds)):
                 for name in names[turn % len(names) :] + names[: turn % len(names)]:
-                    await closed_loop(client, name, requests[start : start + size], concurrency, tallies[name])
+                    await measured_round(client, name, requests[start : start + size], concurrency, tallies[name])
                 start += size
             after = await batch_counters(client)
             for name, tally in tallies.items():
@@ -384,6 +405,8 @@ def summarize(
                     "p50_ms": percentile(ms, 50),
                     "p99_ms": percentile(ms, 99),
                     "mean_batch_size": batch,
+                    "server_cpu_ms_per_text": _ratio(1000 * tally.server_cpu, tally.texts),
+                    "client_cpu_ms_per_text": _ratio(1000 * tally.client_cpu, tally.texts),
                 }
             )
     for cell in cells:
@@ -415,6 +438,8 @@ COLUMNS = {  # the table both reports show, one row per (concurrency, runtime, r
     "p50": lambda cell: _fmt(cell["p50_ms"], "{:.0f} ms"),
     "p99": lambda cell: _fmt(cell["p99_ms"], "{:.0f} ms"),
     "texts/call": lambda cell: _fmt(cell["mean_batch_size"], "{:.1f}"),
+    "CPU ms/text server": lambda cell: _fmt(cell.get("server_cpu_ms_per_text"), "{:.1f}"),
+    "CPU ms/text load gen.": lambda cell: _fmt(cell.get("client_cpu_ms_per_text"), "{:.1f}"),
     "texts/s vs r=1 (PyTorch)": lambda cell: _fmt(cell["throughput_vs_r1"], "{:.2f}x"),
     "p99 vs r=1 (PyTorch)": lambda cell: _fmt(cell["p99_vs_r1"], "{:.2f}x"),
 }

@@ -9,6 +9,7 @@ import asyncio
 import copy
 import logging
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -380,6 +381,11 @@ class Metrics:
         out.append("# HELP coda_model_calls_total Model calls: mixed (several adapters in one call) or single (one).")
         out.append("# TYPE coda_model_calls_total counter")
         out += [f'coda_model_calls_total{{mode="{mode}"}} {count}' for mode, count in sorted(self.model_calls.items())]
+        # the standard process metric: CPU of every thread (the event loop, the worker, torch's pool), which
+        # `coda loadtest` divides by the texts answered
+        out.append("# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.")
+        out.append("# TYPE process_cpu_seconds_total counter")
+        out.append(f"process_cpu_seconds_total {time.process_time()!r}")
         return "\n".join(out) + "\n"
 
 
