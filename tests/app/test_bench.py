@@ -11,6 +11,7 @@ from coda_adapters.app.bench import (
     build_variants,
     flop_ratio,
     layer_flops,
+    lower_precision,
     quantize_frozen_linears,
     run_benchmark,
     soft_topk_report,
@@ -64,6 +65,24 @@ def test_int8_quantisation_keeps_outputs_close_and_adapters_in_float():
     assert (after - before).abs().max() < 0.1 * before.abs().max()
 
 
+def test_bf16_keeps_outputs_and_routing_close_and_every_weight_in_bfloat16():
+    torch.manual_seed(0)
+    coda = get_coda_model(tiny_model("bert", hidden_size=64, intermediate_size=128), CodaConfig(reduction=2))
+    ids = random_ids(4, 32)
+    with torch.no_grad():
+        before, chosen_before = coda(input_ids=ids).last_hidden_state, coda.routing_trace()
+        lower_precision(coda, "bf16")
+        after, chosen_after = coda(input_ids=ids).last_hidden_state, coda.routing_trace()
+    assert {p.dtype for p in coda.parameters()} == {torch.bfloat16} and after.dtype == torch.bfloat16
+    assert (after.float() - before).abs().max() < 0.05 * before.abs().max()
+    # the routers score in float32: bfloat16 hidden states change few of the choices
+    for layer, old in chosen_before.items():
+        same = (old.unsqueeze(-1) == chosen_after[layer].unsqueeze(-2)).any(-1).float().mean()
+        assert same >= 0.8
+    with pytest.raises(ValueError, match="--quantize must be one of"):
+        lower_precision(coda, "fp16")
+
+
 @pytest.mark.slow
 def test_benchmark_rows_have_the_contract_keys(tmp_path):
     rows = run_benchmark(
@@ -100,6 +119,7 @@ def test_benchmark_rows_have_the_contract_keys(tmp_path):
         (dict(reductions=[3, 5]), "--reductions must include 1"),
         (dict(reductions=[1, 0.5]), "--reductions must be a finite number >= 1, got 0.5"),
         (dict(quantize="int4"), "--quantize must be one of"),
+        (dict(quantize="bf16", runtime="onnxruntime"), "--quantize bf16 cannot be combined with --runtime onnxruntime"),
     ],
 )
 def test_bad_benchmark_arguments_fail_before_any_work(kwargs, message):

@@ -240,6 +240,9 @@ def test_coda_export_and_eval_with_onnxruntime_from_the_command_line(classifier_
         assert main(argv) == 0
         runs[runtime] = json.loads(metrics.read_text())
     assert runs["onnxruntime"]["confusion_matrix"] == runs["pytorch"]["confusion_matrix"]
+    bf16 = ["eval", "--adapter", str(out), "--data", str(data), "--runtime", "onnxruntime", "--quantize", "bf16"]
+    assert main(bf16) == 2
+    assert "--quantize bf16 runs on --runtime pytorch only" in capsys.readouterr().err
     assert main(["export", "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "missing: no such directory" in capsys.readouterr().err
 

@@ -212,8 +212,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "int8"],
-        help="int8 dynamic quantisation of the frozen layers' linear layers",
+        choices=["none", "int8", "bf16"],
+        help="int8: dynamic quantisation of the frozen layers' linear layers; bf16: every weight in bfloat16 "
+        "(PyTorch only)",
     )
     parser.add_argument(
         "--runtime",
@@ -235,14 +236,15 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.runtime == "onnxruntime":
         from .onnx_classifier import OnnxClassifier, evaluate_onnx
 
+        if args.quantize == "bf16":
+            raise CommandError("--quantize bf16 runs on --runtime pytorch only (an export is float32 or int8)")
         classifier = OnnxClassifier(args.adapter, int8=args.quantize == "int8")
         names = classifier.label_names
     else:
-        model, tokenizer, task = load_classifier(args.adapter)
-        if args.quantize == "int8":
-            from .bench import quantize_frozen_linears
+        from .bench import lower_precision
 
-            quantize_frozen_linears(model)
+        model, tokenizer, task = load_classifier(args.adapter)
+        lower_precision(model, args.quantize)
         names = task["label_names"]
     if args.data in BUILTIN_DATASETS:
         task = read_task(args.adapter)  # a built-in dataset is evaluated as the adapter was trained: its test split

@@ -129,9 +129,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "int8"],
-        help="int8 dynamic quantisation of the frozen layers' linear layers (with --runtime onnxruntime: also "
-        "time the int8 graphs of `coda export --int8`; PyTorch stays float)",
+        choices=["none", "int8", "bf16"],
+        help="int8: dynamic quantisation of the frozen layers' linear layers (with --runtime onnxruntime: also "
+        "time the int8 graphs of `coda export --int8`; PyTorch stays float); bf16: every weight in bfloat16 "
+        "(PyTorch only); either way `vs float` is against the float32 dense adapter",
     )
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length padded batches")
     parser.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler)")
