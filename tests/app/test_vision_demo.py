@@ -489,6 +489,27 @@ def test_the_anywhere_demo_caches_its_backbone_apart_and_names_its_task(tmp_path
     assert vision_demo.demo_settings() == vision_demo.FULL
 
 
+def test_attention_router_init_fits_the_routed_variants_only_and_reaches_the_command_line(tmp_path, monkeypatch):
+    from coda_adapters.app.cli import main
+
+    settings = dataclasses.replace(QUICK, reductions=(1, 3), router_init="attention", mnist_pretrain_epochs=1)
+    results = run_vision_demo(
+        tmp_path / "out", cache_dir=tmp_path / "cache", settings=settings, save_adapters=False, show_progress=False
+    )
+    variants = results["variants"]
+    assert variants["dense adapter (r=1)"]["router_init_fit"] is None
+    fit = variants["CoDA r=3"]["router_init_fit"]  # fitted before CoDA pretraining, on MNIST images
+    assert sorted(fit) == ["0", "1"] and all(0 < value <= 1 for value in fit.values())
+    assert "router_init_fit" not in variants["CoDA r=3"]["mnist_pretraining"]
+    with pytest.raises(ValueError, match="--router-init must be one of"):
+        dataclasses.replace(QUICK, router_init="norm")
+    seen = {}
+    monkeypatch.setattr(vision_demo, "run_vision_demo", lambda out, **kwargs: seen.update(kwargs))
+    (tmp_path / "results.md").write_text("report")
+    main(["vision", "--quick", "--out", str(tmp_path), "--router-init", "attention"])
+    assert seen["settings"].router_init == "attention"
+
+
 def ink_box(image: torch.Tensor) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the ink of one image ``[1, H, W]``, bottom and right exclusive."""
     from coda_adapters.app.vision_data import BACKGROUND

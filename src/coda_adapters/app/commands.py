@@ -380,6 +380,12 @@ def add_vision_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the CoDA variants' routers: learned, or random (the compute-matched baseline; default: learned)",
     )
     parser.add_argument(
+        "--router-init",
+        choices=("random", "attention"),
+        help="how learned routers start: random (default), or fitted to the attention each token receives in the "
+        "frozen backbone (ridge regression on 256 training images; coda_adapters.router_init)",
+    )
+    parser.add_argument(
         "--baselines",
         action="store_true",
         help="beside every CoDA reduction r, the compute-matched baselines: the dense adapter on the central "
@@ -409,6 +415,7 @@ def run_vision(args: argparse.Namespace) -> None:
     recipe["keep_best"] = False if args.keep_last else None
     settings = with_adaptation(settings, **given(recipe))
     chosen = {"epsilon": args.epsilon, "router": args.router, "mnist_pretrain_epochs": args.mnist_pretrain_epochs}
+    chosen["router_init"] = args.router_init
     chosen["baselines"] = True if args.baselines else None
     settings = replace(settings, **given(chosen))
     if len(args.seeds) == 1:

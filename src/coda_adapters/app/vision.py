@@ -49,6 +49,7 @@ import torch
 from ..config import ROUTER_KINDS, CodaConfig, check_choice, check_int, check_number
 from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
+from ..router_init import init_routers_from_attention
 from .bench import flop_ratio, inference_step, layer_flops, time_interleaved, training_step
 from .classify import library_versions
 from .loop import Optimization, OptimizerConfig, best_epoch, epoch_order, run_epoch, warmed_up_reduction
@@ -76,6 +77,8 @@ REPORT_NAME = "results.md"
 SUMMARY_NAME = "summary.json"  # of a run over several seeds (run_vision_seeds)
 SUMMARY_REPORT_NAME = "summary.md"
 DEFAULT_CACHE_DIR = Path("~/.cache/coda-adapters/vit-mnist5k")
+ROUTER_INITS = ("random", "attention")  # DemoSettings.router_init
+CALIBRATION_IMAGES = 256  # training images the "attention" router initialisation is fitted on
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +160,9 @@ class DemoSettings:
     epsilon: float = 0.03  # the routers' soft top-k entropy weight (CodaConfig.epsilon)
     # the CoDA variants' routers (CodaConfig.router): "random" is the compute-matched baseline of a learned one
     router: str = "learned"
+    # how learned routers start: "random" (Router's default) or "attention", fitted to the attention each token
+    # receives in the frozen backbone (coda_adapters.router_init), on CALIBRATION_IMAGES training images
+    router_init: str = "random"
     # compute-matched baselines beside every CoDA reduction r: the dense adapter on the central ceil(n / r)
     # tokens (the crop, images' counterpart of truncation) and, with learned routers, CoDA with random routers
     baselines: bool = False
@@ -175,6 +181,7 @@ class DemoSettings:
         check_number("--epsilon", self.epsilon, above=0)
         check_int("--mnist-pretrain-epochs", self.mnist_pretrain_epochs, low=0)
         check_choice("--router", self.router, ROUTER_KINDS)
+        check_choice("--router-init", self.router_init, ROUTER_INITS)
         check_choice("--placement", self.placement, PLACEMENTS)
 
     @classmethod
@@ -510,6 +517,18 @@ def wrap_variant(base: Any, variant: Variant, settings: DemoSettings) -> CodaMod
     return model
 
 
+def initialise_routers(
+    model: CodaModel, variant: Variant, images: Images, settings: DemoSettings
+) -> dict[str, float] | None:
+    """With ``settings.router_init == "attention"``, fit a routed variant's learned routers to the attention
+    their layers' tokens receive in the frozen backbone, on the first ``CALIBRATION_IMAGES`` of ``images``;
+    returns the fit's correlation per routed layer (None when nothing was fitted)."""
+    if settings.router_init != "attention" or variant.reduction == 1 or variant.router != "learned":
+        return None
+    fits = init_routers_from_attention(model, {"pixel_values": images.pixels[:CALIBRATION_IMAGES]})
+    return {str(index): round(fit, 4) for index, fit in fits.items()} or None
+
+
 def adapt_variant(
     cache_dir: Path,
     task: DigitsTask,
@@ -521,7 +540,8 @@ def adapt_variant(
     1 is the dense adapter) and train the adapters, routers and head on ``task.train`` (after
     ``settings.mnist_pretrain_epochs`` of CoDA pretraining on MNIST); returns the model (eval mode) and its
     record. The head's and the routers' initial weights, like the order of the batches, come from
-    ``settings.adapt.seed``."""
+    ``settings.adapt.seed``; with ``settings.router_init == "attention"`` the routers are then fitted to the
+    backbone's attention (:func:`initialise_routers`, the fit in the record's ``router_init_fit``)."""
     if not isinstance(variant, Variant):
         variant = coda_variant(variant, settings.router)
     seed = settings.adapt.seed
@@ -533,11 +553,13 @@ def adapt_variant(
     }
     if settings.mnist_pretrain_epochs:
         model, record["mnist_pretraining"] = pretrain_on_mnist(cache_dir, variant, settings, show_progress)
+        record["router_init_fit"] = record["mnist_pretraining"].pop("router_init_fit")  # fitted on MNIST images
         reset_head(model.model, seed)  # the fresh head load_with_fresh_head gives
     else:
         base = load_with_fresh_head(cache_dir, seed)
         torch.manual_seed(seed)
         model = wrap_variant(base, variant, settings)
+        record["router_init_fit"] = initialise_routers(model, variant, task.train, settings)
     name = variant.name
     history = fit(
         model,
@@ -572,11 +594,13 @@ def pretrain_on_mnist(
     torch.manual_seed(settings.adapt.seed)
     model = wrap_variant(ViTForImageClassification.from_pretrained(cache_dir), variant, settings)
     train, heldout = mnist_split(settings)
+    fits = initialise_routers(model, variant, train, settings)
     recipe = replace(settings.adapt, epochs=settings.mnist_pretrain_epochs)
     desc = f"CoDA pretraining on MNIST, {variant.name}"
     fit(model, train, recipe, desc=desc, show_progress=show_progress, move_anywhere=settings.placement == "anywhere")
     seconds = time.perf_counter() - start
-    return model, {"epochs": recipe.epochs, "seconds": seconds, "mnist_heldout_accuracy": accuracy(model, heldout)}
+    record = {"epochs": recipe.epochs, "seconds": seconds, "mnist_heldout_accuracy": accuracy(model, heldout)}
+    return model, record | {"router_init_fit": fits}
 
 
 def variant_name(reduction: float, router: str = "learned") -> str:

@@ -1,0 +1,88 @@
+"""Router initialisation from the frozen model's attention: the target against a loop reference, the fit
+checked by recomputing it from an independent eager forward, and what it must leave alone."""
+
+import pytest
+import torch
+
+from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters.router_init import attention_received, init_routers_from_attention
+
+from helpers import images, padded_batch, tiny_model
+
+
+def test_attention_received_averages_heads_and_real_queries_only():
+    generator = torch.Generator().manual_seed(0)
+    attentions = torch.rand(2, 3, 5, 5, generator=generator).softmax(dim=-1)
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    reference = torch.zeros(2, 5)
+    for b in range(2):
+        queries = [q for q in range(5) if valid[b, q]]
+        for key in range(5):
+            if valid[b, key]:
+                values = [float(attentions[b, h, q, key]) for h in range(3) for q in queries]
+                reference[b, key] = sum(values) / len(values)
+    assert torch.allclose(attention_received(attentions, valid), reference, atol=1e-6)
+
+
+def eager_reference(base, inputs):
+    """Hidden states entering each layer and attention received in it, from a plain eager forward of ``base``."""
+    implementation = base.config._attn_implementation
+    base.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = base(**inputs, output_attentions=True, output_hidden_states=True)
+    base.set_attn_implementation(implementation)
+    return out.hidden_states, out.attentions
+
+
+def correlation(scores, target, valid):
+    """Pearson correlation of per-example centred scores and targets over the real tokens."""
+
+    def centred(values):
+        mean = (values * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
+        return ((values - mean) * valid)[valid]
+
+    return float(torch.corrcoef(torch.stack([centred(scores), centred(target)]))[0, 1])
+
+
+def test_routers_are_fitted_to_the_attention_their_own_layer_receives():
+    """The returned fit is recomputed from an independent eager forward of the frozen model: scores of router i on
+    the hidden states entering layer i against the attention received in layer i (not i - 1 or i + 1)."""
+    base = tiny_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=3)
+    ids, mask = padded_batch([40, 40, 31, 40, 22, 40, 40, 35], 40)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    hidden_states, attentions = eager_reference(base, inputs)
+    coda = get_coda_model(base, CodaConfig(reduction=3)).train()
+    fits = init_routers_from_attention(coda, inputs)
+    valid = mask.bool()
+    assert sorted(fits) == [0, 1, 2]
+    for index, layer in coda.conditional_layers().items():
+        scores = layer.router.scores(hidden_states[index]).detach()
+        target = attention_received(attentions[index], valid)
+        assert correlation(scores, target, valid) == pytest.approx(fits[index], abs=1e-4)
+        assert fits[index] > 0.5
+        # the scale of the default initialisation: scores with a standard deviation of 1 within an example
+        mean = (scores * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
+        assert float(((scores - mean) * valid)[valid].std()) == pytest.approx(1.0, abs=0.02)
+    assert base.config._attn_implementation == "sdpa"  # the pass ran eager and gave the model back
+    assert coda.training and coda.reduction == 3  # in train mode as it came (the pass ran in eval mode)
+
+
+def test_only_learned_routers_of_routed_layers_change():
+    base = tiny_model("vit", head=True)
+    coda = get_coda_model(base, CodaConfig(reduction=2, dense_layers=[0]))
+    before = {name: p.clone() for name, p in coda.named_parameters()}
+    fits = init_routers_from_attention(coda, {"pixel_values": images(batch=4, size=base.config.image_size)})
+    changed = {name for name, p in coda.named_parameters() if not torch.equal(p, before[name])}
+    routed = [index for index, layer in coda.conditional_layers().items() if layer.router is not None]
+    assert sorted(fits) == routed and 0 not in routed
+    assert changed and all(".router." in name for name in changed)
+    assert len(changed) == len(routed)
+
+    random = get_coda_model(tiny_model("vit", head=True), CodaConfig(reduction=2, router="random"))
+    assert init_routers_from_attention(random, {"pixel_values": images(batch=2, size=base.config.image_size)}) == {}
+
+
+def test_ridge_must_be_positive():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=2))
+    with pytest.raises(ValueError, match="ridge must be"):
+        init_routers_from_attention(coda, {"input_ids": padded_batch([4, 4], 4)[0]}, ridge=0)
