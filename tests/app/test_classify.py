@@ -53,6 +53,38 @@ def test_reduction_warmup_trains_from_dense_to_r_and_validates_and_saves_at_r(tm
         TrainConfig(dense_start=0.6, reduction_warmup=0.5)
 
 
+def test_router_init_attention_fits_the_routers_on_training_texts_before_the_first_step(
+    tmp_path, minilm_tokenizer, monkeypatch
+):
+    from coda_adapters.app import classify
+
+    model = get_coda_model(
+        tiny_model("bert", head=True, vocab_size=minilm_tokenizer.vocab_size), CodaConfig(reduction=2)
+    )
+    texts = [f"document number {i} about topic {i % 3} and more words" for i in range(20)]
+    data = ClassificationData(
+        LabelledTexts(texts, [i % 3 for i in range(20)]), LabelledTexts(texts[:6], [0, 1, 2] * 2), list("abc"), "t"
+    )
+    events = []
+    real = classify.init_routers_from_attention
+
+    def spy(coda, inputs):
+        events.append(("init", len(inputs["input_ids"]), "labels" in inputs))
+        return real(coda, inputs)
+
+    monkeypatch.setattr(classify, "init_routers_from_attention", spy)
+    model.model.register_forward_pre_hook(lambda m, a: events.append(("forward", m.training)))
+    config = TrainConfig(epochs=1, min_steps=0, batch_size=4, max_length=16, val_size=0, router_init="attention")
+    metrics = train_classifier(
+        model, minilm_tokenizer, data, config, tmp_path, model_name="minilm", show_progress=False
+    )
+    first_training = events.index(("forward", True))
+    assert events[:first_training].count(("init", 20, False)) == 1  # all 20 texts (fewer than 64), no labels
+    assert sorted(metrics["router_init_fit"]) == ["0", "1"] and metrics["train_config"]["router_init"] == "attention"
+    with pytest.raises(ValueError, match="--router-init must be one of"):
+        TrainConfig(router_init="norm")
+
+
 @pytest.mark.parametrize("keep_best", [True, False])
 def test_keep_best_ends_with_the_best_validation_epochs_weights(tmp_path, minilm_tokenizer, monkeypatch, keep_best):
     from coda_adapters.app import classify

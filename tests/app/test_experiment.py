@@ -116,6 +116,10 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         "CoDA r=5, random router",
     ]
     assert added(PRESETS["demo"]) == ["Dense adapter, first 43 tokens", "CoDA r=3, random router"]
+    # fitted routers share their reduction's baselines with the plain ones
+    assert added(PRESETS["needle-router-init"]) == added(PRESETS["needle"])
+    fitted = [row for row in PRESETS["needle-router-init"].rows if row.train.get("router_init") == "attention"]
+    assert [row_coda_config(PRESETS["needle"], row).reduction for row in fitted] == [3, 5]
     assert PRESETS["needle"].data == PRESETS["demo"].data == "bbc-needle" and PRESETS["routing"].data == "bbc-news"
     assert not PRESETS["smoke"].baselines and experiment_rows(PRESETS["smoke"]) == PRESETS["smoke"].rows
 

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import WEIGHTS_NAME, read_adapter_weights, read_coda_config
-from ..config import CodaConfig, check_int, check_number, option
+from ..config import CodaConfig, check_choice, check_int, check_number, option
 from ..files import read_json_object, write_json
 from ..model import CodaModel, get_coda_model
+from ..router_init import init_routers_from_attention
 from ..version import __version__
 from .data import ClassificationData, LabelledTexts, stratified_split
 from .loop import (
@@ -42,6 +43,8 @@ from .options import flag
 
 TASK_NAME = "coda_task.json"
 METRICS_NAME = "metrics.json"
+ROUTER_INITS = ("random", "attention")  # TrainConfig.router_init
+CALIBRATION_EXAMPLES = 64  # training examples the "attention" router initialisation is fitted on
 
 
 @dataclass
@@ -68,6 +71,14 @@ class TrainConfig(OptimizerConfig):
         1 / 3, "share of the steps, after --dense-start, over which the kept share of tokens falls from all to 1/r"
     )
     eval_batch_size: int = option(32, "examples per batch in evaluation")
+    # Routers that start by scoring what the frozen model attends to (coda_adapters.router_init, the
+    # importance signal of learned token pruning); on the ViT demo with digits anywhere (README) it lifted r = 3
+    router_init: str = option(
+        "random",
+        "how learned routers start: random, or attention (fitted to the attention each token receives in the "
+        "frozen model, on the first 64 training examples)",
+        choices=ROUTER_INITS,
+    )
     # Distillation from a trained dense adapter, as DynamicViT trains its token pruning against the
     # unpruned model: the teacher's class distribution tells the routed model more than the label alone
     teacher: str | None = option(
@@ -83,6 +94,7 @@ class TrainConfig(OptimizerConfig):
         check_int(flag("epochs"), self.epochs, low=1)
         check_int(flag("min_steps"), self.min_steps, low=0)
         check_int(flag("eval_batch_size"), self.eval_batch_size, low=1)
+        check_choice(flag("router_init"), self.router_init, ROUTER_INITS)
         check_number(flag("val_size"), self.val_size, low=0, below=1)
         if self.keep_best and self.val_size == 0:
             raise ValueError(f"{flag('keep_best')} needs a validation split: set {flag('val_size')} above 0")
@@ -338,6 +350,11 @@ def train_classifier(
     optimization = Optimization(model, config, steps_per_epoch * epochs)
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
+    router_init_fit = None
+    if config.router_init == "attention":  # before resuming: a checkpoint then overwrites the fitted weights
+        calibration = encoded.batch(list(range(min(CALIBRATION_EXAMPLES, len(encoded)))))
+        calibration.pop("labels", None)
+        router_init_fit = {str(index): fit for index, fit in init_routers_from_attention(model, calibration).items()}
     if resume:
         state = resume_from_checkpoint(out_dir, model, optimization)
         start_epoch, train_seconds, history = state["epoch"], state["train_seconds"], state["history"]
@@ -410,6 +427,7 @@ def train_classifier(
             "train_examples": len(train_part.texts),
             "validation_examples": 0 if val_part is None else len(val_part.texts),
             "history": history,
+            "router_init_fit": router_init_fit,  # per routed layer, with --router-init attention
             "processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
         }

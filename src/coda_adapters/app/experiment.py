@@ -177,6 +177,23 @@ PRESETS = {
         pretrain=PretrainConfig(steps=1, max_length=128),  # unused
         data="bbc-needle",
     ),
+    # Routers fitted to the frozen model's attention before training (TrainConfig.router_init), beside plain
+    # routers, on bbc-needle at r = 3 and 5 (`coda experiment --preset needle-router-init --seeds 0 1 2`)
+    "needle-router-init": Preset(
+        rows=[Row(DENSE, {"reduction": 1})]
+        + [
+            row
+            for r in (3, 5)
+            for row in (
+                Row(f"CoDA r={r}", {"reduction": r}),
+                Row(f"CoDA r={r}, routers fitted to attention", {"reduction": r}, train={"router_init": "attention"}),
+            )
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
+        pretrain=PretrainConfig(steps=1, max_length=128),  # unused
+        baselines=True,
+        data="bbc-needle",
+    ),
     # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
     # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
     # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`
