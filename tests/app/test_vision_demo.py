@@ -441,6 +441,21 @@ def test_demo_settings_come_back_from_the_json_a_run_records(placement):
     assert vision_demo.DemoSettings.from_dict(json.loads(json.dumps(dataclasses.asdict(QUICK)))) == QUICK
 
 
+def test_a_finished_run_is_found_by_its_settings_also_when_it_predates_a_setting(tmp_path):
+    settings = vision_demo.adapt_seed(QUICK, 1)
+    recorded = json.loads(json.dumps(dataclasses.asdict(settings)))
+    del recorded["router_init"]  # a run made before the option existed ran with its default
+    (tmp_path / vision_demo.RESULTS_NAME).write_text(json.dumps({"settings": recorded, "quick": True}))
+    assert vision_demo.finished_run(tmp_path, settings, quick=True) is not None
+    assert vision_demo.finished_run(tmp_path, settings, quick=False) is None
+    assert (
+        vision_demo.finished_run(tmp_path, dataclasses.replace(settings, router_init="attention"), quick=True) is None
+    )
+    assert vision_demo.finished_run(tmp_path, vision_demo.adapt_seed(QUICK, 2), quick=True) is None
+    (tmp_path / vision_demo.RESULTS_NAME).write_text(json.dumps({"settings": {"shape": 3}, "quick": True}))
+    assert vision_demo.finished_run(tmp_path, settings, quick=True) is None
+
+
 def test_the_ink_recall_example_reloads_each_routed_adapter_of_a_run(first_run):
     """examples/vision_ink_recall.py: the same test split and adapter as the run (same accuracy)."""
     root, results = first_run

@@ -36,7 +36,6 @@ gives mean and spread).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import statistics
 import time
@@ -766,8 +765,11 @@ def finished_run(out_dir: Path, settings: DemoSettings, quick: bool) -> dict[str
     if not path.is_file():
         return None
     results = read_json_object(path)
-    same = results.get("settings") == json.loads(json.dumps(asdict(settings))) and results.get("quick") == quick
-    return results if same else None
+    try:  # through from_dict: a setting added since the run was made takes its default (what the run did)
+        recorded = DemoSettings.from_dict(results.get("settings") or {})
+    except (TypeError, KeyError, ValueError):  # settings of another shape: not this run
+        return None
+    return results if recorded == settings and results.get("quick") == quick else None
 
 
 def adapt_seed(settings: DemoSettings, seed: int) -> DemoSettings:
