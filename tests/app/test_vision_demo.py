@@ -39,6 +39,7 @@ VARIANT_KEYS = {
     "train_step_ms",
     "train_step_speedup",
     "flop_speedup",
+    "router_init_fit",
 }
 
 
