@@ -120,6 +120,13 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
     assert added(PRESETS["needle-router-init"]) == added(PRESETS["needle"])
     fitted = [row for row in PRESETS["needle-router-init"].rows if row.train.get("router_init") == "attention"]
     assert [row_coda_config(PRESETS["needle"], row).reduction for row in fitted] == [3, 5]
+    softer = [row_coda_config(PRESETS["needle-epsilon"], row) for row in PRESETS["needle-epsilon"].rows]
+    assert [(c.reduction, c.epsilon) for c in softer] == [(1, 0.1), (3, 0.1), (3, 0.3), (5, 0.1), (5, 0.3)]
+    # the rows without the change are the needle preset's runs, shared through one output directory
+    shared = {row.slug for row in experiment_rows(PRESETS["needle-router-init"])}
+    assert shared & {row.slug for row in experiment_rows(PRESETS["needle-epsilon"])} == {
+        row.slug for row in experiment_rows(PRESETS["needle"]) if "warm-up" not in row.name
+    }
     assert PRESETS["needle"].data == PRESETS["demo"].data == "bbc-needle" and PRESETS["routing"].data == "bbc-news"
     assert not PRESETS["smoke"].baselines and experiment_rows(PRESETS["smoke"]) == PRESETS["smoke"].rows
 
