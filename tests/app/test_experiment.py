@@ -120,6 +120,15 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
     assert added(PRESETS["needle-router-init"]) == added(PRESETS["needle"])
     fitted = [row for row in PRESETS["needle-router-init"].rows if row.train.get("router_init") == "attention"]
     assert [row_coda_config(PRESETS["needle"], row).reduction for row in fitted] == [3, 5]
+    bbc = PRESETS["bbc-router-init"]
+    assert (bbc.data, bbc.train.max_length) == ("bbc-news", 256)
+    assert [row.slug for row in experiment_rows(bbc)] == [
+        "dense-parallel-adapter-r-1",
+        "coda-r-5",
+        "coda-r-5-routers-fitted-to-attention",
+        "dense-adapter-first-52-tokens",
+        "coda-r-5-random-router",
+    ]
     softer = [row_coda_config(PRESETS["needle-epsilon"], row) for row in PRESETS["needle-epsilon"].rows]
     assert [(c.reduction, c.epsilon) for c in softer] == [(1, 0.1), (3, 0.1), (3, 0.3), (5, 0.1), (5, 0.3)]
     # the rows without the change are the needle preset's runs, shared through one output directory

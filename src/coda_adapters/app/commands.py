@@ -37,6 +37,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle-ablation",
             "needle-router-init",
             "needle-epsilon",
+            "bbc-router-init",
             "prior",
             "prior-r5",
             "prior-needle",
@@ -48,7 +49,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         ],
         help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; r = 3 "
         "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; routers "
-        "fitted to the frozen model's attention there; a softer soft top-k there; "
+        "fitted to the frozen model's attention there; a softer soft top-k there; fitted routers on BBC News at r = 5; "
         "half of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle; r = 8 and 16 "
         "without warm-up; the short demo; the MPNet point; the adapter-kinds table; a smoke test",
     )
