@@ -49,6 +49,7 @@ def run(tiny_base, tmp_path_factory):
         rounds=2,
         timeout=120,
         runtimes=RUNTIMES,
+        quantize="bf16",  # the PyTorch adapters (ONNX Runtime's are float and int8 whatever this says)
     )
     return out, report
 
@@ -81,6 +82,8 @@ def test_report_files_are_written(run):
     assert not list(out.glob(".*tmp*")) and not list((out / "adapters").glob("*.partial"))
     terminal = format_load_report(report).splitlines()
     assert len(terminal) == 2 + cells and "server exit code 0" in terminal[0]
+    assert "PyTorch adapters in bf16" in terminal[0] and report["quantize"] == "bf16"
+    assert "loaded 6 adapter(s) on 1 backbone(s); PyTorch adapters in bf16" in (out / "server.log").read_text()
     assert sorted(p.name for p in (out / "exports").iterdir()) == ["r1", "r3"]
 
 
@@ -129,6 +132,7 @@ def test_helpers_and_settings_checks(tmp_path):
         (dict(seq_len=-1), "--seq-len"),
         (dict(runtimes=("onnxruntime",)), "--runtimes must .* include pytorch"),
         (dict(runtimes=("pytorch", "tensorrt")), "--runtimes"),
+        (dict(quantize="int8"), "--quantize must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
             run_load_test(tmp_path, **bad)
@@ -147,3 +151,7 @@ def test_command_line_options_have_help_and_reach_run_load_test(monkeypatch):
     out, options = calls[0]
     assert out == "x" and options["reductions"] == [1.0, 2.0] and options["requests_per_level"] == 9
     assert options["concurrency"] == [1, 4, 16] and options["seq_len"] == 256 and options["threads"] == 1
+    assert options["quantize"] == "none"
+    args = parser.parse_args(["loadtest", "--quantize", "bf16"])
+    args.run(args)
+    assert calls[1][1]["quantize"] == "bf16"

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 
+from coda_adapters.app.bench import lower_precision
 from coda_adapters.app.classify import Encoded, load_classifier, predict_probabilities
 from coda_adapters.app.serve import build_app, parse_adapter_options
 from coda_adapters.app.serving import ServeSettings
@@ -279,6 +280,8 @@ def test_parse_adapter_options_and_settings_are_checked():
     for field, value in [("max_batch_size", 0), ("max_queue", 1.5), ("max_wait_ms", -1), ("threads", 0)]:
         with pytest.raises(ValueError, match=field.replace("_", "-")):
             ServeSettings(**{field: value})
+    with pytest.raises(ValueError, match=r"--quantize .*'none', 'bf16'.*'int8'"):
+        ServeSettings(quantize="int8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +340,26 @@ def test_overload_answers_only_200_or_503_and_loses_nothing(adapters, monkeypatc
 
 # --------------------------------------------------------------------------------------------------
 # Mixed-adapter model calls
+def test_bf16_serving_keeps_one_backbone_and_answers_as_each_adapter_alone_in_bf16(adapters):
+    """`coda serve --quantize bf16`: every weight in bfloat16, the frozen backbone still one copy per base, and
+    every adapter (mixed calls included) answers as `coda eval --quantize bf16` computes it alone."""
+    settings = ServeSettings(max_batch_size=16, max_wait_ms=200, quantize="bf16")
+    answers, metrics, app = answers_of_all_adapters_at_once(adapters, settings)
+    served = app.state.service.adapters
+    assert {p.dtype for adapter in served.values() for p in adapter.model.parameters()} == {torch.bfloat16}
+    frozen = {name: {p.data_ptr() for p in served[name].model.parameters() if not p.requires_grad} for name in served}
+    assert frozen["topics"] == frozen["topics2"] and frozen["yesno"] == frozen["topics3"]
+    assert metrics['coda_model_calls_total{mode="mixed"}'] >= 1
+    for name, response in answers.items():
+        model, tokenizer, task = load_classifier(adapters[name])
+        in_float = predict_probabilities(model, Encoded(tokenizer, TEXTS, None, task["max_length"]), 16)[0]
+        lower_precision(model, "bf16")
+        alone = predict_probabilities(model, Encoded(tokenizer, TEXTS, None, task["max_length"]), 16)[0]
+        got = served_probabilities(response)
+        assert torch.allclose(got, alone, atol=1e-5), name
+        assert not torch.equal(got, in_float), name  # it did run in bfloat16
+
+
 # --------------------------------------------------------------------------------------------------
 
 

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import check_number
+from ..config import check_choice, check_number
 from ..files import atomic_write, read_json_object, write_json
 from .options import add_subcommand, flag, output_directory
+from .serve import SERVE_QUANTIZE_CHOICES
 
 BASELINE = 1.0  # the dense parallel adapter: ratios are against it
 TEXT_SEED = 0  # the order BBC News texts are taken in
@@ -451,11 +452,12 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
 
 def settings_line(report: dict[str, Any]) -> str:
     threads = report["threads"] if report["threads"] is not None else "torch's default"
+    precision = ", PyTorch adapters in bf16" if report.get("quantize", "none") == "bf16" else ""
     return (
         f"{report['model']}, {report['texts_per_request']} text(s) of {report['seq_len']} tokens per request, "
         f"{report['requests_per_level']} requests per adapter and level in {report['rounds']} rounds; "
         f"server: --max-batch-size {report['max_batch_size']}, --max-wait-ms {report['max_wait_ms']:g}, "
-        f"threads {threads}; {report['cpus']} CPUs shared with the load generator; "
+        f"threads {threads}{precision}; {report['cpus']} CPUs shared with the load generator; "
         f"server exit code {report['server_exit_code']}, {report['wall_seconds']:.0f} s in all"
     )
 
@@ -544,8 +546,10 @@ def run_load_test(
     rounds: int = 4,
     timeout: float = 1800,
     runtimes: tuple[str, ...] = ("pytorch",),
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """Build the adapters, serve them, load the server level by level, stop it; write and return the report.
+    ``quantize="bf16"`` serves the PyTorch adapters in bfloat16 (``coda serve --quantize bf16``).
 
     The run is bounded: a fixed number of requests per adapter and level, and ``timeout`` seconds in all
     (a ``TimeoutError`` then). The server is stopped with SIGTERM whatever happens; an exit code other than
@@ -558,6 +562,7 @@ def run_load_test(
     del settings["out_dir"]
     numbers = dict(requests=requests_per_level, texts_per_request=texts_per_request, seq_len=seq_len, rounds=rounds)
     check_settings(reductions, concurrency, runtimes, {**numbers, "threads": threads, "timeout": timeout})
+    check_choice(flag("quantize"), quantize, SERVE_QUANTIZE_CHOICES)
     begin = time.monotonic()
     out = output_directory(out_dir)
     texts, labels = request_texts(model, seq_len, min(256, requests_per_level * texts_per_request))
@@ -566,6 +571,7 @@ def run_load_test(
     options = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
     options += ["--max-queue", str(max(256, max(concurrency) * texts_per_request))]  # measure latency, not refusals
     options += ["--threads", str(threads)] if threads is not None else []
+    options += ["--quantize", quantize] if quantize != "none" else []
     with open(out / "server.log", "w", encoding="utf-8") as log:
         process, url = start_server(adapters, options, log)
         try:
@@ -608,6 +614,12 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction) -> None:
         help="serve each adapter on these runtimes too (onnxruntime, int8: its `coda export --int8` output)",
     )
     parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=SERVE_QUANTIZE_CHOICES,
+        help="bf16: the server runs the PyTorch adapters in bfloat16 (`coda serve --quantize bf16`)",
+    )
+    parser.add_argument(
         "--requests",
         dest="requests_per_level",
         metavar="N",
@@ -626,7 +638,7 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_loadtest(args: argparse.Namespace) -> None:
     options = ("model", "reductions", "concurrency", "requests_per_level", "texts_per_request", "seq_len", "threads")
-    options += ("max_batch_size", "max_wait_ms", "timeout", "runtimes")
+    options += ("max_batch_size", "max_wait_ms", "timeout", "runtimes", "quantize")
     report = run_load_test(args.out, **{name: getattr(args, name) for name in options})
     print(format_load_report(report))
     print(f"wrote {Path(args.out, 'loadtest.json')}, loadtest.md and loadtest.png")

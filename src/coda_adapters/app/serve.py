@@ -37,6 +37,9 @@ logger = logging.getLogger("coda.serve")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RETRY_AFTER_SECONDS = "1"
+# --quantize: int8 is served from `coda export --int8` on ONNX Runtime (PyTorch's dynamic int8 would give each
+# adapter its own quantised copy of the shared frozen layers)
+SERVE_QUANTIZE_CHOICES = ("none", "bf16")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,6 +71,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run the requests of adapters that share a base model and shapes in one model call (same answers); "
         "--no-mix-adapters: one model call per adapter",
     )
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=SERVE_QUANTIZE_CHOICES,
+        help="bf16: every PyTorch adapter's weights in bfloat16 (fast on CPUs with AMX or AVX512-BF16; routers "
+        "still select in float32); for int8, serve a `coda export --int8` output",
+    )
     parser.set_defaults(run=run_serve)
 
 
@@ -84,6 +94,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
         mix_adapters=args.mix_adapters,
+        quantize=args.quantize,
     )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -168,7 +179,7 @@ def build_app(adapters: Mapping[str, str | Path], settings: ServeSettings | None
     from .serving import ServeSettings, load_adapters
 
     settings = settings or ServeSettings()
-    return app_for(Service(load_adapters(adapters, threads=settings.threads), settings))
+    return app_for(Service(load_adapters(adapters, threads=settings.threads, quantize=settings.quantize), settings))
 
 
 def app_for(service: Service) -> Any:

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from ..checkpoint import WEIGHTS_NAME, read_adapter_weights, read_coda_config
-from ..config import check_int, check_number
+from ..config import check_choice, check_int, check_number
 from ..model import CodaModel
 from ..stacking import StackedCodaModel, check_stackable
+from .bench import lower_precision
 from .classify import Encoded, length_sorted_batches, predict_probabilities, read_task
 from .options import flag
+from .serve import SERVE_QUANTIZE_CHOICES
 
 logger = logging.getLogger("coda.serve")
 
@@ -40,10 +42,12 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     threads: int | None = None
     mix_adapters: bool = True
+    quantize: str = "none"  # "bf16": every PyTorch adapter's weights in bfloat16 (as `coda eval --quantize bf16`)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes"):
             check_int(flag(name), getattr(self, name), low=1)
+        check_choice(flag("quantize"), self.quantize, SERVE_QUANTIZE_CHOICES)
         if not isinstance(self.mix_adapters, bool):
             raise ValueError(f"{flag('mix_adapters')} must be True or False, got {self.mix_adapters!r}")
         if self.threads is not None:
@@ -114,13 +118,15 @@ def onnx_export_of(path: str | Path) -> tuple[Path, bool] | None:
 
 
 def load_adapters(
-    directories: Mapping[str, str | Path], threads: int | None = None
+    directories: Mapping[str, str | Path], threads: int | None = None, quantize: str = "none"
 ) -> dict[str, ServedAdapter | OnnxServedAdapter]:
     """Load each ``coda train`` output; those naming the same base model share one copy of its weights.
     A ``coda export`` output (or one of its ``.onnx`` files) runs on ONNX Runtime with ``threads`` threads.
 
     The base model of each group is read once (a *reference*); every adapter then gets its own copy of
     the module tree whose frozen parameters are the reference's tensors (see :func:`attach_adapter`).
+    ``quantize="bf16"`` then puts every PyTorch adapter's weights in bfloat16; ``Module.to`` converts a
+    parameter in place (same ``Parameter`` object), so the shared frozen weights stay one copy.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -144,7 +150,12 @@ def load_adapters(
         reference, tokenizer = backbones[key]
         model = attach_adapter(reference, directory, num_labels)
         served[name] = ServedAdapter(name, model, tokenizer, list(task["label_names"]), int(task["max_length"]))
-    logger.info("loaded %d adapter(s) on %d backbone(s)", len(served), len(backbones))
+    check_choice(flag("quantize"), quantize, SERVE_QUANTIZE_CHOICES)
+    for adapter in served.values():
+        if isinstance(adapter, ServedAdapter):
+            lower_precision(adapter.model, quantize)
+    precision = "" if quantize == "none" else f"; PyTorch adapters in {quantize}"
+    logger.info("loaded %d adapter(s) on %d backbone(s)%s", len(served), len(backbones), precision)
     return served
 
 
