@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.router_init import attention_received, init_routers_from_attention
+from coda_adapters.router_init import attention_agreement, attention_received, init_routers_from_attention
 
 from helpers import images, padded_batch, tiny_model
 
@@ -65,6 +65,27 @@ def test_routers_are_fitted_to_the_attention_their_own_layer_receives():
         assert float(((scores - mean) * valid)[valid].std()) == pytest.approx(1.0, abs=0.02)
     assert base.config._attn_implementation == "sdpa"  # the pass ran eager and gave the model back
     assert coda.training and coda.reduction == 3  # in train mode as it came (the pass ran in eval mode)
+
+
+def test_attention_agreement_is_the_fit_over_all_tokens_and_recomputed_over_a_subset():
+    """Over every real token it is the fit that initialisation returned; over a subset (here: all but each
+    example's first two tokens) it is the correlation recomputed from an independent eager forward."""
+    base = tiny_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=3)
+    ids, mask = padded_batch([40, 40, 31, 40, 22, 40, 40, 35], 40)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    hidden_states, attentions = eager_reference(base, inputs)
+    coda = get_coda_model(base, CodaConfig(reduction=3))
+    fits = init_routers_from_attention(coda, inputs)
+    assert attention_agreement(coda, inputs) == pytest.approx(fits, abs=1e-5)
+    later = mask.bool().clone()
+    later[:, :2] = False
+    agreement = attention_agreement(coda, inputs, tokens=later)
+    assert sorted(agreement) == [0, 1, 2]
+    for index, layer in coda.conditional_layers().items():
+        scores = layer.router.scores(hidden_states[index]).detach()
+        target = attention_received(attentions[index], mask.bool())  # attention from every real query
+        assert agreement[index] == pytest.approx(correlation(scores, target, later), abs=1e-4)
+    assert any(abs(agreement[i] - fits[i]) > 5e-4 for i in fits)  # the subset changes the answer: the check bites
 
 
 def test_only_learned_routers_of_routed_layers_change():
