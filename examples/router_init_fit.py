@@ -28,13 +28,11 @@ def special_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 def sink_variance_share(model, inputs: dict[str, torch.Tensor], special: torch.Tensor) -> dict[int, float]:
     """Per routed layer, the share of the per-example centred attention received that the special tokens hold."""
-    from coda_adapters.router_init import _centred, _dense_pass, attention_received
+    from coda_adapters.router_init import _centred, _dense_pass, attention_received, learned_router_layers
 
     _, attentions, valid = _dense_pass(model, inputs)
     shares = {}
-    for index, layer in model.conditional_layers().items():
-        if layer.router is None or layer.router.kind != "learned":
-            continue
+    for index in learned_router_layers(model):
         squared = _centred(attention_received(attentions[index], valid), valid) ** 2
         shares[index] = float(squared[valid & special].sum() / squared[valid].sum())
     return shares

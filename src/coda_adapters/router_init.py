@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from .config import check_number
+from .layer import ConditionalLayer
 from .model import CodaModel
 
 
@@ -51,11 +52,7 @@ def init_routers_from_attention(
     and the target on the calibration batch (how much of the signal a linear router can express).
     """
     check_number("ridge", ridge, above=0)
-    layers = {
-        index: layer
-        for index, layer in model.conditional_layers().items()
-        if layer.router is not None and layer.router.kind == "learned"
-    }
+    layers = learned_router_layers(model)
     if not layers:
         return {}
     hidden_states, attentions, valid = _dense_pass(model, inputs)
@@ -88,13 +85,21 @@ def attention_agreement(
     hidden_states, attentions, valid = _dense_pass(model, inputs)
     chosen = valid if tokens is None else valid & tokens.bool()
     agreement = {}
-    for index, layer in model.conditional_layers().items():
-        if layer.router is None or layer.router.kind != "learned":
-            continue
+    for index, layer in learned_router_layers(model).items():
         scores = _centred(layer.router.scores(hidden_states[index]), chosen)[chosen]
         target = _centred(attention_received(attentions[index], valid), chosen)[chosen]
         agreement[index] = _correlation(scores, target)
     return agreement
+
+
+def learned_router_layers(model: CodaModel) -> dict[int, ConditionalLayer]:
+    """``{layer index: ConditionalLayer}`` of the routed layers whose router is learned (what these functions
+    fit and measure; a random router has no weights to set)."""
+    return {
+        index: layer
+        for index, layer in model.conditional_layers().items()
+        if layer.router is not None and layer.router.kind == "learned"
+    }
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

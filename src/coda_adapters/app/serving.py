@@ -133,6 +133,8 @@ def load_adapters(
     from .assets import resolve_model_path
     from .onnx_classifier import OnnxClassifier
 
+    check_choice(flag("quantize"), quantize, SERVE_QUANTIZE_CHOICES)  # before loading anything
+
     backbones: dict[str, tuple[nn.Module, Any]] = {}
     served: dict[str, ServedAdapter | OnnxServedAdapter] = {}
     for name, directory in directories.items():
@@ -150,7 +152,6 @@ def load_adapters(
         reference, tokenizer = backbones[key]
         model = attach_adapter(reference, directory, num_labels)
         served[name] = ServedAdapter(name, model, tokenizer, list(task["label_names"]), int(task["max_length"]))
-    check_choice(flag("quantize"), quantize, SERVE_QUANTIZE_CHOICES)
     for adapter in served.values():
         if isinstance(adapter, ServedAdapter):
             lower_precision(adapter.model, quantize)
