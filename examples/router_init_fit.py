@@ -6,7 +6,8 @@
 frozen model and records the fit in ``metrics.json`` (``router_init_fit``). In BERT-like models most of that
 attention goes to ``[CLS]`` and ``[SEP]`` (attention sinks), so the fit over all tokens mostly says that the
 router found them. This prints, per routed layer: that fit, the same correlation over the text tokens only,
-and the share of the target's variance (per-example centred) that the special tokens hold.
+the share of the target's variance (per-example centred) that the special tokens hold, and the fit over the
+text tokens of routers fitted over the text tokens only (``coda train --router-init attention-text``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,10 @@ import argparse
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters.app.classify import special_token_mask
 from coda_adapters.router_init import attention_agreement, init_routers_from_attention
 
 CALIBRATION_EXAMPLES = 64  # as coda train fits them
-
-
-def special_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """bool ``[batch, n]``: the tokenizer's special tokens (``[CLS]``, ``[SEP]``, ``[PAD]``)."""
-    return torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
 
 
 def sink_variance_share(model, inputs: dict[str, torch.Tensor], special: torch.Tensor) -> dict[int, float]:
@@ -38,16 +35,19 @@ def sink_variance_share(model, inputs: dict[str, torch.Tensor], special: torch.T
     return shares
 
 
-def fit_report(model, tokenizer, texts: list[str], max_length: int) -> list[tuple[int, float, float, float]]:
-    """``(layer, fit over all tokens, fit over text tokens, special tokens' variance share)`` per routed layer,
-    after fitting the routers of ``model`` (a CodaModel) on ``texts``."""
+def fit_report(model, tokenizer, texts: list[str], max_length: int) -> list[tuple[int, float, float, float, float]]:
+    """``(layer, fit over all tokens, its agreement over text tokens, special tokens' variance share, fit over
+    text tokens when fitted over them)`` per routed layer, fitting the routers of ``model`` (a CodaModel) on
+    ``texts`` over every token (``coda train --router-init attention``), then over the text tokens only
+    (``--router-init attention-text``, whose routers ``model`` keeps)."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     fits = init_routers_from_attention(model, inputs)
     special = special_token_mask(encoded["input_ids"], tokenizer)
     text_only = attention_agreement(model, inputs, tokens=~special)
     shares = sink_variance_share(model, inputs, special)
-    return [(index, fits[index], text_only[index], shares[index]) for index in sorted(fits)]
+    text_fits = init_routers_from_attention(model, inputs, tokens=~special)
+    return [(index, fits[index], text_only[index], shares[index], text_fits[index]) for index in sorted(fits)]
 
 
 def main() -> None:
@@ -69,9 +69,10 @@ def main() -> None:
     )
     model = get_coda_model(base, CodaConfig(reduction=args.reduction))
     rows = fit_report(model, tokenizer, data.train.texts[:CALIBRATION_EXAMPLES], args.max_length)
-    print("layer  fit, all tokens  fit, text tokens  [CLS]/[SEP] share of the target's variance")
-    for index, everything, text, share in rows:
-        print(f"{index:5d}  {everything:15.3f}  {text:16.3f}  {share:.2f}")
+    print("           fitted over all tokens                             fitted over text tokens")
+    print("layer  fit, all tokens  fit, text tokens  [CLS]/[SEP] share    fit, text tokens")
+    for index, everything, text, share, text_fit in rows:
+        print(f"{index:5d}  {everything:15.3f}  {text:16.3f}  {share:18.2f}    {text_fit:16.3f}")
 
 
 if __name__ == "__main__":

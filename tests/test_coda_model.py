@@ -112,6 +112,25 @@ def test_the_reduction_can_change_between_forwards_but_not_below_one():
     assert model.reduction == 2.0
 
 
+def test_the_epsilon_can_change_between_forwards_and_back_but_not_to_zero():
+    """Every router follows the model's epsilon (the soft top-k weights scale what the frozen layer adds), the
+    saved setting stays, and the configured value gives the first output back exactly."""
+    model = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, epsilon=0.1)).eval()
+    ids, mask = padded_batch([12, 9], 12)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        model.epsilon = 2.0
+        softer = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert {layer.router.epsilon for layer in model.conditional_layers().values()} == {2.0}
+        assert model.epsilon == 2.0 and model.coda_config.epsilon == 0.1
+        assert not torch.allclose(first, softer, atol=1e-4)
+        model.epsilon = 0.1
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, first)
+    with pytest.raises(ValueError, match="epsilon must be a finite number > 0, got 0"):
+        model.epsilon = 0
+    assert model.epsilon == 0.1
+
+
 def test_keep_pooled_token_false_lets_the_router_drop_cls():
     coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=4, keep_pooled_token=False))
     router = coda.conditional_layers()[0].router

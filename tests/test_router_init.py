@@ -107,3 +107,42 @@ def test_ridge_must_be_positive():
     coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=2))
     with pytest.raises(ValueError, match="ridge must be"):
         init_routers_from_attention(coda, {"input_ids": padded_batch([4, 4], 4)[0]}, ridge=0)
+
+
+def test_a_fit_over_a_token_subset_is_the_best_linear_ranking_of_that_subset():
+    """Least squares over a subset maximises the correlation there (up to the ridge): fitted over a random 60% of
+    the tokens, routers agree with the attention over that subset at least as well as routers fitted over every
+    token, and less well over every token; the returned fit is the agreement over the subset, and the scores
+    have std 1 over it. Two short examples against 32 features, so that the two fits differ visibly."""
+    base = tiny_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=3)
+    ids, mask = padded_batch([40, 33], 40)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    subset = torch.rand(2, 40, generator=torch.Generator().manual_seed(0)) < 0.6
+    hidden_states, _ = eager_reference(base, inputs)
+    coda = get_coda_model(base, CodaConfig(reduction=3))
+    everything_fits = init_routers_from_attention(coda, inputs)
+    everything_on_subset = attention_agreement(coda, inputs, tokens=subset)
+    fits = init_routers_from_attention(coda, inputs, tokens=subset)
+    assert attention_agreement(coda, inputs, tokens=subset) == pytest.approx(fits, abs=1e-5)
+    subset_on_everything = attention_agreement(coda, inputs)
+    for i in fits:
+        assert fits[i] >= everything_on_subset[i] - 1e-4 and everything_fits[i] >= subset_on_everything[i] - 1e-4
+    assert any(fits[i] > everything_on_subset[i] + 1e-3 for i in fits)  # the subset fit is a different fit
+    chosen = subset & mask.bool()
+    for index, layer in coda.conditional_layers().items():
+        scores = layer.router.scores(hidden_states[index]).detach()
+        mean = (scores * chosen).sum(-1, keepdim=True) / chosen.sum(-1, keepdim=True)
+        assert float(((scores - mean) * chosen)[chosen].std()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_a_token_subset_must_match_the_batch_and_keep_tokens():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=2))
+    ids, mask = padded_batch([6, 4], 6)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    before = {name: p.clone() for name, p in coda.named_parameters()}
+    with pytest.raises(ValueError, match=r"tokens must be a bool mask of shape \[2, 6\]"):
+        init_routers_from_attention(coda, inputs, tokens=torch.ones(2, 5, dtype=torch.bool))
+    only_padding = ~mask.bool()
+    with pytest.raises(ValueError, match="tokens must select at least 2 real tokens of the batch, got 0"):
+        attention_agreement(coda, inputs, tokens=only_padding)
+    assert all(torch.equal(p, before[name]) for name, p in coda.named_parameters())  # nothing set on an error

@@ -87,6 +87,22 @@ class CodaModel(nn.Module):
         check_number("reduction", value, low=1)
         self.routing_state.reduction = float(value)
 
+    @property
+    def epsilon(self) -> float:
+        """The soft top-k's entropy weight ε the learned routers use now. It starts at ``coda_config.epsilon``,
+        which is what is saved; a training schedule may change it (``coda train --epsilon-start``)."""
+        routers = self._routers()
+        return routers[0].epsilon if routers else self.coda_config.epsilon
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        check_number("epsilon", value, above=0)
+        for router in self._routers():
+            router.epsilon = float(value)
+
+    def _routers(self) -> list[Router]:
+        return [layer.router for layer in self.conditional_layers().values() if layer.router is not None]
+
     def routing_trace(self) -> dict[int, torch.Tensor]:
         """For the last forward: per routed layer index, a LongTensor ``[batch, k_max]`` of the positions
         the frozen layer processed, ascending, ``-1`` where an example had fewer than ``k_max``."""

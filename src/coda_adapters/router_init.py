@@ -39,27 +39,33 @@ def _centred(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def init_routers_from_attention(
-    model: CodaModel, inputs: Mapping[str, torch.Tensor], ridge: float = 1e-3
+    model: CodaModel, inputs: Mapping[str, torch.Tensor], ridge: float = 1e-3, tokens: torch.Tensor | None = None
 ) -> dict[int, float]:
     """Set every learned router of ``model`` from one dense pass of its frozen model over ``inputs`` (a
     calibration batch, the keyword arguments of a forward).
 
     For routed layer ``i``, the target is the attention each token receives in layer ``i`` of the frozen
     model (:func:`attention_received`), and the features are the hidden states entering layer ``i``, both
-    centred per example. The weight is the ridge solution (``ridge`` times the features' mean variance on
-    the diagonal), scaled so that scores have a standard deviation of 1 within an example, the scale of
-    the default initialisation. Returns, per routed layer index, the correlation between the new scores
-    and the target on the calibration batch (how much of the signal a linear router can express).
+    centred per example over the fitted tokens: ``tokens`` (bool ``[batch, n]``), default every real token.
+    The weight is the ridge solution (``ridge`` times the features' mean variance on the diagonal), scaled so
+    that scores have a standard deviation of 1 within an example, the scale of the default initialisation.
+    Returns, per routed layer index, the correlation between the new scores and the target over the fitted
+    tokens of the calibration batch (how much of the signal a linear router can express).
+
+    Why a subset: in BERT-like models ``[CLS]`` and ``[SEP]`` receive most of the attention (attention sinks,
+    see :func:`attention_agreement`), so a fit over every token spends itself on finding them; fitted over
+    the text tokens alone, the router ranks the text as the frozen model does.
     """
     check_number("ridge", ridge, above=0)
     layers = learned_router_layers(model)
     if not layers:
         return {}
     hidden_states, attentions, valid = _dense_pass(model, inputs)
+    chosen = _chosen_tokens(valid, tokens)
     fits = {}
     for index, layer in layers.items():
-        features = _centred(hidden_states[index].float(), valid)[valid]  # [tokens, hidden]
-        target = _centred(attention_received(attentions[index], valid), valid)[valid]  # [tokens]
+        features = _centred(hidden_states[index].float(), chosen)[chosen]  # [tokens, hidden]
+        target = _centred(attention_received(attentions[index], valid), chosen)[chosen]  # [tokens]
         gram = features.T @ features
         diagonal = ridge * gram.diagonal().mean().clamp(min=1e-12)
         weight = torch.linalg.solve(gram + diagonal * torch.eye(gram.shape[0]), features.T @ target)
@@ -83,7 +89,7 @@ def attention_agreement(
     0.99 over all tokens; over the text tokens alone the same routers agree at about 0.6
     (``examples/router_init_fit.py``)."""
     hidden_states, attentions, valid = _dense_pass(model, inputs)
-    chosen = valid if tokens is None else valid & tokens.bool()
+    chosen = _chosen_tokens(valid, tokens)
     agreement = {}
     for index, layer in learned_router_layers(model).items():
         scores = _centred(layer.router.scores(hidden_states[index]), chosen)[chosen]
@@ -100,6 +106,20 @@ def learned_router_layers(model: CodaModel) -> dict[int, ConditionalLayer]:
         for index, layer in model.conditional_layers().items()
         if layer.router is not None and layer.router.kind == "learned"
     }
+
+
+def _chosen_tokens(valid: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The real tokens (``valid``) that are also in ``tokens`` (bool ``[batch, n]``, None: all); an error names
+    ``tokens`` when its shape differs from the batch's or when it leaves fewer than two tokens to fit."""
+    if tokens is None:
+        return valid
+    if tokens.shape != valid.shape:
+        shape, given = list(valid.shape), list(tokens.shape)
+        raise ValueError(f"tokens must be a bool mask of shape {shape} (the batch), got {given}")
+    chosen = valid & tokens.bool()
+    if int(chosen.sum()) < 2:
+        raise ValueError(f"tokens must select at least 2 real tokens of the batch, got {int(chosen.sum())}")
+    return chosen
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

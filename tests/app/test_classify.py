@@ -19,7 +19,7 @@ from coda_adapters.app.classify import (
     train_classifier,
 )
 from coda_adapters.app.data import ClassificationData, LabelledTexts
-from coda_adapters.app.loop import warmed_up_reduction
+from coda_adapters.app.loop import annealed_epsilon, warmed_up_reduction
 
 from helpers import save_tiny_classifier, tiny_model
 
@@ -53,9 +53,45 @@ def test_reduction_warmup_trains_from_dense_to_r_and_validates_and_saves_at_r(tm
         TrainConfig(dense_start=0.6, reduction_warmup=0.5)
 
 
-def test_router_init_attention_fits_the_routers_on_training_texts_before_the_first_step(
-    tmp_path, minilm_tokenizer, monkeypatch
+def test_epsilon_start_anneals_the_routers_epsilon_in_training_and_validates_and_saves_at_the_models(
+    tmp_path, minilm_tokenizer
 ):
+    model = get_coda_model(
+        tiny_model("bert", head=True, vocab_size=minilm_tokenizer.vocab_size), CodaConfig(reduction=4, epsilon=0.05)
+    )
+    texts = [f"document number {i} about topic {i % 3} and more words" for i in range(40)]
+    data = ClassificationData(
+        LabelledTexts(texts, [i % 3 for i in range(40)]), LabelledTexts(texts[:6], [0, 1, 2] * 2), list("abc"), "t"
+    )
+    config = TrainConfig(
+        epochs=2, min_steps=0, batch_size=8, max_length=16, val_size=0.2, dense_start=0.25, reduction_warmup=0.5,
+        epsilon_start=0.8,
+    )  # fmt: skip
+    seen = []  # (training?, epsilon of every router) of every forward
+    routers = [layer.router for layer in model.conditional_layers().values()]
+    model.model.register_forward_pre_hook(lambda m, a: seen.append((m.training, {r.epsilon for r in routers})))
+    train_classifier(model, minilm_tokenizer, data, config, tmp_path, model_name="minilm", show_progress=False)
+
+    trained = [epsilons for training, epsilons in seen if training]
+    assert all(len(epsilons) == 1 for epsilons in trained)  # every router at the same epsilon
+    trained = [epsilons.pop() for epsilons in trained]
+    assert trained == pytest.approx([annealed_epsilon(0.8, 0.05, step, 8, 0.5, 0.25) for step in range(8)])
+    assert trained[0] == 0.8 and trained[-1] == 0.05 and sorted(trained, reverse=True) == trained
+    assert all(epsilons == {0.05} for training, epsilons in seen if not training)  # validation and test
+    assert model.epsilon == 0.05
+    assert json.loads((tmp_path / "coda_config.json").read_text())["coda_config"]["epsilon"] == 0.05
+    with pytest.raises(ValueError, match="--epsilon-start anneals over the reduction warm-up: set --reduction-warmup"):
+        TrainConfig(epsilon_start=0.5, reduction_warmup=0.0)
+    with pytest.raises(ValueError, match="--epsilon-start must be"):
+        TrainConfig(epsilon_start=0.0)
+
+
+@pytest.mark.parametrize("router_init", ["attention", "attention-text"])
+def test_router_init_attention_fits_the_routers_on_training_texts_before_the_first_step(
+    tmp_path, minilm_tokenizer, monkeypatch, router_init
+):
+    """The fit runs once, before the first training step, on the first training texts without labels; with
+    attention-text over every real token but the tokenizer's special ones ([CLS], [SEP], padding)."""
     from coda_adapters.app import classify
 
     model = get_coda_model(
@@ -68,19 +104,30 @@ def test_router_init_attention_fits_the_routers_on_training_texts_before_the_fir
     events = []
     real = classify.init_routers_from_attention
 
-    def spy(coda, inputs):
+    def spy(coda, inputs, tokens=None):
         events.append(("init", len(inputs["input_ids"]), "labels" in inputs))
-        return real(coda, inputs)
+        fitted.append((inputs, tokens))
+        return real(coda, inputs, tokens=tokens)
+
+    fitted = []
 
     monkeypatch.setattr(classify, "init_routers_from_attention", spy)
     model.model.register_forward_pre_hook(lambda m, a: events.append(("forward", m.training)))
-    config = TrainConfig(epochs=1, min_steps=0, batch_size=4, max_length=16, val_size=0, router_init="attention")
+    config = TrainConfig(epochs=1, min_steps=0, batch_size=4, max_length=16, val_size=0, router_init=router_init)
     metrics = train_classifier(
         model, minilm_tokenizer, data, config, tmp_path, model_name="minilm", show_progress=False
     )
     first_training = events.index(("forward", True))
     assert events[:first_training].count(("init", 20, False)) == 1  # all 20 texts (fewer than 64), no labels
-    assert sorted(metrics["router_init_fit"]) == ["0", "1"] and metrics["train_config"]["router_init"] == "attention"
+    assert sorted(metrics["router_init_fit"]) == ["0", "1"] and metrics["train_config"]["router_init"] == router_init
+    [(inputs, tokens)] = fitted
+    if router_init == "attention":
+        assert tokens is None
+    else:
+        ids, real_tokens = inputs["input_ids"], inputs["attention_mask"].bool()
+        words = ids != minilm_tokenizer.cls_token_id
+        words &= (ids != minilm_tokenizer.sep_token_id) & real_tokens
+        assert torch.equal(tokens & real_tokens, words) and words.any()
     with pytest.raises(ValueError, match="--router-init must be one of"):
         TrainConfig(router_init="norm")
 

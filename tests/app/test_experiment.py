@@ -129,6 +129,16 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         "dense-adapter-first-52-tokens",
         "coda-r-5-random-router",
     ]
+    text = PRESETS["bbc-router-init-text"]
+    changed = {row.slug for row in experiment_rows(text)} - {row.slug for row in experiment_rows(bbc)}
+    assert changed == {"coda-r-5-routers-fitted-to-text-token-attention"}  # the rest are bbc-router-init's runs
+    assert [row.train for row in text.rows if row.train] == [{"router_init": "attention-text"}]
+    # the needle's speed-matched rows, one per reduction, each the dense adapter on a prefix
+    matched = [row for row in PRESETS["needle-router-init"].rows if row.speed_of is not None]
+    assert [(row.speed_of, row_max_length(PRESETS["needle"], row), row.truncation) for row in matched] == [
+        (3, 52, True),
+        (5, 42, True),
+    ]
     softer = [row_coda_config(PRESETS["needle-epsilon"], row) for row in PRESETS["needle-epsilon"].rows]
     assert [(c.reduction, c.epsilon) for c in softer] == [(1, 0.1), (3, 0.1), (3, 0.3), (5, 0.1), (5, 0.3)]
     # the rows without the change are the needle preset's runs, shared through one output directory
@@ -364,3 +374,13 @@ def test_the_needle_table_shows_each_routed_row_and_layer():
         "| CoDA r=3 | 36 / 98 / 31 | 99 / 0 / 100 |",
     ]
     assert format_routed_evidence([{"name": DENSE}]) == ""  # not a needle experiment
+
+
+def test_every_preset_is_a_choice_of_the_experiment_command():
+    from coda_adapters.app.cli import build_parser
+
+    parser = build_parser()
+    for name in PRESETS:
+        assert parser.parse_args(["experiment", "--preset", name, "--out", "x"]).preset == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["experiment", "--preset", "no-such-preset", "--out", "x"])

@@ -8,6 +8,7 @@ from coda_adapters.app.loop import (
     Optimization,
     OptimizerConfig,
     TrainingError,
+    annealed_epsilon,
     batches_for_steps,
     epoch_order,
     run_epoch,
@@ -103,6 +104,17 @@ def test_reduction_warmup_holds_dense_then_shrinks_the_kept_share_linearly_to_on
     assert warmed_up_reduction(1.0, 3, total_steps=10, warmup_ratio=0.5) == 1.0
     held = [warmed_up_reduction(4.0, step, total_steps=10, warmup_ratio=0.5, dense_ratio=0.3) for step in range(11)]
     assert held[:3] == [1.0] * 3 and held[3:9] == values[:6] and held[9:] == [4.0] * 2  # the same fall, 3 steps later
+
+
+def test_annealed_epsilon_falls_geometrically_over_the_reduction_warmup_only():
+    values = [annealed_epsilon(0.8, 0.1, step, total_steps=10, warmup_ratio=0.3, dense_ratio=0.2) for step in range(11)]
+    assert values[:3] == [0.8, 0.8, 0.8] and values[5:] == [0.1] * 6  # start while dense, target once routed at r
+    assert values[3] == pytest.approx(0.8 * (0.1 / 0.8) ** (1 / 3)) and values[4] == pytest.approx(0.8 / 4)
+    ratios = [values[i + 1] / values[i] for i in range(2, 5)]
+    assert ratios == pytest.approx([0.5] * 3)  # a constant factor per step: 0.8 -> 0.1 in three halvings
+    for step in range(11):  # the same warm-up phase as the reduction's
+        r = warmed_up_reduction(4.0, step, 10, 0.3, 0.2)
+        assert (r == 4.0) == (values[step] == 0.1) and (r == 1.0) == (values[step] == 0.8)
 
 
 def test_steps_pass_over_every_example_once_per_epoch_in_the_epoch_order():

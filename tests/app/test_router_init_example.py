@@ -31,8 +31,9 @@ def test_fit_report_rows_and_the_special_tokens_share(tmp_path, minilm_path):
     base.set_attn_implementation("eager")
     with torch.no_grad(), model.disable_adapters():
         attentions = base(**encoded, output_attentions=True).attentions
-    for index, everything, text, share in rows:
+    for index, everything, text, share, text_fit in rows:
         assert -1 <= text <= 1 and -1 <= everything <= 1
+        assert text_fit >= text - 1e-4  # least squares over the text tokens ranks them at least as well
         received = attention_received(attentions[index], valid)
         centred = [(received[b, valid[b]] - received[b, valid[b]].mean()) for b in range(len(TEXTS))]
         by_hand = sum(float((c[special[b, valid[b]]] ** 2).sum()) for b, c in enumerate(centred))

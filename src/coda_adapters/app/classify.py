@@ -30,6 +30,7 @@ from .loop import (
     CHECKPOINTS,
     Optimization,
     OptimizerConfig,
+    annealed_epsilon,
     best_epoch,
     epoch_order,
     restore_best_weights,
@@ -43,7 +44,7 @@ from .options import flag
 
 TASK_NAME = "coda_task.json"
 METRICS_NAME = "metrics.json"
-ROUTER_INITS = ("random", "attention")  # TrainConfig.router_init
+ROUTER_INITS = ("random", "attention", "attention-text")  # TrainConfig.router_init
 CALIBRATION_EXAMPLES = 64  # training examples the "attention" router initialisation is fitted on
 
 
@@ -70,13 +71,21 @@ class TrainConfig(OptimizerConfig):
     reduction_warmup: float = option(
         1 / 3, "share of the steps, after --dense-start, over which the kept share of tokens falls from all to 1/r"
     )
+    # A soft top-k that starts soft and sharpens while the budget shrinks (loop.annealed_epsilon); a fixed
+    # softer ε lifted the ViT demo's r = 3 and cost bbc-needle's r = 5 (README)
+    epsilon_start: float | None = option(
+        None,
+        "the soft top-k's epsilon when routing starts, lowered geometrically to the model's --epsilon over "
+        "--reduction-warmup (None: the model's epsilon throughout)",
+    )
     eval_batch_size: int = option(32, "examples per batch in evaluation")
     # Routers that start by scoring what the frozen model attends to (coda_adapters.router_init, the
     # importance signal of learned token pruning); on the ViT demo with digits anywhere (README) it lifted r = 3
     router_init: str = option(
         "random",
-        "how learned routers start: random, or attention (fitted to the attention each token receives in the "
-        "frozen model, on the first 64 training examples)",
+        "how learned routers start: random; attention (fitted to the attention each token receives in the "
+        "frozen model, on the first 64 training examples); attention-text (the same fit over the text tokens "
+        "only, not the tokenizer's special tokens, which take most of the attention)",
         choices=ROUTER_INITS,
     )
     # Distillation from a trained dense adapter, as DynamicViT trains its token pruning against the
@@ -101,6 +110,13 @@ class TrainConfig(OptimizerConfig):
         check_number(flag("dense_start"), self.dense_start, low=0, high=1)
         check_number(flag("reduction_warmup"), self.reduction_warmup, low=0, high=1)
         check_number("--dense-start plus --reduction-warmup", self.dense_start + self.reduction_warmup, high=1)
+        if self.epsilon_start is not None:
+            check_number(flag("epsilon_start"), self.epsilon_start, above=0)
+            if self.reduction_warmup == 0:
+                raise ValueError(
+                    f"{flag('epsilon_start')} anneals over the reduction warm-up: set {flag('reduction_warmup')} "
+                    f"above 0, or leave {flag('epsilon_start')} unset"
+                )
         check_number(flag("distill_weight"), self.distill_weight, low=0, high=1)
         check_number(flag("distill_temperature"), self.distill_temperature, above=0)
 
@@ -351,10 +367,8 @@ def train_classifier(
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
     router_init_fit = None
-    if config.router_init == "attention":  # before resuming: a checkpoint then overwrites the fitted weights
-        calibration = encoded.batch(list(range(min(CALIBRATION_EXAMPLES, len(encoded)))))
-        calibration.pop("labels", None)
-        router_init_fit = {str(index): fit for index, fit in init_routers_from_attention(model, calibration).items()}
+    if config.router_init != "random":  # before resuming: a checkpoint then overwrites the fitted weights
+        router_init_fit = fit_routers(model, tokenizer, encoded, text_only=config.router_init == "attention-text")
     if resume:
         state = resume_from_checkpoint(out_dir, model, optimization)
         start_epoch, train_seconds, history = state["epoch"], state["train_seconds"], state["history"]
@@ -363,12 +377,17 @@ def train_classifier(
         teacher = teacher_logits(config, encoded, data.label_names, model_name, accelerator)
     wrapped = optimization.prepare(accelerator, model)
     target_reduction, total_steps = model.coda_config.reduction, steps_per_epoch * epochs
+    target_epsilon = model.coda_config.epsilon
 
     def loss_of(indices: list[int]) -> torch.Tensor:
         step = optimization.steps_taken
         model.reduction = warmed_up_reduction(
             target_reduction, step, total_steps, config.reduction_warmup, config.dense_start
         )
+        if config.epsilon_start is not None:
+            model.epsilon = annealed_epsilon(
+                config.epsilon_start, target_epsilon, step, total_steps, config.reduction_warmup, config.dense_start
+            )
         batch = encoded.batch(indices)
         if teacher is not None:  # sharded with the batch, so each process gets its own examples' targets
             batch["teacher_logits"] = teacher[indices]
@@ -393,7 +412,7 @@ def train_classifier(
             stop_hint=f"the last good checkpoint in {out_dir / CHECKPOINTS} is kept",
             show_progress=show_progress and accelerator.is_main_process,
         )
-        model.reduction = target_reduction  # validated, saved and deployed at the target
+        model.reduction, model.epsilon = target_reduction, target_epsilon  # validated, saved and deployed at these
         train_seconds += result.seconds
         record = {"epoch": epoch + 1, "train_loss": result.loss, "epoch_seconds": result.seconds}
         if val_part is not None:
@@ -437,6 +456,22 @@ def train_classifier(
         write_json(out_dir / METRICS_NAME, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def fit_routers(model: CodaModel, tokenizer: Any, encoded: Encoded, text_only: bool = False) -> dict[str, float]:
+    """Fit the learned routers to the frozen model's attention (``init_routers_from_attention``) on the first
+    ``CALIBRATION_EXAMPLES`` training examples, over every real token or (``text_only``) over all but the
+    tokenizer's special tokens; returns the fit per routed layer (``router_init_fit`` in metrics.json)."""
+    calibration = encoded.batch(list(range(min(CALIBRATION_EXAMPLES, len(encoded)))))
+    calibration.pop("labels", None)
+    tokens = ~special_token_mask(calibration["input_ids"], tokenizer) if text_only else None
+    fits = init_routers_from_attention(model, calibration, tokens=tokens)
+    return {str(index): fit for index, fit in fits.items()}
+
+
+def special_token_mask(input_ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """bool ``[batch, n]``: the tokenizer's special tokens (``[CLS]``, ``[SEP]``, padding)."""
+    return torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
 
 
 def keep_best_epoch(out_dir: Path, model: CodaModel, history: list[dict[str, Any]]) -> dict[str, Any]:

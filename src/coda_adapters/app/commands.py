@@ -36,8 +36,11 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle",
             "needle-ablation",
             "needle-router-init",
+            "needle-router-init-text",
             "needle-epsilon",
+            "needle-epsilon-anneal",
             "bbc-router-init",
+            "bbc-router-init-text",
             "prior",
             "prior-r5",
             "prior-needle",
@@ -49,7 +52,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         ],
         help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; r = 3 "
         "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; routers "
-        "fitted to the frozen model's attention there; a softer soft top-k there; fitted routers on BBC News at r = 5; "
+        "fitted to the frozen model's attention there, or to its text tokens' attention (r = 5); a softer soft top-k "
+        "there, fixed or annealed; fitted routers on BBC News at r = 5 (all tokens or text tokens); "
         "half of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle; r = 8 and 16 "
         "without warm-up; the short demo; the MPNet point; the adapter-kinds table; a smoke test",
     )

@@ -121,15 +121,18 @@ def change_preset(
     data: str = "bbc-needle",
     max_length: int = 128,
     reductions: tuple[int, ...] = (3, 5),
+    speed_matched: dict[int, int] | None = None,
 ) -> Preset:
     """The routing recipe on ``data``: the dense adapter, and CoDA at each of ``reductions`` both as it is and
     with one change (``coda``: CodaConfig settings, ``train``: TrainConfig settings, named ``change`` in the
-    row), with the compute-matched baselines. The rows without the change have the needle and routing
-    presets' names, so presets of this kind sharing an output directory train them once."""
+    row), with the compute-matched baselines; and, for each ``{reduction: tokens}`` of ``speed_matched``, the
+    dense adapter on that many first tokens (:func:`speed_matched_row`). The rows without the change have the
+    needle and routing presets' names, so presets of this kind sharing an output directory train them once."""
     rows = [Row(DENSE, {"reduction": 1})]
     for r in reductions:
         rows.append(Row(f"CoDA r={r}", {"reduction": r}))
         rows.append(Row(f"CoDA r={r}, {change}", {"reduction": r, **(coda or {})}, train=train or {}))
+    rows += [speed_matched_row(tokens, r) for r, tokens in (speed_matched or {}).items()]
     return Preset(
         rows=rows,
         train=TrainConfig(**ROUTING_RECIPE, max_length=max_length),
@@ -140,6 +143,7 @@ def change_preset(
 
 
 ATTENTION_INIT = {"router_init": "attention"}
+TEXT_ATTENTION_INIT = {"router_init": "attention-text"}
 
 PRESETS = {
     # BBC News at 256 tokens, r = 3, 5 and 16, each against truncation to its budget and a random router
@@ -206,16 +210,39 @@ PRESETS = {
     ),
     # Routers fitted to the frozen model's attention before training (TrainConfig.router_init), beside plain
     # routers, on bbc-needle at r = 3 and 5 (`coda experiment --preset needle-router-init --seeds 0 1 2`)
-    "needle-router-init": change_preset("routers fitted to attention", train=ATTENTION_INIT),
+    # The speed-matched rows: three runs of `coda bench --seq-lens 36 40 44 48 52 128 --reductions 1 3 5
+    # --no-mixed --repeats 40` (batch 8, 2 threads, idle machine) put CoDA r = 3 at 128 tokens level with the
+    # dense adapter at 44-54 tokens (108.2 ms against 106.4 ms at 52 in the run with most repeats), r = 5 at
+    # 40-50 (77.7 ms against 71.8 / 88.2 ms at 40 / 44): 52 and 42 tokens
+    "needle-router-init": change_preset(
+        "routers fitted to attention", train=ATTENTION_INIT, speed_matched={3: 52, 5: 42}
+    ),
     # The same on BBC News at 256 tokens and r = 5, whose target (within 0.6 points of dense) routing missed
     # (`coda experiment --preset bbc-router-init --seeds 0 1 2`)
     "bbc-router-init": change_preset(
         "routers fitted to attention", train=ATTENTION_INIT, data="bbc-news", max_length=256, reductions=(5,)
     ),
+    # The same fit over the text tokens only (--router-init attention-text): over every token the fit is mostly
+    # [CLS]/[SEP], the attention sinks (examples/router_init_fit.py); with the --out of needle-router-init and
+    # bbc-router-init, the plain rows are reused (`coda experiment --preset needle-router-init-text --seeds 0 1 2`,
+    # `--preset bbc-router-init-text`)
+    "needle-router-init-text": change_preset(
+        "routers fitted to text-token attention", train=TEXT_ATTENTION_INIT, reductions=(5,)
+    ),
+    "bbc-router-init-text": change_preset(
+        "routers fitted to text-token attention",
+        train=TEXT_ATTENTION_INIT,
+        data="bbc-news",
+        max_length=256,
+        reductions=(5,),
+    ),
     # A softer soft top-k (epsilon 0.3 against the default 0.1; on the ViT demo with digits anywhere it lifted
     # r = 3 in every seed), beside the default, on bbc-needle at r = 3 and 5 (`coda experiment --preset
     # needle-epsilon --seeds 0 1 2`; with the --out of needle-router-init, the rows they share are reused)
     "needle-epsilon": change_preset("epsilon 0.3", coda={"epsilon": 0.3}),
+    # A soft top-k that starts soft and sharpens while the budget shrinks: epsilon from 1 down to the default 0.1
+    # over the reduction warm-up (--epsilon-start 1; `coda experiment --preset needle-epsilon-anneal --seeds 0 1 2`)
+    "needle-epsilon-anneal": change_preset("epsilon annealed from 1 to 0.1", train={"epsilon_start": 1.0}),
     # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
     # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
     # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`

@@ -197,13 +197,35 @@ def warmed_up_reduction(
     lets the adapters find the task while the routers learn which tokens can go, as the budget shrinks
     (EViT's keep-rate schedule: keep everything for the first epochs, then lower the keep rate).
     """
+    progress = warmup_progress(step, total_steps, warmup_ratio, dense_ratio)
+    if progress == 1.0:
+        return target
+    return 1.0 / (1.0 - progress * (1.0 - 1.0 / target))
+
+
+def annealed_epsilon(
+    start: float, target: float, step: int, total_steps: int, warmup_ratio: float, dense_ratio: float = 0.0
+) -> float:
+    """The soft top-k's ε at step ``step``: ``start`` until routing starts, then falling geometrically to
+    ``target`` over the reduction warm-up (:func:`warmed_up_reduction`'s), then ``target``.
+
+    A larger ε spreads the soft top-k's weight over more tokens, so while the budget shrinks every token
+    still gets some gradient and the routers can find what they would miss; annealing ends at the ε the
+    model is saved and deployed with (a schedule from the temperature annealing of Gumbel-softmax routers).
+    """
+    progress = warmup_progress(step, total_steps, warmup_ratio, dense_ratio)
+    return target if progress == 1.0 else start * (target / start) ** progress
+
+
+def warmup_progress(step: int, total_steps: int, warmup_ratio: float, dense_ratio: float = 0.0) -> float:
+    """How far ``step`` is through the routing warm-up: 0 during the first ``dense_ratio`` of ``total_steps``,
+    then rising linearly to 1 over the next ``warmup_ratio`` of them, then 1."""
     dense_steps, warmup_steps = dense_ratio * total_steps, warmup_ratio * total_steps
     if step < dense_steps:
-        return 1.0
+        return 0.0
     if step >= dense_steps + warmup_steps:
-        return target
-    kept = 1.0 - (step - dense_steps) / warmup_steps * (1.0 - 1.0 / target)
-    return 1.0 / kept
+        return 1.0
+    return (step - dense_steps) / warmup_steps
 
 
 # --------------------------------------------------------------------------------------------------
