@@ -126,13 +126,14 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         "dense-parallel-adapter-r-1",
         "coda-r-5",
         "coda-r-5-routers-fitted-to-attention",
+        "dense-adapter-first-68-tokens-as-fast-as-coda-r-5",
         "dense-adapter-first-52-tokens",
         "coda-r-5-random-router",
     ]
     text = PRESETS["bbc-router-init-text"]
     changed = {row.slug for row in experiment_rows(text)} - {row.slug for row in experiment_rows(bbc)}
     assert changed == {"coda-r-5-routers-fitted-to-text-token-attention"}  # the rest are bbc-router-init's runs
-    assert [row.train for row in text.rows if row.train] == [{"router_init": "attention-text"}]
+    assert [row.train for row in text.rows if row.train and not row.truncation] == [{"router_init": "attention-text"}]
     # the needle's speed-matched rows, one per reduction, each the dense adapter on a prefix
     matched = [row for row in PRESETS["needle-router-init"].rows if row.speed_of is not None]
     assert [(row.speed_of, row_max_length(PRESETS["needle"], row), row.truncation) for row in matched] == [

@@ -41,6 +41,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle-epsilon-anneal",
             "bbc-router-init",
             "bbc-router-init-text",
+            "bbc-epsilon-anneal",
             "prior",
             "prior-r5",
             "prior-needle",
@@ -53,7 +54,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; r = 3 "
         "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; routers "
         "fitted to the frozen model's attention there, or to its text tokens' attention (r = 5); a softer soft top-k "
-        "there, fixed or annealed; fitted routers on BBC News at r = 5 (all tokens or text tokens); "
+        "there, fixed or annealed; fitted routers (all tokens or text tokens) or an annealed soft top-k on BBC News at "
+        "r = 5; "
         "half of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle; r = 8 and 16 "
         "without warm-up; the short demo; the MPNet point; the adapter-kinds table; a smoke test",
     )

@@ -144,6 +144,7 @@ def change_preset(
 
 ATTENTION_INIT = {"router_init": "attention"}
 TEXT_ATTENTION_INIT = {"router_init": "attention-text"}
+ANNEALED, ANNEALED_EPSILON = "epsilon annealed from 1 to 0.1", {"epsilon_start": 1.0}
 
 PRESETS = {
     # BBC News at 256 tokens, r = 3, 5 and 16, each against truncation to its budget and a random router
@@ -219,8 +220,14 @@ PRESETS = {
     ),
     # The same on BBC News at 256 tokens and r = 5, whose target (within 0.6 points of dense) routing missed
     # (`coda experiment --preset bbc-router-init --seeds 0 1 2`)
+    # (the speed-matched row: 68 tokens, measured for the prior-r5 preset below)
     "bbc-router-init": change_preset(
-        "routers fitted to attention", train=ATTENTION_INIT, data="bbc-news", max_length=256, reductions=(5,)
+        "routers fitted to attention",
+        train=ATTENTION_INIT,
+        data="bbc-news",
+        max_length=256,
+        reductions=(5,),
+        speed_matched={5: 68},
     ),
     # The same fit over the text tokens only (--router-init attention-text): over every token the fit is mostly
     # [CLS]/[SEP], the attention sinks (examples/router_init_fit.py); with the --out of needle-router-init and
@@ -235,6 +242,7 @@ PRESETS = {
         data="bbc-news",
         max_length=256,
         reductions=(5,),
+        speed_matched={5: 68},
     ),
     # A softer soft top-k (epsilon 0.3 against the default 0.1; on the ViT demo with digits anywhere it lifted
     # r = 3 in every seed), beside the default, on bbc-needle at r = 3 and 5 (`coda experiment --preset
@@ -242,7 +250,11 @@ PRESETS = {
     "needle-epsilon": change_preset("epsilon 0.3", coda={"epsilon": 0.3}),
     # A soft top-k that starts soft and sharpens while the budget shrinks: epsilon from 1 down to the default 0.1
     # over the reduction warm-up (--epsilon-start 1; `coda experiment --preset needle-epsilon-anneal --seeds 0 1 2`)
-    "needle-epsilon-anneal": change_preset("epsilon annealed from 1 to 0.1", train={"epsilon_start": 1.0}),
+    "needle-epsilon-anneal": change_preset(ANNEALED, train=ANNEALED_EPSILON),
+    # The same on BBC News at 256 tokens and r = 5 (with the --out of bbc-router-init, the plain rows are reused)
+    "bbc-epsilon-anneal": change_preset(
+        ANNEALED, train=ANNEALED_EPSILON, data="bbc-news", max_length=256, reductions=(5,), speed_matched={5: 68}
+    ),
     # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
     # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
     # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`
