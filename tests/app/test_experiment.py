@@ -140,6 +140,14 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         (3, 52, True),
         (5, 42, True),
     ]
+    # the kept lead with the annealed soft top-k reuses bbc-router-init's dense, plain and baseline runs
+    combined = {row.slug for row in experiment_rows(PRESETS["prior-r5-anneal"])}
+    assert combined - {row.slug for row in experiment_rows(bbc)} == {
+        "coda-r-5-first-26-tokens-kept",
+        "coda-r-5-first-26-tokens-kept-epsilon-annealed-from-1-to-0-1",
+    }
+    [annealed] = [row for row in PRESETS["prior-r5-anneal"].rows if row.train and not row.truncation]
+    assert (annealed.coda["keep_first"], annealed.train) == (26, {"epsilon_start": 1.0})
     softer = [row_coda_config(PRESETS["needle-epsilon"], row) for row in PRESETS["needle-epsilon"].rows]
     assert [(c.reduction, c.epsilon) for c in softer] == [(1, 0.1), (3, 0.1), (3, 0.3), (5, 0.1), (5, 0.3)]
     # the rows without the change are the needle preset's runs, shared through one output directory

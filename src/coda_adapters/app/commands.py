@@ -44,6 +44,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "bbc-epsilon-anneal",
             "prior",
             "prior-r5",
+            "prior-r5-anneal",
             "prior-needle",
             "aggressive",
             "demo",

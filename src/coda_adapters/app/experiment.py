@@ -78,6 +78,10 @@ ROUTING_RECIPE = dict(epochs=3, min_steps=0, batch_size=16, lr=1e-3, dense_start
 NO_WARMUP = {"dense_start": 0.0, "reduction_warmup": 0.0}
 
 
+# The annealed soft top-k (TrainConfig.epsilon_start): epsilon from 1 down to the default 0.1 over the warm-up
+ANNEALED, ANNEALED_EPSILON = "epsilon annealed from 1 to 0.1", {"epsilon_start": 1.0}
+
+
 def truncation_row(max_length: int) -> Row:
     return Row(
         f"Dense adapter, first {max_length} tokens", {"reduction": 1}, train={"max_length": max_length}, truncation=True
@@ -92,17 +96,18 @@ def speed_matched_row(max_length: int, reduction: float) -> Row:
     return replace(truncation_row(max_length), name=name, speed_of=reduction)
 
 
-def prior_preset(data: str, max_length: int, reduction: int = 3, speed_matched: int | None = None) -> Preset:
+def prior_preset(
+    data: str, max_length: int, reduction: int = 3, speed_matched: int | None = None, annealed: bool = False
+) -> Preset:
     """The dense adapter, CoDA at ``reduction``, and CoDA at ``reduction`` with the first half (rounded up) of
     its token budget kept for the text's first tokens, with the routing recipe and the compute-matched
-    baselines; and, given ``speed_matched``, the dense adapter on that many first tokens (see
-    :func:`speed_matched_row`)."""
+    baselines; given ``speed_matched``, the dense adapter on that many first tokens (see
+    :func:`speed_matched_row`); with ``annealed``, the kept-lead row also with the annealed soft top-k."""
     kept = (math.ceil(max_length / reduction) + 1) // 2
-    rows = [
-        Row(DENSE, {"reduction": 1}),
-        Row(f"CoDA r={reduction}", {"reduction": reduction}),
-        Row(f"CoDA r={reduction}, first {kept} tokens kept", {"reduction": reduction, "keep_first": kept}),
-    ]
+    prior = Row(f"CoDA r={reduction}, first {kept} tokens kept", {"reduction": reduction, "keep_first": kept})
+    rows = [Row(DENSE, {"reduction": 1}), Row(f"CoDA r={reduction}", {"reduction": reduction}), prior]
+    if annealed:
+        rows.append(replace(prior, name=f"{prior.name}, {ANNEALED}", train=ANNEALED_EPSILON))
     if speed_matched is not None:
         rows.append(speed_matched_row(speed_matched, reduction))
     return Preset(
@@ -144,7 +149,6 @@ def change_preset(
 
 ATTENTION_INIT = {"router_init": "attention"}
 TEXT_ATTENTION_INIT = {"router_init": "attention-text"}
-ANNEALED, ANNEALED_EPSILON = "epsilon annealed from 1 to 0.1", {"epsilon_start": 1.0}
 # BBC News at 256 tokens and r = 5, with the input cut to the 68 tokens that run as fast (measured for prior-r5)
 BBC_R5: dict[str, Any] = {"data": "bbc-news", "max_length": 256, "reductions": (5,), "speed_matched": {5: 68}}
 
@@ -252,6 +256,10 @@ PRESETS = {
     # 98.1 / 93.5 ms; CoDA r = 5 at 69.8 ms, the dense adapter at 64 / 72 tokens at 67.4 / 73.4 ms
     "prior": prior_preset("bbc-news", max_length=256, speed_matched=100),
     "prior-r5": prior_preset("bbc-news", max_length=256, reduction=5, speed_matched=68),
+    # the same with the kept-lead row also trained with the annealed soft top-k, the best routed change at r = 5
+    # on BBC News alone (`coda experiment --preset prior-r5-anneal --seeds 0 1 2`; with `--out runs/bbc-router-init`
+    # the dense, plain r = 5 and baseline rows of bbc-router-init are reused)
+    "prior-r5-anneal": prior_preset("bbc-news", max_length=256, reduction=5, speed_matched=68, annealed=True),
     "prior-needle": prior_preset("bbc-needle", max_length=128),
     # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
