@@ -17,10 +17,8 @@ import argparse
 import torch
 
 from coda_adapters import CodaConfig, get_coda_model
-from coda_adapters.app.classify import special_token_mask
+from coda_adapters.app.classify import CALIBRATION_EXAMPLES, special_token_mask
 from coda_adapters.router_init import attention_agreement, init_routers_from_attention
-
-CALIBRATION_EXAMPLES = 64  # as coda train fits them
 
 
 def sink_variance_share(model, inputs: dict[str, torch.Tensor], special: torch.Tensor) -> dict[int, float]:
