@@ -382,7 +382,9 @@ class Router(nn.Module):
         """Router scores ``[batch, n]`` in float32 for hidden states ``[batch, n, hidden]``."""
         if self.kind == "random":
             return torch.rand(hidden_states.shape[:2], device=hidden_states.device)
-        return hidden_states.float() @ self.weight.float()
+        # a one-column matrix product, not a matrix-vector one: the same numbers in PyTorch, but an exported
+        # graph's MatMul with a 1-D weight ran 8x slower on ONNX Runtime (2.1 against 0.25 ms at 8 x 512 x 384)
+        return (hidden_states.float() @ self.weight.float().unsqueeze(-1)).squeeze(-1)
 
     def position_scores(self, valid: torch.Tensor) -> torch.Tensor:
         """The position bias of every token ``[batch, n]``, from the padding mask ``[batch, n]``."""
