@@ -39,6 +39,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle-router-init-text",
             "needle-epsilon",
             "needle-epsilon-anneal",
+            "needle-epsilon-anneal-gentle",
             "bbc-router-init",
             "bbc-router-init-text",
             "bbc-epsilon-anneal",
@@ -56,10 +57,10 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         help="which rows, data and recipe: BBC News at r = 3 to 16 against truncation and random routers; r = 3 "
         "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; routers "
         "fitted to the frozen model's attention there, or to its text tokens' attention (r = 5); a softer soft top-k "
-        "there, fixed or annealed; fitted routers (all tokens or text tokens) or an annealed soft top-k on BBC News at "
-        "r = 5; half of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle (at r = 5 "
-        "also with the annealed soft top-k); r = 8 and 16 without warm-up; r = 8 and 16 on bbc-needle (plain and "
-        "fitted routers); the short demo; the MPNet point; the adapter-kinds table; a smoke test",
+        "there, fixed or annealed (from 1 or 0.3); fitted routers (all tokens or text tokens) or an annealed soft "
+        "top-k on BBC News at r = 5; half of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and "
+        "bbc-needle (at r = 5 also with the annealed soft top-k); r = 8 and 16 without warm-up; r = 8 and 16 on "
+        "bbc-needle (plain and fitted routers); the short demo; the MPNet point; the adapter-kinds table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
