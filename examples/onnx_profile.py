@@ -5,9 +5,10 @@
 
 Runs the graph on a batch of random word pieces (every token real: the work per call is set by the shapes,
 not the values) a few times with profiling on, after one call left out, and prints each operator type's
-share of the kernel time. Given several graphs it times them instead, one call of each in turn per round
-(so that a slow spell of the machine hits all of them), and prints each one's median wall time per call
-and its speed-up over the first: how an A/B of two exports is measured on a noisy machine.
+share of the kernel time. Given several graphs it times them instead, one call of each per round in a
+rotating order, as `coda bench` does (so that a slow spell of the machine hits all of them), and prints
+each one's median wall time per call and its speed-up over the first: how an A/B of two exports is
+measured on a noisy machine.
 In a CoDA export the frozen layers' matrix products should dominate; routing (TopK, Gather, ScatterND) and
 padding masks (Where) are the overhead this shows.
 """
@@ -19,7 +20,6 @@ import collections
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +58,16 @@ def random_feeds(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
 def median_call_seconds(
     onnx_paths: list[str | Path], batch_size: int = 8, seq_len: int = 512, threads: int = 1, calls: int = 12
 ) -> list[float]:
-    """Median wall seconds per call of each graph, timed in interleaved rounds after one untimed call each."""
-    import onnxruntime
+    """Median wall seconds per call of each graph, timed as `coda bench` times variants: one call of every
+    graph per round, in a rotating order, after one untimed call each."""
+    import torch
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    sessions = [onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in onnx_paths]
-    feeds = random_feeds(batch_size, seq_len)
-    seconds: list[list[float]] = [[] for _ in sessions]
-    for round_ in range(1 + calls):
-        for session, times in zip(sessions, seconds, strict=True):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            if round_:
-                times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in seconds]
+    from coda_adapters.app.bench import time_interleaved
+    from coda_adapters.app.onnx_classifier import inference_session, onnx_step
+
+    batch = {name: torch.from_numpy(array) for name, array in random_feeds(batch_size, seq_len).items()}
+    steps = {f"{i}: {p}": onnx_step(inference_session(p, threads), batch) for i, p in enumerate(onnx_paths)}
+    return [statistics.median(times) for times in time_interleaved(steps, calls, warmup=1).values()]
 
 
 def main() -> None:

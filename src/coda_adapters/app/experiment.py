@@ -267,17 +267,9 @@ PRESETS = {
     # Aggressive reductions where the choice of tokens decides: bbc-needle at 128 tokens, r = 8 and 16 (16 and 8
     # tokens per routed layer), plain and with routers fitted to attention, against the input cut to the same
     # budget and random routers; on BBC News these targets cannot be met, since the random router at r = 16 is
-    # within 1.2 points of dense (`coda experiment --preset needle-aggressive --seeds 0 1 2`; with the --out of
+    # within 1.3 points of dense (`coda experiment --preset needle-aggressive --seeds 0 1 2`; with the --out of
     # needle-router-init the dense row is reused)
-    "needle-aggressive": Preset(
-        rows=[Row(DENSE, {"reduction": 1})]
-        + [Row(f"CoDA r={r}", {"reduction": r}) for r in (8, 16)]
-        + [Row(f"CoDA r={r}, routers fitted to attention", {"reduction": r}, train=ATTENTION_INIT) for r in (8, 16)],
-        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
-        pretrain=PretrainConfig(steps=1, max_length=128),  # unused
-        baselines=True,  # + the dense adapter on the first 16 and 8 tokens, + random routers at r = 8 and 16
-        data="bbc-needle",
-    ),
+    "needle-aggressive": change_preset("routers fitted to attention", train=ATTENTION_INIT, reductions=(8, 16)),
     # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
