@@ -3,14 +3,17 @@ the report files) on tiny random adapters with the real MiniLM tokenizer and BBC
 No timing assertions: the machine is shared and noisy."""
 
 import argparse
+import asyncio
 import json
 
 import pytest
 
 from coda_adapters.app.export import GRAPH_FORMAT
 from coda_adapters.app.loadtest import (
+    Tally,
     add_loadtest_parser,
     format_load_report,
+    one_request,
     percentile,
     prepare_adapters,
     prepare_exports,
@@ -155,3 +158,51 @@ def test_command_line_options_have_help_and_reach_run_load_test(monkeypatch):
     args = parser.parse_args(["loadtest", "--quantize", "bf16"])
     args.run(args)
     assert calls[1][1]["quantize"] == "bf16"
+
+
+def test_every_answer_is_tallied_by_kind_and_transport_errors_do_not_escape():
+    """The load generator's client: a 200 with one prediction per text counts as answered (with its latency);
+    a 503 as refused; a 200 with a body that is not JSON or lacks predictions, any other status, and a
+    refused connection as "other", with the reason kept."""
+    aiohttp = pytest.importorskip("aiohttp")
+    from aiohttp import web
+
+    async def classify(request):
+        adapter = (await request.json())["adapter"]
+        if adapter == "busy":
+            return web.json_response({"error": "queue full"}, status=503)
+        if adapter == "broken":
+            return web.Response(text="<html>not json</html>")
+        if adapter == "short":
+            return web.json_response({"predictions": []})
+        if adapter == "missing":
+            return web.json_response({"error": "unknown adapter"}, status=404)
+        return web.json_response({"predictions": [{"label": "a"}]})
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/v1/classify", classify)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        tally = Tally()
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+                for adapter in ("ok", "busy", "broken", "short", "missing", "ok"):
+                    await one_request(client, adapter, ["one text"], tally)
+        finally:
+            await runner.cleanup()
+        refused = Tally()
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:  # nothing listens any more
+            await one_request(client, "ok", ["one text"], refused)
+        return tally, refused
+
+    tally, refused = asyncio.run(scenario())
+    assert tally.statuses == {"200": 2, "503": 1, "other": 3}
+    assert tally.texts == 2 and len(tally.latencies) == 2 and all(t > 0 for t in tally.latencies)
+    assert tally.errors[0] == '503: {"error": "queue full"}' and tally.errors[1].startswith("JSONDecodeError")
+    assert tally.errors[2] == '200: {"predictions": []}' and len(tally.errors) == 3  # the first three reasons only
+    assert refused.statuses == {"other": 1} and refused.texts == 0 and not refused.latencies
+    assert refused.errors[0].startswith("ClientConnectorError")

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ NOTE = (
 )
 BATCH_SIZE_LINE = re.compile(r'^coda_batch_size_(sum|count)\{adapter="([^"]*)"\} (\S+)$', re.MULTILINE)
 CPU_LINE = re.compile(r"^process_cpu_seconds_total (\S+)$", re.MULTILINE)
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,15 +214,14 @@ def start_server(adapters: dict[str, Path], options: list[str], log: Any) -> tup
 
 def wait_until_healthy(url: str, process: subprocess.Popen, deadline: float) -> None:
     """Poll ``/health`` until it answers 200; fail if the server exits or ``deadline`` (monotonic) passes."""
-    import httpx
-
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ChildProcessError(f"the server exited with code {process.returncode} while starting (see server.log)")
         try:
-            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.TransportError:
+            with NO_PROXY.open(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused while starting (URLError), or a timeout
             pass
         time.sleep(0.2)
     raise TimeoutError("the server did not answer /health in time (see server.log)")
@@ -257,15 +258,16 @@ class Tally:
 
 
 async def one_request(client: Any, adapter: str, texts: list[str], tally: Tally) -> None:
-    import httpx
+    import aiohttp
 
     start = time.perf_counter()
     try:
-        response = await client.post("/v1/classify", json={"adapter": adapter, "texts": texts})
-        ok = response.status_code == 200 and len(response.json()["predictions"]) == len(texts)
-        status = "200" if ok else "503" if response.status_code == 503 else "other"
-        detail = f"{response.status_code}: {response.text[:200]}"
-    except (httpx.HTTPError, ValueError, KeyError) as error:  # ValueError: a body that is not JSON
+        async with client.post("/v1/classify", json={"adapter": adapter, "texts": texts}) as response:
+            body = await response.text()
+        ok = response.status == 200 and len(json.loads(body)["predictions"]) == len(texts)
+        status = "200" if ok else "503" if response.status == 503 else "other"
+        detail = f"{response.status}: {body[:200]}"
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as error:  # ValueError: a body not JSON
         status, detail = "other", f"{type(error).__name__}: {error}"
     tally.statuses[status] += 1
     if status == "200":
@@ -288,17 +290,24 @@ async def closed_loop(client: Any, adapter: str, requests: list[list[str]], conc
     tally.seconds += time.perf_counter() - start
 
 
+async def metrics_text(client: Any) -> str:
+    """The server's ``/metrics`` page."""
+    async with client.get("/metrics") as response:
+        response.raise_for_status()
+        return await response.text()
+
+
 async def batch_counters(client: Any) -> dict[str, list[float]]:
     """``{adapter: [texts, model calls]}`` so far, from ``/metrics``: the batching the server achieved."""
     counters: dict[str, list[float]] = {}
-    for kind, adapter, value in BATCH_SIZE_LINE.findall((await client.get("/metrics")).text):
+    for kind, adapter, value in BATCH_SIZE_LINE.findall(await metrics_text(client)):
         counters.setdefault(adapter, [0.0, 0.0])[kind == "count"] = float(value)
     return counters
 
 
 async def server_cpu_seconds(client: Any) -> float:
     """The server's ``process_cpu_seconds_total`` from ``/metrics``."""
-    found = CPU_LINE.search((await client.get("/metrics")).text)
+    found = CPU_LINE.search(await metrics_text(client))
     if found is None:
         raise RuntimeError("the server's /metrics has no process_cpu_seconds_total")
     return float(found.group(1))
@@ -334,7 +343,7 @@ async def run_levels(
 
     Returns ``{(name, concurrency): (Tally, mean texts per model call)}``.
     """
-    import httpx
+    import aiohttp
 
     per_request = settings["texts_per_request"]
     requests = [
@@ -342,9 +351,12 @@ async def run_levels(
         for i in range(settings["requests_per_level"])
     ]
     top = max(settings["concurrency"])
-    limits = httpx.Limits(max_connections=top, max_keepalive_connections=top)
     results: dict[tuple[str, int], tuple[Tally, float | None]] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits, trust_env=False) as client:
+    # aiohttp, not httpx: with httpx the load generator took 2.1-2.2 ms of CPU per request (the report's "CPU
+    # ms/text load gen." column), CPU that the server sharing the machine then did not have
+    connector = aiohttp.TCPConnector(limit=top)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
         for concurrency in settings["concurrency"]:
             for name in names:  # warm-up: opens the connections, first calls at this batch size
                 await closed_loop(client, name, requests[:concurrency], concurrency, Tally())
