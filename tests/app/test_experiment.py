@@ -148,6 +148,17 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
     }
     [annealed] = [row for row in PRESETS["prior-r5-anneal"].rows if row.train and not row.truncation]
     assert (annealed.coda["keep_first"], annealed.train) == (26, {"epsilon_start": 1.0})
+    # three quarters of the budget kept: new kept-lead rows only, the rest shared
+    lead39 = {row.slug for row in experiment_rows(PRESETS["prior-r5-lead39"])}
+    assert lead39 - combined == {
+        "coda-r-5-first-39-tokens-kept",
+        "coda-r-5-first-39-tokens-kept-epsilon-annealed-from-1-to-0-1",
+    }
+    kept = [
+        row.coda.get("keep_first")
+        for row in experiment_rows(PRESETS["prior"]) + experiment_rows(PRESETS["prior-needle"])
+    ]
+    assert sorted(k for k in kept if k) == [22, 43]  # half of ceil(256 / 3) = 86 and of ceil(128 / 3) = 43, rounded up
     softer = [row_coda_config(PRESETS["needle-epsilon"], row) for row in PRESETS["needle-epsilon"].rows]
     assert [(c.reduction, c.epsilon) for c in softer] == [(1, 0.1), (3, 0.1), (3, 0.3), (5, 0.1), (5, 0.3)]
     # the rows without the change are the needle preset's runs, shared through one output directory

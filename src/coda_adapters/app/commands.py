@@ -46,6 +46,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "prior",
             "prior-r5",
             "prior-r5-anneal",
+            "prior-r5-lead39",
             "prior-needle",
             "aggressive",
             "needle-aggressive",
