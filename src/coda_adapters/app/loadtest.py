@@ -13,8 +13,9 @@ from the same server on ONNX Runtime, float and int8, beside its PyTorch self.
 
 The adapters have random weights: the work per request is fixed by shapes (each routed layer runs on
 ``k = ceil(n / r)`` tokens; the top-k and the exact soft top-k are sorts), not by the weights' values, so
-the speed is that of a trained adapter. The load generator runs on the same machine as the server and
-takes some of its CPU: absolute numbers are a lower bound, ratios between reductions are fair.
+the speed is that of a trained adapter. The load generator (an ``aiohttp`` client, about 0.2 ms of CPU per
+request) runs on the same machine as the server and takes some of its CPU: absolute numbers are a lower
+bound, ratios between reductions are fair.
 """
 
 from __future__ import annotations
