@@ -140,6 +140,8 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         (3, 52, True),
         (5, 42, True),
     ]
+    aggressive = [row for row in PRESETS["needle-aggressive"].rows if row.speed_of is not None]
+    assert [(row.speed_of, row_max_length(PRESETS["needle"], row)) for row in aggressive] == [(8, 24), (16, 18)]
     # the kept lead with the annealed soft top-k reuses bbc-router-init's dense, plain and baseline runs
     combined = {row.slug for row in experiment_rows(PRESETS["prior-r5-anneal"])}
     assert combined - {row.slug for row in experiment_rows(bbc)} == {
