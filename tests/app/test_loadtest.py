@@ -175,6 +175,8 @@ def test_every_answer_is_tallied_by_kind_and_transport_errors_do_not_escape():
             return web.Response(text="<html>not json</html>")
         if adapter == "short":
             return web.json_response({"predictions": []})
+        if adapter == "list":
+            return web.json_response(["not", "an", "object"])
         if adapter == "missing":
             return web.json_response({"error": "unknown adapter"}, status=404)
         return web.json_response({"predictions": [{"label": "a"}]})
@@ -190,7 +192,7 @@ def test_every_answer_is_tallied_by_kind_and_transport_errors_do_not_escape():
         tally = Tally()
         try:
             async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
-                for adapter in ("ok", "busy", "broken", "short", "missing", "ok"):
+                for adapter in ("ok", "busy", "broken", "short", "missing", "list", "ok"):
                     await one_request(client, adapter, ["one text"], tally)
         finally:
             await runner.cleanup()
@@ -200,7 +202,7 @@ def test_every_answer_is_tallied_by_kind_and_transport_errors_do_not_escape():
         return tally, refused
 
     tally, refused = asyncio.run(scenario())
-    assert tally.statuses == {"200": 2, "503": 1, "other": 3}
+    assert tally.statuses == {"200": 2, "503": 1, "other": 4}
     assert tally.texts == 2 and len(tally.latencies) == 2 and all(t > 0 for t in tally.latencies)
     assert tally.errors[0] == '503: {"error": "queue full"}' and tally.errors[1].startswith("JSONDecodeError")
     assert tally.errors[2] == '200: {"predictions": []}' and len(tally.errors) == 3  # the first three reasons only
