@@ -499,13 +499,16 @@ def plot_load(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    reductions = list(dict.fromkeys(cell["reduction"] for cell in report["cells"]))
     for runtime, r in dict.fromkeys((cell["runtime"], cell["reduction"]) for cell in report["cells"]):
         cells = [cell for cell in report["cells"] if (cell["runtime"], cell["reduction"]) == (runtime, r)]
         x = [cell["concurrency"] for cell in cells]
         label = f"r = {r:g}" + ("" if runtime == "pytorch" else f", {runtime}")
-        style = {"pytorch": "-", "onnxruntime": "--", "int8": ":"}[runtime]
-        left.plot(x, [cell["throughput"] for cell in cells], style, marker="o", label=label)
-        right.plot(x, [cell["p99_ms"] or math.nan for cell in cells], style, marker="o", label=label)
+        # one colour per reduction, one line style per runtime
+        style = dict(linestyle={"pytorch": "-", "onnxruntime": "--", "int8": ":"}[runtime], marker="o", label=label)
+        style["color"] = f"C{reductions.index(r)}"
+        left.plot(x, [cell["throughput"] for cell in cells], **style)
+        right.plot(x, [cell["p99_ms"] or math.nan for cell in cells], **style)
     for axis, label in ((left, "throughput (texts/s)"), (right, "p99 latency (ms)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent clients")
