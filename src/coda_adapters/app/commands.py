@@ -48,6 +48,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "prior-r5-anneal",
             "prior-r5-lead39",
             "prior-needle",
+            "prior-needle-lead33",
             "aggressive",
             "needle-aggressive",
             "demo",

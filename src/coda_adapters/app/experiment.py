@@ -274,6 +274,10 @@ PRESETS = {
         "bbc-news", max_length=256, reduction=5, speed_matched=68, annealed=True, kept_share=0.75
     ),
     "prior-needle": prior_preset("bbc-needle", max_length=128),
+    # the price of a longer lead where the evidence is anywhere: 33 of r = 3's 43 tokens kept on bbc-needle
+    # (`coda experiment --preset prior-needle-lead33 --seeds 0 1 2`; with `--out runs/needle-router` the dense,
+    # plain and baseline rows of the needle presets are reused)
+    "prior-needle-lead33": prior_preset("bbc-needle", max_length=128, kept_share=0.75),
     # Aggressive reductions where the choice of tokens decides: bbc-needle at 128 tokens, r = 8 and 16 (16 and 8
     # tokens per routed layer), plain and with routers fitted to attention, against the input cut to the same
     # budget and random routers; on BBC News these targets cannot be met, since the random router at r = 16 is
