@@ -66,7 +66,10 @@ def median_call_seconds(
     from coda_adapters.app.onnx_classifier import inference_session, onnx_step
 
     batch = {name: torch.from_numpy(array) for name, array in random_feeds(batch_size, seq_len).items()}
-    steps = {f"{i}: {p}": onnx_step(inference_session(p, threads), batch) for i, p in enumerate(onnx_paths)}
+    # no spinning: a session's threads busy-wait after its call and would slow the next graph's (as in coda bench)
+    steps = {
+        f"{i}: {p}": onnx_step(inference_session(p, threads, spinning=False), batch) for i, p in enumerate(onnx_paths)
+    }
     return [statistics.median(times) for times in time_interleaved(steps, calls, warmup=1).values()]
 
 
