@@ -15,6 +15,7 @@ from coda_adapters.app.bench import (
     quantize_frozen_linears,
     run_benchmark,
     soft_topk_report,
+    time_interleaved,
     write_bench_json,
 )
 from coda_adapters.app.bench_models import RANDOM_MODELS, audio_frames_to_samples, bench_model, text_batch
@@ -120,6 +121,7 @@ def test_benchmark_rows_have_the_contract_keys(tmp_path):
         (dict(reductions=[1, 0.5]), "--reductions must be a finite number >= 1, got 0.5"),
         (dict(quantize="int4"), "--quantize must be one of"),
         (dict(quantize="bf16", runtime="onnxruntime"), "--quantize bf16 cannot be combined with --runtime onnxruntime"),
+        (dict(warm_calls=-1), "--warm-calls must be an int >= 0, got -1"),
     ],
 )
 def test_bad_benchmark_arguments_fail_before_any_work(kwargs, message):
@@ -189,3 +191,19 @@ def test_a_routing_recipe_reaches_the_routed_variants_only():
     variants = build_variants(tiny_model("bert"), [1, 3], 8, "none", False, lambda r: {"keep_first": 2, "keep_last": 1})
     assert variants["coda r=3"][1].coda_config == CodaConfig(reduction=3, bottleneck=8, keep_first=2, keep_last=1)
     assert variants["coda r=1"][1].coda_config == CodaConfig(reduction=1, bottleneck=8)
+
+
+@pytest.mark.parametrize("warm_calls", [0, 2])
+def test_each_timed_call_follows_its_own_warm_calls_in_rotating_rounds(warm_calls):
+    """The call log of time_interleaved: the warm-up first, then per round every step once in a rotated order,
+    each timed call right after ``warm_calls`` untimed calls of the same step."""
+    log = []
+    steps = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    times = time_interleaved(steps, repeats=3, warmup=1, warm_calls=warm_calls)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    per_call = warm_calls + 1
+    rounds = [log[3 + i * 3 * per_call : 3 + (i + 1) * 3 * per_call] for i in range(3)]
+    assert log[:3] == ["a", "b", "c"] and len(log) == 3 + 9 * per_call
+    expected_orders = ["abc", "bca", "cab"]
+    for calls, order in zip(rounds, expected_orders, strict=True):
+        assert calls == [name for name in order for _ in range(per_call)]

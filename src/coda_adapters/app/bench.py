@@ -254,8 +254,16 @@ def _stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each step; one call of every step per round, in a rotating order."""
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, warm_calls: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each step; one timed call of every step per round, in a rotating order.
+
+    By default a timed call follows another step's call, which leaves the caches (and any threads still
+    spinning) in that step's state: fair between steps, but colder than a process that runs one model over
+    and over. ``warm_calls`` untimed calls of the same step right before each timed one measure that warm
+    case instead, still interleaved against the machine's drift.
+    """
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -264,6 +272,8 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
     for round_index in progress_bar(range(repeats), desc="timing", unit="round", leave=False):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            for _ in range(warm_calls):
+                steps[name]()
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
@@ -314,6 +324,7 @@ class BenchRun:
     train: bool
     quantize: str
     threads: int
+    warm_calls: int = 0  # untimed calls of a variant right before each of its timed calls (time_interleaved)
 
 
 def run_benchmark(
@@ -332,6 +343,7 @@ def run_benchmark(
     profile: bool = False,
     runtime: str = "pytorch",
     coda_fields: Callable[[float], dict[str, Any]] | None = None,
+    warm_calls: int = 0,
 ) -> list[BenchRow]:
     """Time CoDA at each reduction against its baselines; see :class:`BenchRow` for what is reported.
 
@@ -341,11 +353,13 @@ def run_benchmark(
     classifiers in float PyTorch (:func:`.bench_onnx.benchmark_exports`); ``quantize="int8"`` then adds the
     int8 graphs and leaves PyTorch in float. ``threads`` applies to torch and ONNX Runtime alike.
     ``coda_fields(r)`` gives more :class:`CodaConfig` fields of the CoDA variant at ``r`` (a routing recipe).
+    ``warm_calls``: untimed calls of each variant right before each of its timed ones (see :func:`time_interleaved`).
     """
     validate_runtime(runtime, model_name, train, profile, quantize)
     spec = bench_model(model_name)
     config = spec.config
     validate_bench_arguments(config, seq_lens, reductions, batch_size, threads, repeats, quantize)
+    check_int(flag("warm_calls"), warm_calls, low=0)
     torch.set_num_threads(threads)
     if mixed and not spec.supports_mixed:
         print(f"note: {model_name} inputs all have the same length; no mixed-length batches", file=sys.stderr)
@@ -353,7 +367,7 @@ def run_benchmark(
     batches = {(n, False): spec.batch(n, batch_size, False) for n in seq_lens}
     if mixed:
         batches.update({(n, True): spec.batch(n, batch_size, True) for n in seq_lens})
-    run = BenchRun(model_name, config, batch_size, bottleneck, repeats, warmup, train, quantize, threads)
+    run = BenchRun(model_name, config, batch_size, bottleneck, repeats, warmup, train, quantize, threads, warm_calls)
     if runtime == "onnxruntime":
         from .bench_onnx import benchmark_exports
 
@@ -379,7 +393,7 @@ def time_variants(
     rows = []
     for (seq_len, is_mixed), batch in batches.items():
         steps = {name: variant_step(variant, runner, batch, run.train) for name, (variant, runner) in variants.items()}
-        times = time_interleaved(steps, run.repeats, run.warmup)
+        times = time_interleaved(steps, run.repeats, run.warmup, run.warm_calls)
         medians = {name: statistics.median(t) for name, t in times.items()}
         lengths = batch["attention_mask"].sum(-1).tolist() if "attention_mask" in batch else [seq_len] * run.batch_size
         for name, (variant, _) in variants.items():

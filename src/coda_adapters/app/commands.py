@@ -132,6 +132,13 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch (and of ONNX Runtime)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each setting first")
+    parser.add_argument(
+        "--warm-calls",
+        type=int,
+        default=0,
+        help="untimed calls of each setting right before each of its timed calls: warm caches, as in a process "
+        "that runs one model (default 0: each timed call follows another setting's)",
+    )
     parser.add_argument("--bottleneck", type=int, default=64, help="adapter width")
     parser.add_argument(
         "--runtime",
@@ -170,6 +177,7 @@ def run_bench(args: argparse.Namespace) -> None:
         threads=args.threads,
         repeats=args.repeats,
         warmup=args.warmup,
+        warm_calls=args.warm_calls,
         train=args.train,
         quantize=args.quantize,
         mixed=not args.no_mixed,
