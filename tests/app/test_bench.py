@@ -108,6 +108,7 @@ def test_benchmark_rows_have_the_contract_keys(tmp_path):
             assert key in row, key
         assert row["latency_ms"] > 0 and row["peak_mem_mb"] > 0
         assert row["runtime"] == "pytorch"  # the default runtime; rows of --runtime onnxruntime say so
+        assert row["warm_calls"] == 0  # the default timing: each timed call follows another variant's
     dense = next(r for r in rows if r.variant == "coda r=1")
     assert dense.speedup_vs_dense == 1.0 and dense.flop_ratio == 1.0
 

@@ -309,6 +309,7 @@ class BenchRow:
     quantize: str
     threads: int
     runtime: str = "pytorch"
+    warm_calls: int = 0  # untimed calls of the variant right before each timed one (coda bench --warm-calls)
 
 
 @dataclass(frozen=True)
@@ -446,6 +447,7 @@ def bench_row(
         quantize=run.quantize,
         threads=run.threads,
         runtime=variant.runtime,
+        warm_calls=run.warm_calls,
     )
 
 
