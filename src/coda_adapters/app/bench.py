@@ -359,8 +359,7 @@ def run_benchmark(
     validate_runtime(runtime, model_name, train, profile, quantize)
     spec = bench_model(model_name)
     config = spec.config
-    validate_bench_arguments(config, seq_lens, reductions, batch_size, threads, repeats, quantize)
-    check_int(flag("warm_calls"), warm_calls, low=0)
+    validate_bench_arguments(config, seq_lens, reductions, batch_size, threads, repeats, quantize, warm_calls)
     torch.set_num_threads(threads)
     if mixed and not spec.supports_mixed:
         print(f"note: {model_name} inputs all have the same length; no mixed-length batches", file=sys.stderr)
@@ -506,6 +505,7 @@ def validate_bench_arguments(
     threads: int,
     repeats: int,
     quantize: str,
+    warm_calls: int = 0,
 ) -> None:
     """Clear errors before any work starts."""
     max_positions = getattr(config, "max_position_embeddings", None)
@@ -521,6 +521,7 @@ def validate_bench_arguments(
         check_number("--reductions", r, low=1)
     for name, value in (("batch_size", batch_size), ("threads", threads), ("repeats", repeats)):
         check_int(flag(name), value, low=1)
+    check_int(flag("warm_calls"), warm_calls, low=0)
     check_choice(flag("quantize"), quantize, QUANTIZE_CHOICES)
 
 
