@@ -9,12 +9,13 @@ from dataclasses import asdict
 import pytest
 
 from coda_adapters.app import export
-from coda_adapters.app.bench import BenchRow, Variant, run_benchmark
+from coda_adapters.app.bench import BenchRow, BenchRun, Variant, run_benchmark
+from coda_adapters.app.bench_onnx import exported_variants
 from coda_adapters.app.cli import main
 
 from helpers import save_tiny_base
 
-KINDS = ("coda", "onnxruntime", "onnxruntime int8")
+KINDS = ("coda", "coda int8", "onnxruntime", "onnxruntime int8")  # with --quantize int8, in this order
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def test_variants_name_their_runtime_and_their_own_dense_reference():
     assert Variant("onnxruntime int8", 3).label == "onnxruntime int8 r=3"
     assert Variant("onnxruntime", 2.5).label == "onnxruntime r=2.5"
     assert Variant("coda", 3).label == "coda r=3"  # the PyTorch label, unchanged
-    assert [Variant(kind, 3).runtime for kind in KINDS] == ["pytorch", "onnxruntime", "onnxruntime"]
+    assert [Variant(kind, 3).runtime for kind in KINDS] == ["pytorch", "pytorch", "onnxruntime", "onnxruntime"]
+    assert Variant("coda int8", 3).dense_label == "coda int8 r=1"
     assert Variant("onnxruntime int8", 3).dense_label == "onnxruntime int8 r=1"
     assert Variant("frozen").dense_label == Variant("float dense", 1).dense_label == "coda r=1"
 
@@ -68,7 +70,7 @@ def test_onnxruntime_rows_are_timed_beside_pytorch_and_round_trip_through_json(t
     assert [asdict(row) for row in rows] == document  # every key, and nothing else
     labels = [f"{kind} r={r}" for kind in KINDS for r in (1, 3)]
     assert [row.variant for row in rows] == labels * 2  # full-length then mixed-length batches, as on PyTorch
-    assert [row.mixed_lengths for row in rows] == [False] * 6 + [True] * 6
+    assert [row.mixed_lengths for row in rows] == [False] * 8 + [True] * 8
     for row in rows:
         assert row.runtime == ("pytorch" if row.variant.startswith("coda") else "onnxruntime")
         assert (row.seq_len, row.batch_size, row.threads, row.quantize, row.train) == (32, 2, 1, "int8", False)
@@ -88,6 +90,20 @@ def test_onnxruntime_rows_are_timed_beside_pytorch_and_round_trip_through_json(t
             assert timed[f"{kind} r=1"].speedup_vs_dense == 1.0
         assert timed["coda r=1"].speedup_vs_float_dense == 1.0
         assert timed["onnxruntime r=3"].flop_ratio == timed["coda r=3"].flop_ratio > 1
+
+
+def test_the_pytorch_int8_peer_is_quantised_and_the_float_classifier_is_not(tiny_base, tmp_path):
+    from transformers import AutoConfig
+
+    run = BenchRun(str(tiny_base), AutoConfig.from_pretrained(tiny_base), 2, 8, 1, 0, False, "int8", 1)
+    variants = exported_variants(run, [1, 3], 16, tmp_path)
+    assert list(variants) == [f"{kind} r={r}" for kind in KINDS for r in (1, 3)]
+
+    def quantised_linears(label: str) -> int:
+        return sum("quantized" in type(module).__module__ for module in variants[label][1].modules())
+
+    assert quantised_linears("coda r=3") == 0 and quantised_linears("coda int8 r=3") > 0
+    assert quantised_linears("coda int8 r=1") == quantised_linears("coda int8 r=3")  # the same frozen layers
 
 
 def test_an_export_that_differs_from_pytorch_names_the_model(tiny_base, monkeypatch):

@@ -35,7 +35,7 @@ from .progress import progress_bar
 QUANTIZE_CHOICES = ("none", "int8", "bf16")
 RUNTIME_CHOICES = ("pytorch", "onnxruntime")
 # kinds labelled with their r, each with its own dense reference (its r = 1): PyTorch CoDA and the exports
-ROUTED_KINDS = ("coda", "onnxruntime", "onnxruntime int8")
+ROUTED_KINDS = ("coda", "coda int8", "onnxruntime", "onnxruntime int8")
 ADAPTER_KINDS = (*ROUTED_KINDS, "float dense")  # the kinds with a bottleneck adapter, for the cost model
 
 
@@ -101,8 +101,9 @@ def flop_ratio(
 @dataclass
 class Variant:
     """One model under test: ``kind`` is "coda" (with ``reduction``), "frozen", "lora-merged", "lora" (training),
-    "float dense" (the unquantised dense parallel adapter, the reference of an int8 run), or "onnxruntime" and
-    "onnxruntime int8" (a CoDA classifier's ONNX export, float or int8, on ONNX Runtime, with ``reduction``)."""
+    "float dense" (the unquantised dense parallel adapter, the reference of an int8 run), "onnxruntime" and
+    "onnxruntime int8" (a CoDA classifier's ONNX export, float or int8, on ONNX Runtime, with ``reduction``), or
+    "coda int8" (the same classifier in PyTorch, int8 as ``--quantize int8`` makes it: the export's peer)."""
 
     kind: str
     reduction: float | None = None

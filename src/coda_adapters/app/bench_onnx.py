@@ -7,9 +7,11 @@ graph against PyTorch and refuses a mismatch; with ``quantize="int8"`` also its 
 ``coda export --int8`` makes it. All of it lives in a temporary directory for the run.
 
 The ONNX Runtime sessions are timed in the same interleaved rounds as the same classifiers in float PyTorch
-("coda r=1", "coda r=3", ...): ``speedup_vs_dense`` is against r = 1 of the same runtime and precision, and
-``speedup_vs_float_dense`` against PyTorch's float r = 1, the reference of the target "ONNX Runtime + int8 at
-r = 3 >= 8x the float PyTorch dense adapter".
+("coda r=1", "coda r=3", ...), and with ``quantize="int8"`` also in PyTorch's own int8 ("coda int8 r=1", ...;
+:func:`.bench.quantize_frozen_linears`), so that the two int8 stacks are compared on one machine in one run:
+``speedup_vs_dense`` is against r = 1 of the same runtime and precision, and ``speedup_vs_float_dense`` against
+PyTorch's float r = 1, the reference of the target "ONNX Runtime + int8 at r = 3 >= 8x the float PyTorch dense
+adapter".
 
 The graphs have dynamic batch and sequence axes and route each padded row with its own ``k`` (from the
 attention mask), so the mixed-length batches are timed as in the PyTorch benchmark. Every variant gets only
@@ -23,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchRow, BenchRun, Variant, time_variants
+from .bench import BenchRow, BenchRun, Variant, quantize_frozen_linears, time_variants
 from .bench_models import Batch
 
 LABELS = tuple(f"class {i}" for i in range(5))  # five, as bench_models' training heads; speed does not depend on it
@@ -46,17 +48,23 @@ def benchmark_exports(run: BenchRun, reductions: list[float], batches: dict[tupl
 def exported_variants(
     run: BenchRun, reductions: list[float], max_length: int, root: Path
 ) -> dict[str, tuple[Variant, Any]]:
-    """``{label: (variant, model or session)}``: the PyTorch float classifiers at every reduction, then their
-    ONNX Runtime sessions, then the int8 sessions (grouped per runtime, so the table reads in blocks)."""
+    """``{label: (variant, model or session)}``: the PyTorch float classifiers at every reduction, with int8 the
+    PyTorch int8 ones, then their ONNX Runtime sessions, then the int8 sessions (grouped per runtime and
+    precision, so the table reads in blocks)."""
     from .classify import load_classifier
     from .onnx_classifier import INT8_NAME, ONNX_NAME, inference_session
 
-    files = {"onnxruntime": ONNX_NAME} | ({"onnxruntime int8": INT8_NAME} if run.quantize == "int8" else {})
-    groups: dict[str, dict[str, tuple[Variant, Any]]] = {kind: {} for kind in ("coda", *files)}
+    int8 = run.quantize == "int8"
+    files = {"onnxruntime": ONNX_NAME} | ({"onnxruntime int8": INT8_NAME} if int8 else {})
+    groups: dict[str, dict[str, tuple[Variant, Any]]] = {kind: {} for kind in ("coda", "coda int8", *files)}
     for seed, reduction in enumerate(reductions):
         adapter, export = export_random_classifier(run, reduction, max_length, seed, root)
         variant = Variant("coda", reduction)
         groups["coda"][variant.label] = (variant, load_classifier(adapter)[0])
+        if int8:
+            model, variant = load_classifier(adapter)[0], Variant("coda int8", reduction)
+            quantize_frozen_linears(model)
+            groups["coda int8"][variant.label] = (variant, model)
         for kind, file in files.items():
             variant = Variant(kind, reduction)
             groups[kind][variant.label] = (variant, inference_session(export / file, run.threads, spinning=False))
