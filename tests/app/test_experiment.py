@@ -156,6 +156,11 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         "coda-r-5-first-39-tokens-kept",
         "coda-r-5-first-39-tokens-kept-epsilon-annealed-from-1-to-0-1",
     }
+    # and all of it: the frozen layers run the 52-token cut's tokens, one new row
+    lead52 = {row.slug for row in experiment_rows(PRESETS["prior-r5-lead52"])}
+    assert lead52 - combined == {"coda-r-5-first-52-tokens-kept"}
+    [whole] = [row for row in PRESETS["prior-r5-lead52"].rows if row.coda.get("keep_first")]
+    assert whole.coda["keep_first"] == token_budget(PRESETS["prior-r5-lead52"], whole) == 52
     kept = [
         row.coda.get("keep_first")
         for row in experiment_rows(PRESETS["prior"]) + experiment_rows(PRESETS["prior-needle"])

@@ -273,6 +273,10 @@ PRESETS = {
     "prior-r5-lead39": prior_preset(
         "bbc-news", max_length=256, reduction=5, speed_matched=68, annealed=True, kept_share=0.75
     ),
+    # the whole budget kept for the lead (52 of 52): the frozen layers run what the 52-token cut runs, the
+    # adapters and the head still see all 256 tokens, and the routers choose nothing; the end of the kept-share
+    # sweep (26, 39, 52), which says what the routers' picks add on BBC at r = 5 (`--out runs/bbc-router-init`)
+    "prior-r5-lead52": prior_preset("bbc-news", max_length=256, reduction=5, speed_matched=68, kept_share=1.0),
     "prior-needle": prior_preset("bbc-needle", max_length=128),
     # the price of a longer lead where the evidence is anywhere: 33 of r = 3's 43 tokens kept on bbc-needle
     # (`coda experiment --preset prior-needle-lead33 --seeds 0 1 2`; with `--out runs/needle-router` the dense,
