@@ -62,11 +62,13 @@ def test_padding_invariance_on_minilm(minilm, minilm_tokenizer):
     assert (together[0, :length] - single[0]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("straight_through", [False, True])
 @pytest.mark.parametrize("attn", ATTENTION)
-def test_routed_layer_computes_the_frozen_layer_on_the_selected_tokens_only(attn):
+def test_routed_layer_computes_the_frozen_layer_on_the_selected_tokens_only(attn, straight_through):
     base = tiny_model("bert", attn=attn)
     frozen_layer = copy.deepcopy(base.encoder.layer[0])
-    coda = get_coda_model(base, CodaConfig(reduction=3, bottleneck=8, epsilon=0.5))
+    config = CodaConfig(reduction=3, bottleneck=8, epsilon=0.5, straight_through=straight_through)
+    coda = get_coda_model(base, config)
     randomize_trainable(coda)
 
     def frozen_on_selected(x_sel, positions):
@@ -74,6 +76,9 @@ def test_routed_layer_computes_the_frozen_layer_on_the_selected_tokens_only(attn
 
     ids, mask = padded_batch([15, 9], 15)
     assert_layer_runs_the_frozen_layer_on_the_selected_tokens(coda, ids, mask, frozen_on_selected)
+    selection = coda.routing_state.selections[0]
+    whole_update = torch.equal(selection.weights, selection.slot_mask.float())
+    assert whole_update == straight_through  # straight-through: every selected token gets λ = 1
 
 
 def test_output_hidden_states_have_full_length_for_every_layer():

@@ -35,6 +35,7 @@ from helpers import random_ids, tiny_model
         (dict(keep_first=-1), "keep_first must be an int >= 0, got -1"),
         (dict(keep_last=2.5), "keep_last must be an int >= 0, got 2.5"),
         (dict(share_selection="yes"), "share_selection must be True or False, got 'yes'"),
+        (dict(straight_through=1), "straight_through must be True or False, got 1"),
     ],
 )
 def test_invalid_config_values(kwargs, message):

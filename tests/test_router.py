@@ -97,6 +97,30 @@ def test_router_gradient_flows_through_the_soft_top_k():
 
 
 @pytest.mark.parametrize("method", ["exact", "coordinate_descent"])
+def test_a_straight_through_router_weights_every_selected_token_one_and_learns_the_soft_gradient(method):
+    """The same tokens as the soft router, λ exactly 1 (0 in empty slots), and the soft router's gradient."""
+    torch.manual_seed(2)
+    soft, straight = Router(8, epsilon=0.5, method=method), Router(8, epsilon=0.5, method=method, straight_through=True)
+    straight.load_state_dict(soft.state_dict())
+    hidden = torch.randn(2, 12, 8)
+    budget = token_budget(padded_mask([12, 7], 12), (2, 12), reduction=3, forced_position=0)
+    mix = torch.randn(2, 4)
+    grads, selections = [], []
+    for router in (soft, straight):
+        selection = router(hidden, budget)
+        (selection.weights * mix).sum().backward()
+        grads.append(router.weight.grad)
+        selections.append(selection)
+    assert torch.equal(selections[0].index, selections[1].index)
+    assert torch.equal(selections[1].weights, selections[1].slot_mask.float())
+    assert not torch.equal(selections[0].weights, selections[1].weights)  # the soft weights are below 1
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[1].abs().sum() > 0
+    with torch.no_grad():  # at inference: the hard weights, no soft term
+        assert torch.equal(straight(hidden, budget).weights, selections[1].slot_mask.float())
+
+
+@pytest.mark.parametrize("method", ["exact", "coordinate_descent"])
 def test_router_weights_are_the_soft_top_k_solution_at_the_selected_positions(method):
     """The router's fused top-k path agrees with the public soft_topk on the same problem."""
     from coda_adapters import soft_topk

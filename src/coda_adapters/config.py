@@ -39,6 +39,10 @@ class CodaConfig:
         router_position_bins: if ``> 0``, each learned router adds a learned bias per bin of relative
             position (``t / n_valid``, in that many equal bins) to its scores; not in the paper (see ``Router``).
         soft_topk_method: ``"exact"`` (closed form) or ``"coordinate_descent"`` (the paper's solver).
+        straight_through: the selected tokens' updates are not scaled in the forward pass (``λ = 1``, as a
+            token of the dense model), while the router still learns through the soft top-k's gradient
+            (the straight-through estimator). Not in the paper, which scales by ``λ``; the soft weights
+            damp the frozen layer's update of the tokens near the threshold in training and at inference.
         soft_topk_iters, epsilon_init, epsilon_decay: settings of ``"coordinate_descent"``.
         layers: indices of the layers to convert; ``None`` converts all of them.
         dense_layers: indices, among the converted layers, of those that keep every token (an adapter, no
@@ -80,6 +84,11 @@ class CodaConfig:
     epsilon: float = option(0.1, "entropy weight of the soft top-k; smaller is closer to a hard top-k")
     router_position_bins: int = option(
         0, "learned router score bias per bin of relative position t/n among the real tokens (0 = none)"
+    )
+    straight_through: bool = option(
+        False,
+        "selected tokens get the frozen layer's whole update (lambda = 1); the router learns through "
+        "the soft top-k's gradient (straight-through)",
     )
     soft_topk_method: str = option(
         "exact",
@@ -127,6 +136,7 @@ class CodaConfig:
         check_int("router_position_bins", self.router_position_bins, low=0)
         bins = self.router_position_bins
         require(not (bins and self.router == "random"), "router_position_bins", "0 with router='random'", bins)
+        require(isinstance(self.straight_through, bool), "straight_through", "True or False", self.straight_through)
         check_choice("soft_topk_method", self.soft_topk_method, SOFT_TOPK_METHODS)
         check_int("soft_topk_iters", self.soft_topk_iters, low=1)
         check_number("epsilon_init", self.epsilon_init, above=0)

@@ -222,6 +222,7 @@ class CodaModel(nn.Module):
             epsilon_init=config.epsilon_init,
             epsilon_decay=config.epsilon_decay,
             position_bins=config.router_position_bins,
+            straight_through=config.straight_through,
         )
         router.weight.requires_grad_(config.router == "learned")
         return router

@@ -348,6 +348,9 @@ class Router(nn.Module):
     ``λ = 1``.
     A ``"random"`` router selects uniformly at random, with ``λ = 1``: the paper's ablation baseline.
 
+    With ``straight_through`` (an addition to the paper) the selected tokens get ``λ = 1`` in the forward
+    pass and the soft top-k's gradient in the backward pass (the straight-through estimator).
+
     With ``position_bins > 0`` (an addition to the paper) a learned bias per bin of relative position
     ``t / n_valid`` among the real tokens is added to the scores: the hidden states carry little of a
     token's absolute position, so a router of one vector cannot learn "the lead matters" (BBC News, where
@@ -366,6 +369,7 @@ class Router(nn.Module):
         epsilon_init: float = 4.0,
         epsilon_decay: float = 0.7,
         position_bins: int = 0,
+        straight_through: bool = False,
     ) -> None:
         super().__init__()
         if position_bins and kind == "random":
@@ -373,6 +377,7 @@ class Router(nn.Module):
         self.kind = kind
         self.epsilon = epsilon
         self.method = method
+        self.straight_through = straight_through
         self.coordinate_descent_options = dict(iters=iters, epsilon_init=epsilon_init, epsilon_decay=epsilon_decay)
         # scores start at O(1) for inputs of O(1) per dimension, as in post-LayerNorm hidden states
         self.weight = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
@@ -419,7 +424,17 @@ class Router(nn.Module):
             lam = lam if forced is None else lam + forced.to(lam.dtype)
             _, top_index, in_top = _rank_top_k(scores, k, valid, forced)
             top_weights = lam.gather(-1, top_index)
+        if self.straight_through and self.kind == "learned":
+            top_weights = straight_through_weights(top_weights, in_top)
         return _in_position_order(top_index, top_weights * in_top, in_top, k, budget.uniform)
+
+
+def straight_through_weights(soft: torch.Tensor, in_top: torch.Tensor) -> torch.Tensor:
+    """The hard selection ``in_top`` (bool ``[batch, k_max]``) as weights, 1 for every selected token, with the
+    gradient of the soft weights ``soft`` ``[batch, k_max]``: ``soft - soft.detach()`` is exactly 0 in value,
+    so the forward pass sees exactly 1."""
+    hard = in_top.to(soft.dtype)
+    return hard + (soft - soft.detach()) if soft.requires_grad else hard
 
 
 def relative_position_bins(valid: torch.Tensor, bins: int) -> torch.Tensor:

@@ -156,6 +156,14 @@ def test_presets_keep_their_rows_and_add_the_baselines_of_their_reductions():
         "coda-r-5-first-39-tokens-kept",
         "coda-r-5-first-39-tokens-kept-epsilon-annealed-from-1-to-0-1",
     }
+    # straight-through routers: one new row per reduction, the rest are the runs the other presets share
+    for name, plain in (("needle-straight-through", "needle-router-init"), ("bbc-straight-through", "bbc-router-init")):
+        preset = PRESETS[name]
+        shared = {row.slug for row in experiment_rows(PRESETS[plain])}
+        new = [row for row in experiment_rows(preset) if row.slug not in shared]
+        reductions = (3, 5) if name.startswith("needle") else (5,)
+        assert [row.slug for row in new] == [f"coda-r-{r}-straight-through-router" for r in reductions]
+        assert all(row_coda_config(preset, row).straight_through for row in new)
     # and all of it: the frozen layers run the 52-token cut's tokens, one new row
     lead52 = {row.slug for row in experiment_rows(PRESETS["prior-r5-lead52"])}
     assert lead52 - combined == {"coda-r-5-first-52-tokens-kept"}

@@ -43,6 +43,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "bbc-router-init",
             "bbc-router-init-text",
             "bbc-epsilon-anneal",
+            "needle-straight-through",
+            "bbc-straight-through",
             "prior",
             "prior-r5",
             "prior-r5-anneal",
@@ -61,10 +63,11 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         "and 5 there with 5 epochs; the same on bbc-needle; which part of the routing recipe matters there; routers "
         "fitted to the frozen model's attention there, or to its text tokens' attention (r = 5); a softer soft top-k "
         "there, fixed or annealed (from 1 or 0.3); fitted routers (all tokens or text tokens) or an annealed soft "
-        "top-k on BBC News at r = 5; half of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and "
-        "bbc-needle (at r = 5 also with the annealed soft top-k, and three quarters or all of the budget); r = 8 "
-        "and 16 without warm-up; r = 8 and 16 on bbc-needle (plain and fitted routers); the short demo; the MPNet "
-        "point; the adapter-kinds table; a smoke test",
+        "top-k on BBC News at r = 5; straight-through routers on bbc-needle (r = 3, 5) and BBC News (r = 5); half "
+        "of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle (at r = 5 also with "
+        "the annealed soft top-k, and three quarters or all of the budget); r = 8 and 16 without warm-up; r = 8 "
+        "and 16 on bbc-needle (plain and fitted routers); the short demo; the MPNet point; the adapter-kinds "
+        "table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")

@@ -254,6 +254,13 @@ PRESETS = {
     "needle-epsilon-anneal-gentle": change_preset("epsilon annealed from 0.3 to 0.1", train={"epsilon_start": 0.3}),
     # The same on BBC News at 256 tokens and r = 5 (with the --out of bbc-router-init, the plain rows are reused)
     "bbc-epsilon-anneal": change_preset(ANNEALED, train=ANNEALED_EPSILON, **BBC_R5),
+    # Straight-through routers (CodaConfig.straight_through): the selected tokens get the frozen layer's whole
+    # update (λ = 1, as in the dense model) and the router the soft top-k's gradient; in the plain r = 5 models of
+    # bbc-router-init a fifth of the selected tokens have λ < 0.9. On bbc-needle at r = 3 and 5 (`coda
+    # experiment --preset needle-straight-through --seeds 0 1 2`, with the --out of needle-router-init) and on
+    # BBC News at r = 5 (`--preset bbc-straight-through`, with the --out of bbc-router-init)
+    "needle-straight-through": change_preset("straight-through router", coda={"straight_through": True}),
+    "bbc-straight-through": change_preset("straight-through router", coda={"straight_through": True}, **BBC_R5),
     # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
     # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
     # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`
