@@ -105,6 +105,9 @@ def test_the_pytorch_int8_peer_is_quantised_and_the_float_classifier_is_not(tiny
     assert quantised_linears("coda r=3") == 0 and quantised_linears("coda int8 r=3") > 0
     assert quantised_linears("coda int8 r=1") == quantised_linears("coda int8 r=3")  # the same frozen layers
 
+    float_run = BenchRun(str(tiny_base), run.config, 2, 8, 1, 0, False, "none", 1)
+    assert list(exported_variants(float_run, [3], 16, tmp_path / "float")) == ["coda r=3", "onnxruntime r=3"]
+
 
 def test_an_export_that_differs_from_pytorch_names_the_model(tiny_base, monkeypatch):
     original = export.torch_probabilities
