@@ -349,7 +349,8 @@ class Router(nn.Module):
     A ``"random"`` router selects uniformly at random, with ``λ = 1``: the paper's ablation baseline.
 
     With ``straight_through`` (an addition to the paper) the selected tokens get ``λ = 1`` in the forward
-    pass and the soft top-k's gradient in the backward pass (the straight-through estimator).
+    pass and the soft top-k's gradient in the backward pass (the straight-through estimator); measured, it
+    did not help (README).
 
     With ``position_bins > 0`` (an addition to the paper) a learned bias per bin of relative position
     ``t / n_valid`` among the real tokens is added to the scores: the hidden states carry little of a
