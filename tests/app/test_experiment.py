@@ -287,6 +287,18 @@ def test_one_seed_keeps_the_single_run_layout(tmp_path):
         run_experiment(tiny_preset([row]), synthetic_data(), tmp_path, seeds=(1, 1))
 
 
+def test_a_finished_run_of_seed_0_alone_is_seed_0_of_several(tmp_path):
+    row = Row("CoDA r=3", {"reduction": 3})
+    single = tmp_path / "coda-r-3"
+    single.mkdir()
+    (single / "metrics.json").write_text("{}")
+    assert row_directory(tmp_path, row, 0, (0, 1, 2)) == single  # not trained again
+    assert row_directory(tmp_path, row, 2, (0, 1, 2)) == single / "seed-2"
+    (single / "seed-0").mkdir()
+    (single / "seed-0" / "metrics.json").write_text("{}")
+    assert row_directory(tmp_path, row, 0, (0, 1)) == single / "seed-0"  # a finished seed-0/ comes first
+
+
 def test_rows_are_selected_by_their_directory_names_in_the_preset_order():
     rows = experiment_rows(PRESETS["routing-long"])
     picked = select_rows(rows, ("coda-r-5", "dense-parallel-adapter-r-1"))

@@ -79,7 +79,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         default=[0],
         metavar="SEED",
         help="train every row once per seed; the table gives mean ± std and paired differences against the "
-        "dense adapter and the truncated input (one seed keeps the layout OUT/<row>/)",
+        "dense adapter and the truncated input (seed 0 alone keeps the layout OUT/<row>/, and counts as seed 0 "
+        "of a later run of several)",
     )
     parser.add_argument(
         "--rows",

@@ -2,8 +2,8 @@
 
 ``coda experiment --preset results`` reproduces the README's table (``make results``);
 ``--preset demo`` is the short version that ``make demo`` runs. Each row's outputs go to
-``OUT/<row>/`` (``OUT/<row>/seed-<s>/`` when several seeds are run); a row whose ``metrics.json``
-exists is not trained again, so an interrupted run picks up where it stopped.
+``OUT/<row>/`` (``OUT/<row>/seed-<s>/`` when several seeds are run; see :func:`row_directory`); a row whose
+``metrics.json`` exists is not trained again, so an interrupted run picks up where it stopped.
 
 A preset with ``baselines`` also gets the compute-matched baselines of every CoDA reduction r in it:
 the dense adapter trained and tested on the first ``ceil(max_length / r)`` tokens only (the same
@@ -432,8 +432,13 @@ def finished(directory: Path) -> bool:
 
 
 def row_directory(out_dir: Path, row: Row, seed: int, seeds: tuple[int, ...]) -> Path:
-    """``OUT/<row>/seed-<s>/``; a run of seed 0 alone keeps the single-seed layout ``OUT/<row>/``."""
-    return out_dir / row.slug if tuple(seeds) == (0,) else out_dir / row.slug / f"seed-{seed}"
+    """``OUT/<row>/seed-<s>/``; a run of seed 0 alone keeps the single-seed layout ``OUT/<row>/``, and such a
+    finished run is seed 0 of a run of several seeds too (unless ``seed-0/`` holds one), so that a first look
+    with one seed is not trained again, and seeds split over processes (``--seeds 0`` in one) meet."""
+    single = out_dir / row.slug
+    if tuple(seeds) == (0,) or (seed == 0 and finished(single) and not finished(single / "seed-0")):
+        return single
+    return single / f"seed-{seed}"
 
 
 # --------------------------------------------------------------------------------------------------
