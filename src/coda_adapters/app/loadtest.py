@@ -268,7 +268,8 @@ async def one_request(client: Any, adapter: str, texts: list[str], tally: Tally)
         ok = response.status == 200 and len(json.loads(body)["predictions"]) == len(texts)
         status = "200" if ok else "503" if response.status == 503 else "other"
         detail = f"{response.status}: {body[:200]}"
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as error:  # ValueError: not JSON
+    # ValueError: a 200 body that is not JSON; KeyError, TypeError: JSON that is not an object with predictions
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as error:
         status, detail = "other", f"{type(error).__name__}: {error}"
     tally.statuses[status] += 1
     if status == "200":
