@@ -194,6 +194,23 @@ def test_a_routing_recipe_reaches_the_routed_variants_only():
     assert variants["coda r=1"][1].coda_config == CodaConfig(reduction=1, bottleneck=8)
 
 
+def test_each_variant_says_the_precision_its_frozen_layers_ran_in():
+    variants = build_variants(tiny_model("bert"), [1, 3], 8, "int8", False)
+    precisions = {label: variant.precision for label, (variant, _) in variants.items()}
+    assert precisions == {
+        "frozen": "int8",
+        "lora-merged": "int8",
+        "coda r=1": "int8",
+        "coda r=3": "int8",
+        "float dense": "float32",
+    }
+    for variant, model in variants.values():
+        quantised = any("quantized" in type(module).__module__ for module in model.modules())
+        assert quantised == (variant.precision == "int8")
+    float_run = build_variants(tiny_model("bert"), [3], 8, "none", False)
+    assert {variant.precision for variant, _ in float_run.values()} == {"float32"}
+
+
 @pytest.mark.parametrize("warm_calls", [0, 2])
 def test_each_timed_call_follows_its_own_warm_calls_in_rotating_rounds(warm_calls):
     """The call log of time_interleaved: the warm-up first, then per round every step once in a rotated order,

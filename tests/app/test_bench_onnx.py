@@ -74,6 +74,7 @@ def test_onnxruntime_rows_are_timed_beside_pytorch_and_round_trip_through_json(t
     for row in rows:
         assert row.runtime == ("pytorch" if row.variant.startswith("coda") else "onnxruntime")
         assert (row.seq_len, row.batch_size, row.threads, row.quantize, row.train) == (32, 2, 1, "int8", False)
+        assert row.precision == ("int8" if " int8 " in row.variant else "float32")  # the flag adds int8 rows
         assert row.speedup_vs_frozen is None and row.speedup_vs_lora_merged is None
         assert (row.peak_mem_mb is None) == (row.runtime == "onnxruntime")
         assert row.latency_ms > 0

@@ -315,6 +315,17 @@ def test_the_long_routing_recipe_spends_one_epoch_dense_one_warming_up_and_three
     assert {**asdict(train), "epochs": 3, "dense_start": 1 / 3, "reduction_warmup": 1 / 3} == asdict(
         PRESETS["routing"].train
     )
+    # the 5-epoch table at r = 5: the same recipe for every row, the 39-token lead and the baselines of r = 5
+    long_r5 = PRESETS["prior-r5-lead39-long"]
+    assert long_r5.train == train
+    assert [row.slug for row in experiment_rows(long_r5)] == [
+        "dense-parallel-adapter-r-1",
+        "coda-r-5-first-39-tokens-kept",
+        "dense-adapter-first-52-tokens",
+        "coda-r-5-random-router",
+    ]
+    [lead] = [row for row in long_r5.rows if row.coda.get("keep_first")]
+    assert row_coda_config(long_r5, lead).keep_first == 39 == 3 * token_budget(long_r5, lead) // 4
 
 
 def metrics_of(directory):

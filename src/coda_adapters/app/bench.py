@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,12 @@ class Variant:
     """One model under test: ``kind`` is "coda" (with ``reduction``), "frozen", "lora-merged", "lora" (training),
     "float dense" (the unquantised dense parallel adapter, the reference of an int8 run), "onnxruntime" and
     "onnxruntime int8" (a CoDA classifier's ONNX export, float or int8, on ONNX Runtime, with ``reduction``), or
-    "coda int8" (the same classifier in PyTorch, int8 as ``--quantize int8`` makes it: the export's peer)."""
+    "coda int8" (the same classifier in PyTorch, int8 as ``--quantize int8`` makes it: the export's peer).
+    ``precision`` is what its frozen layers compute in: "float32", "int8" or "bf16"."""
 
     kind: str
     reduction: float | None = None
+    precision: str = "float32"
 
     @property
     def label(self) -> str:
@@ -144,8 +146,9 @@ def build_variants(
         model = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=r, bottleneck=bottleneck, **fields))
         variants[Variant("coda", r).label] = (Variant("coda", r), model)
     if quantize != "none":
-        for _, model in variants.values():
+        for label, (variant, model) in variants.items():
             lower_precision(model, quantize)
+            variants[label] = (replace(variant, precision=quantize), model)
         dense = get_coda_model(copy.deepcopy(base), CodaConfig(reduction=1, bottleneck=bottleneck))
         variants["float dense"] = (Variant("float dense", 1), dense)
     return variants
@@ -311,6 +314,9 @@ class BenchRow:
     threads: int
     runtime: str = "pytorch"
     warm_calls: int = 0  # untimed calls of the variant right before each timed one (coda bench --warm-calls)
+    # what this row's frozen layers computed in ("float32", "int8", "bf16"); ``quantize`` is the run's flag, which
+    # in a PyTorch run lowers every row but "float dense" and in an ONNX run adds int8 rows beside the float ones
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -448,6 +454,7 @@ def bench_row(
         threads=run.threads,
         runtime=variant.runtime,
         warm_calls=run.warm_calls,
+        precision=variant.precision,
     )
 
 

@@ -20,6 +20,7 @@ attention mask), so the mixed-length batches are timed as in the PyTorch benchma
 
 from __future__ import annotations
 
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -59,14 +60,14 @@ def exported_variants(
     groups: dict[str, dict[str, tuple[Variant, Any]]] = {kind: {} for kind in ("coda", "coda int8", *files)}
     for seed, reduction in enumerate(reductions):
         adapter, export = export_random_classifier(run, reduction, max_length, seed, root)
-        variant = Variant("coda", reduction)
-        groups["coda"][variant.label] = (variant, load_classifier(adapter)[0])
+        variant, model = Variant("coda", reduction), load_classifier(adapter)[0]
+        groups["coda"][variant.label] = (variant, model)
         if int8:
-            model, variant = load_classifier(adapter)[0], Variant("coda int8", reduction)
+            model, variant = copy.deepcopy(model), Variant("coda int8", reduction, precision="int8")
             quantize_frozen_linears(model)
             groups["coda int8"][variant.label] = (variant, model)
         for kind, file in files.items():
-            variant = Variant(kind, reduction)
+            variant = Variant(kind, reduction, precision="int8" if file == INT8_NAME else "float32")
             groups[kind][variant.label] = (variant, inference_session(export / file, run.threads, spinning=False))
     return {label: entry for group in groups.values() for label, entry in group.items()}
 

@@ -50,6 +50,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "prior-r5-anneal",
             "prior-r5-lead39",
             "prior-r5-lead52",
+            "prior-r5-lead39-long",
             "prior-needle",
             "prior-needle-lead33",
             "aggressive",
@@ -65,9 +66,9 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         "there, fixed or annealed (from 1 or 0.3); fitted routers (all tokens or text tokens) or an annealed soft "
         "top-k on BBC News at r = 5; straight-through routers on bbc-needle (r = 3, 5) and BBC News (r = 5); half "
         "of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle (at r = 5 also with "
-        "the annealed soft top-k, and three quarters or all of the budget); r = 8 and 16 without warm-up; r = 8 "
-        "and 16 on bbc-needle (plain and fitted routers); the short demo; the MPNet point; the adapter-kinds "
-        "table; a smoke test",
+        "the annealed soft top-k, and three quarters or all of the budget; three quarters with 5 epochs); r = 8 "
+        "and 16 without warm-up; r = 8 and 16 on bbc-needle (plain and fitted routers); the short demo; the MPNet "
+        "point; the adapter-kinds table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")

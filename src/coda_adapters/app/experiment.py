@@ -76,6 +76,8 @@ DENSE = "Dense parallel adapter (r=1)"
 # routers fail on bbc-needle: README "Routing that earns its keep")
 ROUTING_RECIPE = dict(epochs=3, min_steps=0, batch_size=16, lr=1e-3, dense_start=1 / 3, reduction_warmup=1 / 3)
 NO_WARMUP = {"dense_start": 0.0, "reduction_warmup": 0.0}
+# The same over 5 epochs: one dense, one lowering the kept share, three at r (is one epoch at r too short?)
+LONG_RECIPE = {**ROUTING_RECIPE, "epochs": 5, "dense_start": 0.2, "reduction_warmup": 0.2}
 
 
 # The annealed soft top-k (TrainConfig.epsilon_start): epsilon from 1 down to the default 0.1 over the warm-up
@@ -180,9 +182,7 @@ PRESETS = {
         + [Row(f"CoDA r={r}, routed-mean pooling", {"reduction": r, "pooling": "routed_mean"}) for r in (3, 5)]
         # routers that can learn "the lead matters" (CodaConfig.router_position_bins)
         + [Row(f"CoDA r={r}, position-aware router", {"reduction": r, "router_position_bins": 8}) for r in (3, 5)],
-        train=TrainConfig(
-            **{**ROUTING_RECIPE, "epochs": 5, "dense_start": 0.2, "reduction_warmup": 0.2}, max_length=256
-        ),
+        train=TrainConfig(**LONG_RECIPE, max_length=256),
         pretrain=PretrainConfig(steps=1, max_length=256),  # unused
         baselines=True,
     ),
@@ -284,6 +284,17 @@ PRESETS = {
     # adapters and the head still see all 256 tokens, and the routers choose nothing; the end of the kept-share
     # sweep (26, 39, 52), which says what the routers' picks add on BBC at r = 5 (`--out runs/bbc-router-init`)
     "prior-r5-lead52": prior_preset("bbc-news", max_length=256, reduction=5, speed_matched=68, kept_share=1.0),
+    # the best routed row at r = 5 (39 kept), the dense adapter and the compute-matched baselines with the 5-epoch
+    # recipe (LONG_RECIPE): on one seed of routing-long it lifted r = 3 by 0.8 and the cuts about as much; over 3
+    # seeds, where does r = 5 end against the dense adapter of the same recipe? (`coda experiment --preset
+    # prior-r5-lead39-long --seeds 0 1 2 --out runs/bbc-long`, about 4 hours of one core: its own --out, since
+    # its rows share names with the 3-epoch presets)
+    "prior-r5-lead39-long": Preset(
+        rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=5, first 39 tokens kept", {"reduction": 5, "keep_first": 39})],
+        train=TrainConfig(**LONG_RECIPE, max_length=256),
+        pretrain=PretrainConfig(steps=1, max_length=256),  # unused
+        baselines=True,  # + the dense adapter on the first 52 tokens, + a random router at r = 5
+    ),
     "prior-needle": prior_preset("bbc-needle", max_length=128),
     # the price of a longer lead where the evidence is anywhere: 33 of r = 3's 43 tokens kept on bbc-needle
     # (`coda experiment --preset prior-needle-lead33 --seeds 0 1 2`; with `--out runs/needle-router` the dense,
