@@ -287,7 +287,7 @@ PRESETS = {
     # the best routed row at r = 5 (39 kept), the dense adapter and the compute-matched baselines with the 5-epoch
     # recipe (LONG_RECIPE): on one seed of routing-long it lifted r = 3 by 0.8 and the cuts about as much; over 3
     # seeds, where does r = 5 end against the dense adapter of the same recipe? (`coda experiment --preset
-    # prior-r5-lead39-long --seeds 0 1 2 --out runs/bbc-long`, about 4 hours of one core: its own --out, since
+    # prior-r5-lead39-long --seeds 0 1 2 --out runs/bbc-long`, about 3.5 hours of one core: its own --out, since
     # its rows share names with the 3-epoch presets)
     "prior-r5-lead39-long": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=5, first 39 tokens kept", {"reduction": 5, "keep_first": 39})],
