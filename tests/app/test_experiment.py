@@ -17,11 +17,13 @@ from coda_adapters.app.experiment import (
     Row,
     add_paired_differences,
     baseline_rows,
+    check_kept_run,
     experiment_rows,
     format_results,
     row_coda_config,
     row_directory,
     row_max_length,
+    row_train_config,
     run_experiment,
     select_rows,
     speed_matched_row,
@@ -297,6 +299,27 @@ def test_a_finished_run_of_seed_0_alone_is_seed_0_of_several(tmp_path):
     (single / "seed-0").mkdir()
     (single / "seed-0" / "metrics.json").write_text("{}")
     assert row_directory(tmp_path, row, 0, (0, 1)) == single / "seed-0"  # a finished seed-0/ comes first
+
+
+def test_a_kept_run_of_another_recipe_is_refused_and_names_the_settings(tmp_path):
+    """The 3-epoch and 5-epoch r = 5 presets share row names; a shared --out must not mix their runs."""
+    short, long = PRESETS["prior-r5-lead39"], PRESETS["prior-r5-lead39-long"]
+    [row] = [row for row in long.rows if row.coda.get("keep_first")]
+    assert row.slug in {other.slug for other in short.rows}  # the same directory in a shared --out
+    directory = tmp_path / row.slug
+    directory.mkdir()
+    trained = asdict(row_train_config(short, row, seed=0))
+    (directory / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "train_config": trained}))
+    check_kept_run(directory, row_train_config(short, row, seed=0))  # the same recipe: kept
+    with pytest.raises(ValueError, match=r"another recipe: epochs 3 \(this preset: 5\).*another --out") as error:
+        check_kept_run(directory, row_train_config(long, row, seed=0))
+    assert str(directory) in str(error.value) and "dense_start" in str(error.value)
+    with pytest.raises(ValueError, match=r"seed 0 \(this preset: 1\)"):
+        check_kept_run(directory, row_train_config(short, row, seed=1))
+    # a distilling run's teacher path names where --out was; it is not compared
+    moved = {**trained, "teacher": "/elsewhere/dense"}
+    (directory / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "train_config": moved}))
+    check_kept_run(directory, row_train_config(short, row, seed=0))
 
 
 def test_rows_are_selected_by_their_directory_names_in_the_preset_order():

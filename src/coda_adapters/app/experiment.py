@@ -397,6 +397,7 @@ def run_experiment(
             directory = row_directory(out_dir, row, seed, seeds)
             what = row.name if seeds == (0,) else f"{row.name}, seed {seed}"
             if finished(directory):
+                check_kept_run(directory, row_train_config(preset, row, seed))
                 print(f"== {what}: done before, kept ({directory})")
                 continue
             print(f"== {what}")
@@ -531,9 +532,36 @@ def train_row(
     model, tokenizer = build_classifier(model_name, config, data.label_names)
     if row.pretrain:
         load_backbone_adapter(model, directory / "pretrain")
-    teacher_setting = {} if teacher is None else {"teacher": str(teacher)}
-    train_config = TrainConfig(**{**asdict(preset.train), **row.train, **teacher_setting, "seed": seed})
+    train_config = row_train_config(preset, row, seed)
+    if teacher is not None:
+        train_config = replace(train_config, teacher=str(teacher))
     train_classifier(model, tokenizer, data, train_config, directory, model_name=model_name, extra_metrics=extra)
+
+
+def row_train_config(preset: Preset, row: Row, seed: int) -> TrainConfig:
+    """The recipe ``row`` trains with: the preset's, with the row's own settings and ``seed``."""
+    return TrainConfig(**{**asdict(preset.train), **row.train, "seed": seed})
+
+
+def check_kept_run(directory: Path, expected: TrainConfig) -> None:
+    """Refuse a finished run in ``directory`` that was trained with another recipe than ``expected``.
+
+    Rows are reused by directory name, and presets of different recipes have rows of the same names (the
+    5-epoch ``prior-r5-lead39-long`` and the 3-epoch ``prior-r5-lead39``): without this check a shared ``--out``
+    would put another recipe's run in the table. The distillation teacher's path is not compared (it names
+    where ``--out`` was when the run was trained)."""
+    stored = json.loads((directory / METRICS_NAME).read_text()).get("train_config", {})
+    differ = {
+        key: (stored[key], value)
+        for key, value in asdict(expected).items()
+        if key in stored and key != "teacher" and stored[key] != value
+    }
+    if differ:
+        settings = ", ".join(f"{key} {old!r} (this preset: {new!r})" for key, (old, new) in differ.items())
+        raise ValueError(
+            f"--out holds a finished run in {directory} trained with another recipe: {settings}. Use another --out "
+            "for this preset, or --fresh to train its rows again (which deletes those runs)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
