@@ -320,6 +320,10 @@ def test_a_kept_run_of_another_recipe_is_refused_and_names_the_settings(tmp_path
     moved = {**trained, "teacher": "/elsewhere/dense"}
     (directory / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "train_config": moved}))
     check_kept_run(directory, row_train_config(short, row, seed=0))
+    # a damaged metrics.json is an error naming the file, not a traceback
+    (directory / "metrics.json").write_text('{"accuracy": 0.9, "train_')
+    with pytest.raises(ValueError, match=r"metrics\.json: not valid JSON"):
+        check_kept_run(directory, row_train_config(short, row, seed=0))
 
 
 def test_rows_are_selected_by_their_directory_names_in_the_preset_order():

@@ -14,7 +14,6 @@ seeds and paired differences (same seed) against the dense row and the truncatio
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import CodaConfig
-from ..files import write_json
+from ..files import read_json_object, write_json
 from .classify import (
     METRICS_NAME,
     TrainConfig,
@@ -550,7 +549,7 @@ def check_kept_run(directory: Path, expected: TrainConfig) -> None:
     5-epoch ``prior-r5-lead39-long`` and the 3-epoch ``prior-r5-lead39``): without this check a shared ``--out``
     would put another recipe's run in the table. The distillation teacher's path is not compared (it names
     where ``--out`` was when the run was trained)."""
-    stored = json.loads((directory / METRICS_NAME).read_text()).get("train_config", {})
+    stored = read_json_object(directory / METRICS_NAME).get("train_config", {})
     differ = {
         key: (stored[key], value)
         for key, value in asdict(expected).items()
@@ -571,7 +570,7 @@ def check_kept_run(directory: Path, expected: TrainConfig) -> None:
 
 def summarize_row(row: Row, directories: list[Path], seeds: tuple[int, ...]) -> dict[str, Any]:
     """One row of results.json: means over the seeds' runs, with the per-seed test metrics and their std."""
-    runs = [json.loads((directory / METRICS_NAME).read_text()) for directory in directories]
+    runs = [read_json_object(directory / METRICS_NAME) for directory in directories]
     accuracy = [run["accuracy"] for run in runs]
     macro_f1 = [run["macro_f1"] for run in runs]
     return {
