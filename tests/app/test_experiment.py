@@ -313,7 +313,7 @@ def test_a_kept_run_of_another_recipe_is_refused_and_names_the_settings(tmp_path
     check_kept_run(directory, row_train_config(short, row, seed=0))  # the same recipe: kept
     with pytest.raises(ValueError, match=r"another recipe: epochs 3 \(this preset: 5\).*another --out") as error:
         check_kept_run(directory, row_train_config(long, row, seed=0))
-    assert str(directory) in str(error.value) and "dense_start" in str(error.value)
+    assert str(directory) in str(error.value) and "dense_start 0.3333 (this preset: 0.2)" in str(error.value)
     with pytest.raises(ValueError, match=r"seed 0 \(this preset: 1\)"):
         check_kept_run(directory, row_train_config(short, row, seed=1))
     # a distilling run's teacher path names where --out was; it is not compared
@@ -347,10 +347,13 @@ def test_the_long_routing_recipe_spends_one_epoch_dense_one_warming_up_and_three
     assert long_r5.train == train
     assert [row.slug for row in experiment_rows(long_r5)] == [
         "dense-parallel-adapter-r-1",
+        "coda-r-5",
         "coda-r-5-first-39-tokens-kept",
+        "dense-adapter-first-68-tokens-as-fast-as-coda-r-5",
         "dense-adapter-first-52-tokens",
         "coda-r-5-random-router",
     ]
+    assert experiment_rows(long_r5)[3] == experiment_rows(PRESETS["prior-r5"])[3]  # the cut measured for prior-r5
     [lead] = [row for row in long_r5.rows if row.coda.get("keep_first")]
     assert row_coda_config(long_r5, lead).keep_first == 39 == 3 * token_budget(long_r5, lead) // 4
 

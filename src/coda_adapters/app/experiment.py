@@ -287,9 +287,17 @@ PRESETS = {
     # recipe (LONG_RECIPE): on one seed of routing-long it lifted r = 3 by 0.8 and the cuts about as much; over 3
     # seeds, where does r = 5 end against the dense adapter of the same recipe? (`coda experiment --preset
     # prior-r5-lead39-long --seeds 0 1 2 --out runs/bbc-long`, about 3.5 hours of one core: its own --out, since
-    # its rows share names with the 3-epoch presets)
+    # its rows share names with the 3-epoch presets). Plain r = 5 routers and the 68-token cut, as fast as r = 5
+    # (measured for prior-r5), came a session later (`--rows coda-r-5
+    # dense-adapter-first-68-tokens-as-fast-as-coda-r-5`, about 1.5 hours of one core; training is deterministic
+    # per seed, so the other rows' runs stand)
     "prior-r5-lead39-long": Preset(
-        rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=5, first 39 tokens kept", {"reduction": 5, "keep_first": 39})],
+        rows=[
+            Row(DENSE, {"reduction": 1}),
+            Row("CoDA r=5", {"reduction": 5}),
+            Row("CoDA r=5, first 39 tokens kept", {"reduction": 5, "keep_first": 39}),
+            speed_matched_row(68, 5),
+        ],
         train=TrainConfig(**LONG_RECIPE, max_length=256),
         pretrain=PretrainConfig(steps=1, max_length=256),  # unused
         baselines=True,  # + the dense adapter on the first 52 tokens, + a random router at r = 5
@@ -556,11 +564,18 @@ def check_kept_run(directory: Path, expected: TrainConfig) -> None:
         if key in stored and key != "teacher" and stored[key] != value
     }
     if differ:
-        settings = ", ".join(f"{key} {old!r} (this preset: {new!r})" for key, (old, new) in differ.items())
+        settings = ", ".join(
+            f"{key} {setting(was)} (this preset: {setting(now)})" for key, (was, now) in differ.items()
+        )
         raise ValueError(
             f"--out holds a finished run in {directory} trained with another recipe: {settings}. Use another --out "
             "for this preset, or --fresh to train its rows again (which deletes those runs)"
         )
+
+
+def setting(value: Any) -> str:
+    """A recipe setting as an error shows it: floats to 4 significant digits (1/3 as 0.3333), the rest as repr."""
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
 # --------------------------------------------------------------------------------------------------
