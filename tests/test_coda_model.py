@@ -170,6 +170,26 @@ def test_every_router_gets_a_gradient_from_a_token_level_loss():
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
 
 
+def test_router_z_loss_squares_the_logsumexp_of_each_layers_router_scores_over_its_input():
+    coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, bottleneck=8))
+    randomize_trainable(coda)
+    lengths = [12, 8, 10]
+    ids, mask = padded_batch(lengths, 12)
+    coda.train()
+    out = coda(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():  # hidden_states[i] is layer i's input; the loss is the mean over layers and examples
+        per_layer = [
+            torch.stack([torch.logsumexp(out.hidden_states[i][row, :n] @ layer.router.weight, 0) for row, n in
+                         enumerate(lengths)]).square().mean()
+            for i, layer in coda.conditional_layers().items()
+        ]  # fmt: skip
+    torch.testing.assert_close(coda.router_z_loss(), torch.stack(per_layer).mean())
+    coda.eval()
+    with torch.no_grad():
+        coda(input_ids=ids, attention_mask=mask)
+    assert coda.router_z_loss().item() == 0.0  # a training term: evaluation computes none
+
+
 def test_random_router_has_no_trainable_weight_and_changes_its_choice():
     coda = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, router="random"))
     assert not any(".router." in n for n, p in coda.named_parameters() if p.requires_grad)

@@ -5,7 +5,7 @@ import torch
 
 from coda_adapters import Router
 from coda_adapters.layer import dense_selection
-from coda_adapters.routing import num_selected_tokens, relative_position_bins, token_budget
+from coda_adapters.routing import num_selected_tokens, relative_position_bins, router_z_loss, token_budget
 
 
 def padded_mask(lengths, n):
@@ -184,3 +184,36 @@ def test_the_position_bias_learns_through_the_soft_top_k():
 def test_a_random_router_takes_no_position_bias():
     with pytest.raises(ValueError, match="position_bins must be 0 for a random router, got 4"):
         Router(8, kind="random", position_bins=4)
+
+
+def test_router_z_loss_is_the_mean_squared_logsumexp_of_real_token_scores_in_training_only():
+    torch.manual_seed(0)
+    lengths, hidden = [9, 4, 1], 8
+    states = torch.randn(3, 9, hidden)
+    budget = token_budget(padded_mask(lengths, 9), (3, 9), reduction=3, forced_position=0)
+    routers = [Router(hidden, position_bins=2), Router(hidden)]
+    with torch.no_grad():
+        routers[0].position_bias.copy_(torch.tensor([0.5, -1.0]))
+    selections = [router(states, budget) for router in routers]
+    # reference in float64, one example at a time: scores of the real tokens, position bias by relative place
+    squares = []
+    with torch.no_grad():
+        for router in routers:
+            for row, length in enumerate(lengths):
+                scores = states[row, :length].double() @ router.weight.double()
+                if router.position_bias is not None:
+                    bins = [min(2 * t // length, 1) for t in range(length)]
+                    scores = scores + router.position_bias.double()[bins]
+                squares.append(float(torch.logsumexp(scores, dim=0)) ** 2)
+    want = (sum(squares[:3]) / 3 + sum(squares[3:]) / 3) / 2
+    loss = router_z_loss(selections)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    loss.backward()  # the loss trains the routers' weights and position biases
+    assert (
+        all(router.weight.grad.abs().sum() > 0 for router in routers) and routers[0].position_bias.grad.abs().sum() > 0
+    )
+    # evaluation, random routers and dense layers add nothing; with nothing, the loss is zero
+    routers[0].eval()
+    assert routers[0](states, budget).score_logsumexp is None
+    assert Router(hidden, kind="random")(states, budget).score_logsumexp is None
+    assert router_z_loss([routers[0](states, budget), dense_selection(budget)]).item() == 0.0

@@ -14,7 +14,7 @@ from .checkpoint import read_coda_config
 from .config import CodaConfig
 from .layer import ConditionalLayer
 from .model import CodaModel, get_coda_model
-from .routing import Router, Selection, soft_topk
+from .routing import Router, Selection, router_z_loss, soft_topk
 from .stacking import StackedCodaModel, can_stack, check_stackable, stack_key
 from .version import __version__
 
@@ -33,6 +33,7 @@ __all__ = [
     "get_coda_model",
     "read_coda_config",
     "register_binding",
+    "router_z_loss",
     "soft_topk",
     "stack_key",
     "supported_model_types",

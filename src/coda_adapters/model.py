@@ -17,7 +17,7 @@ from .checkpoint import WEIGHTS_NAME, check_adapter_weights, read_adapter_weight
 from .config import CodaConfig, check_number
 from .layer import ConditionalLayer, RoutingState
 from .pooling import MeanPooler
-from .routing import Router
+from .routing import Router, router_z_loss
 
 
 class CodaModel(nn.Module):
@@ -107,6 +107,12 @@ class CodaModel(nn.Module):
         """For the last forward: per routed layer index, a LongTensor ``[batch, k_max]`` of the positions
         the frozen layer processed, ascending, ``-1`` where an example had fewer than ``k_max``."""
         return {index: selection.trace() for index, selection in sorted(self.routing_state.selections.items())}
+
+    def router_z_loss(self) -> torch.Tensor:
+        """The router z-loss of the last forward in training mode (:func:`~coda_adapters.routing.router_z_loss`):
+        a scalar to add to the task loss with a small weight (ST-MoE used 1e-3); zero when no learned router
+        routed (r = 1, random routers, the dense start of training)."""
+        return router_z_loss(self.routing_state.selections.values())
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:

@@ -16,6 +16,7 @@ solver is kept as ``method="coordinate_descent"`` for reproducing it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -315,6 +316,8 @@ class Selection(NamedTuple):
         weights: ``λ`` of the selected tokens ``[batch, k_max]``, 0 in empty slots.
         num_selected: LongTensor ``[batch]``, ``k`` per example.
         all_filled: every slot holds a token (no example has fewer than ``k_max``).
+        score_logsumexp: ``logsumexp`` of the router scores over each example's real tokens ``[batch]``, what
+            :func:`router_z_loss` squares; computed by learned routers in training mode only, else None.
     """
 
     index: torch.Tensor
@@ -322,6 +325,7 @@ class Selection(NamedTuple):
     weights: torch.Tensor
     num_selected: torch.Tensor
     all_filled: bool
+    score_logsumexp: torch.Tensor | None = None
 
     def trace(self) -> torch.Tensor:
         """Selected positions ``[batch, k_max]`` with ``-1`` in empty slots."""
@@ -427,7 +431,10 @@ class Router(nn.Module):
             top_weights = lam.gather(-1, top_index)
         if self.straight_through and self.kind == "learned":
             top_weights = straight_through_weights(top_weights, in_top)
-        return _in_position_order(top_index, top_weights * in_top, in_top, k, budget.uniform)
+        selection = _in_position_order(top_index, top_weights * in_top, in_top, k, budget.uniform)
+        if self.kind == "learned" and self.training:
+            selection = selection._replace(score_logsumexp=scores.masked_fill(~valid, -math.inf).logsumexp(dim=-1))
+        return selection
 
 
 def straight_through_weights(soft: torch.Tensor, in_top: torch.Tensor) -> torch.Tensor:
@@ -436,6 +443,21 @@ def straight_through_weights(soft: torch.Tensor, in_top: torch.Tensor) -> torch.
     so the forward pass sees exactly 1."""
     hard = in_top.to(soft.dtype)
     return hard + (soft - soft.detach()) if soft.requires_grad else hard
+
+
+def router_z_loss(selections: Iterable[Selection]) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al., 2022) over the selections of one forward: the mean over layers of
+    the mean over examples of ``logsumexp(scores)²``, the log-sum-exp taken over an example's real tokens, the
+    candidates a CoDA router chooses among (an MoE router's are its experts). It keeps scores small.
+
+    Selections without ``score_logsumexp`` (random routers, dense layers, evaluation) add nothing; with none,
+    the loss is a zero scalar. Its gradient pulls each score down in proportion to its softmax share, the top
+    scores most; as the soft top-k does not change when a row's scores move together, what the loss changes in
+    ``λ`` is the spread it takes from the top scores, which softens ``λ`` as a larger ε would."""
+    terms = [
+        selection.score_logsumexp.square().mean() for selection in selections if selection.score_logsumexp is not None
+    ]
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def relative_position_bins(valid: torch.Tensor, bins: int) -> torch.Tensor:

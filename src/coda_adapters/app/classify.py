@@ -78,6 +78,11 @@ class TrainConfig(OptimizerConfig):
         "the soft top-k's epsilon when routing starts, lowered geometrically to the model's --epsilon over "
         "--reduction-warmup (None: the model's epsilon throughout)",
     )
+    # ST-MoE's auxiliary loss for routers (coda_adapters.routing.router_z_loss): the one idea of the routing
+    # issue's list still untried; it bounds the scores, as a softer soft top-k does
+    router_z_loss: float = option(
+        0.0, "weight of the router z-loss added to the task loss (ST-MoE's is 1e-3; 0 = none)"
+    )
     eval_batch_size: int = option(32, "examples per batch in evaluation")
     # Routers that start by scoring what the frozen model attends to (coda_adapters.router_init, the
     # importance signal of learned token pruning); on the ViT demo with digits anywhere (README) it lifted r = 3
@@ -105,6 +110,7 @@ class TrainConfig(OptimizerConfig):
         check_int(flag("eval_batch_size"), self.eval_batch_size, low=1)
         check_choice(flag("router_init"), self.router_init, ROUTER_INITS)
         check_number(flag("val_size"), self.val_size, low=0, below=1)
+        check_number(flag("router_z_loss"), self.router_z_loss, low=0)
         if self.keep_best and self.val_size == 0:
             raise ValueError(f"{flag('keep_best')} needs a validation split: set {flag('val_size')} above 0")
         check_number(flag("dense_start"), self.dense_start, low=0, high=1)
@@ -397,6 +403,8 @@ def train_classifier(
         loss = output.loss
         if targets is not None:
             loss = distillation_loss(loss, output.logits, targets, config.distill_weight, config.distill_temperature)
+        if config.router_z_loss:
+            loss = loss + config.router_z_loss * model.router_z_loss()
         # DDP averages the processes' gradients of their own mean losses: weighted by each one's share of the
         # batch, that average is the global batch's mean also when the slices differ in size (a last batch)
         return loss * (len(batch["input_ids"]) * accelerator.num_processes / len(indices))

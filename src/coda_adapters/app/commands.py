@@ -45,6 +45,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "bbc-epsilon-anneal",
             "needle-straight-through",
             "bbc-straight-through",
+            "needle-z-loss",
             "prior",
             "prior-r5",
             "prior-r5-anneal",

@@ -260,6 +260,12 @@ PRESETS = {
     # BBC News at r = 5 (`--preset bbc-straight-through`, with the --out of bbc-router-init)
     "needle-straight-through": change_preset("straight-through router", coda={"straight_through": True}),
     "bbc-straight-through": change_preset("straight-through router", coda={"straight_through": True}, **BBC_R5),
+    # ST-MoE's router z-loss (TrainConfig.router_z_loss; coda_adapters.routing.router_z_loss) at ST-MoE's weight,
+    # the last untried idea of the routing issue's list, at r = 5 on bbc-needle, where one plain seed of three lost
+    # the needle (91%) and the routers' choice decides (`coda experiment --preset needle-z-loss --seeds 0 1 2`)
+    "needle-z-loss": change_preset(
+        "router z-loss 0.001", train={"router_z_loss": 1e-3}, reductions=(5,), speed_matched={5: 42}
+    ),
     # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
     # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
     # routing, and on bbc-needle, where the evidence is anywhere (`coda experiment --preset prior --seeds 0 1 2`
