@@ -472,3 +472,18 @@ def test_every_preset_is_a_choice_of_the_experiment_command():
         assert parser.parse_args(["experiment", "--preset", name, "--out", "x"]).preset == name
     with pytest.raises(SystemExit):
         parser.parse_args(["experiment", "--preset", "no-such-preset", "--out", "x"])
+
+
+def test_the_z_loss_preset_trains_its_two_z_loss_rows_with_their_weights_and_every_other_row_without():
+    preset = PRESETS["needle-z-loss"]
+    weights = {row.slug: row_train_config(preset, row, seed=0).router_z_loss for row in experiment_rows(preset)}
+    assert weights == {
+        "dense-parallel-adapter-r-1": 0.0,
+        "coda-r-5": 0.0,
+        "coda-r-5-router-z-loss-0-001": 1e-3,
+        "dense-adapter-first-42-tokens-as-fast-as-coda-r-5": 0.0,
+        "coda-r-5-router-z-loss-0-1": 0.1,
+        "dense-adapter-first-26-tokens": 0.0,
+        "coda-r-5-random-router": 0.0,
+    }
+    assert {row_coda_config(preset, row).reduction for row in preset.rows if "z-loss" in row.slug} == {5}

@@ -153,6 +153,11 @@ def change_preset(
     )
 
 
+def with_rows(preset: Preset, *rows: Row) -> Preset:
+    """``preset`` with ``rows`` added after its own (before the baselines that ``baselines`` adds)."""
+    return replace(preset, rows=[*preset.rows, *rows])
+
+
 ATTENTION_INIT = {"router_init": "attention"}
 TEXT_ATTENTION_INIT = {"router_init": "attention-text"}
 # BBC News at 256 tokens and r = 5, with the input cut to the 68 tokens that run as fast (measured for prior-r5)
@@ -260,11 +265,13 @@ PRESETS = {
     # BBC News at r = 5 (`--preset bbc-straight-through`, with the --out of bbc-router-init)
     "needle-straight-through": change_preset("straight-through router", coda={"straight_through": True}),
     "bbc-straight-through": change_preset("straight-through router", coda={"straight_through": True}, **BBC_R5),
-    # ST-MoE's router z-loss (TrainConfig.router_z_loss; coda_adapters.routing.router_z_loss) at ST-MoE's weight,
-    # the last untried idea of the routing issue's list, at r = 5 on bbc-needle, where one plain seed of three lost
-    # the needle (91%) and the routers' choice decides (`coda experiment --preset needle-z-loss --seeds 0 1 2`)
-    "needle-z-loss": change_preset(
-        "router z-loss 0.001", train={"router_z_loss": 1e-3}, reductions=(5,), speed_matched={5: 42}
+    # ST-MoE's router z-loss (TrainConfig.router_z_loss; coda_adapters.routing.router_z_loss) at ST-MoE's weight
+    # and at 100 times it, the last untried idea of the routing issue's list, at r = 5 on bbc-needle, where plain
+    # routers lose the needle in some seeds and their choice decides (`coda experiment --preset needle-z-loss
+    # --seeds 0 1 2 3 4`, about 3 hours of one core)
+    "needle-z-loss": with_rows(
+        change_preset("router z-loss 0.001", train={"router_z_loss": 1e-3}, reductions=(5,), speed_matched={5: 42}),
+        Row("CoDA r=5, router z-loss 0.1", {"reduction": 5}, train={"router_z_loss": 0.1}),
     ),
     # A position prior inside routing: half of r = 3's budget is the text's first tokens (CodaConfig.keep_first),
     # the router picks the other half; on BBC News, where the lead tells the topic and truncation beats
