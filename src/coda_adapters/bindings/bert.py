@@ -12,6 +12,25 @@ from ..routing import Selection
 from .base import Binding, register_binding
 
 
+def selected_keys_mask(config: Any, selected_states: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask of a routed layer's selected tokens ``[batch, k, hidden]``, from ``slot_mask``
+    (bool ``[batch, k]``, True for a slot that holds a token), in the format the configured attention expects.
+
+    For eager and SDPA attention it is ``[batch, 1, 1, k]``, broadcast over heads and queries: only keys need
+    masking (an empty slot's own output is never scattered back), and Transformers' bidirectional mask repeats
+    the same row for every query (``[batch, 1, k, k]``), whose building and adding took 6% of an exported int8
+    graph's kernel time; with this one that graph ran 1.01-1.04x faster (README, "Speed"). Other
+    implementations get Transformers' mask."""
+    implementation = config._attn_implementation
+    keys = slot_mask[:, None, None, :]
+    if implementation == "sdpa":
+        return keys
+    if implementation == "eager":  # additive: 0 for a token, the dtype's minimum for an empty slot
+        zeros = torch.zeros(keys.shape, dtype=selected_states.dtype, device=selected_states.device)
+        return zeros.masked_fill(~keys, torch.finfo(selected_states.dtype).min)
+    return create_bidirectional_mask(config=config, inputs_embeds=selected_states, attention_mask=slot_mask)
+
+
 @register_binding
 class BertBinding(Binding):
     model_types = ("bert", "roberta")
@@ -44,21 +63,3 @@ class BertBinding(Binding):
                 "position_ids": kwargs["position_ids"].expand(selection.index.shape[0], -1).gather(1, selection.index),
             }
         return args, kwargs
-
-
-def selected_keys_mask(config: Any, selected_states: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
-    """The attention mask of a routed layer's selected tokens ``[batch, k, hidden]``, from ``slot_mask``
-    (bool ``[batch, k]``, True for a slot that holds a token), in the format the configured attention expects.
-
-    For eager and SDPA attention it is ``[batch, 1, 1, k]``, broadcast over heads and queries: only keys need
-    masking (an empty slot's own output is never scattered back), and Transformers' bidirectional mask repeats
-    the same row for every query (``[batch, 1, k, k]``), whose building and adding took about 6% of an exported
-    int8 graph's kernel time (README, "Speed"). Other implementations get Transformers' mask."""
-    implementation = config._attn_implementation
-    keys = slot_mask[:, None, None, :]
-    if implementation == "sdpa":
-        return keys
-    if implementation == "eager":  # additive: 0 for a token, the dtype's minimum for an empty slot
-        zeros = torch.zeros(keys.shape, dtype=selected_states.dtype, device=selected_states.device)
-        return zeros.masked_fill(~keys, torch.finfo(selected_states.dtype).min)
-    return create_bidirectional_mask(config=config, inputs_embeds=selected_states, attention_mask=slot_mask)
