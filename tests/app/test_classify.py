@@ -21,7 +21,7 @@ from coda_adapters.app.classify import (
 from coda_adapters.app.data import ClassificationData, LabelledTexts
 from coda_adapters.app.loop import annealed_epsilon, warmed_up_reduction
 
-from helpers import save_tiny_classifier, tiny_model
+from helpers import load_example, save_tiny_base, save_tiny_classifier, tiny_model
 
 
 def test_reduction_warmup_trains_from_dense_to_r_and_validates_and_saves_at_r(tmp_path, minilm_tokenizer):
@@ -280,3 +280,24 @@ def test_training_on_the_teacher_alone_brings_the_model_to_the_teachers_predicti
     assert after < 0.5 * before, (before, after)
     metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert metrics["train_config"]["teacher"] == str(teacher_dir) and metrics["train_config"]["distill_weight"] == 1.0
+
+
+def test_the_z_loss_example_reads_each_layers_router_scores_of_a_saved_classifier(tmp_path):
+    """examples/router_z_loss_of_runs.py against the mean over layers and texts of logsumexp² computed from the
+    hidden states entering each routed layer."""
+    base = save_tiny_base(tmp_path / "base")
+    directory = save_tiny_classifier(base, tmp_path / "clf", list("abc"), reduction=3)
+    texts = ["a short text", "a somewhat longer text about money and markets", "sport"]
+    got = load_example("router_z_loss_of_runs").router_z_loss_of(directory, texts, max_length=16)
+    model, tokenizer, _ = load_classifier(directory)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+        per_layer = [
+            torch.stack([torch.logsumexp(hidden[i][row, :n] @ layer.router.weight, 0) for row, n in enumerate(lengths)])
+            .square()
+            .mean()
+            for i, layer in model.conditional_layers().items()
+        ]
+    assert got == pytest.approx(float(torch.stack(per_layer).mean()), rel=1e-5) and got > 0

@@ -301,3 +301,19 @@ def test_eager_attention_is_only_for_the_trace(classifier_dir):
     with export.eager_attention(model):
         assert model.model.config._attn_implementation == "eager"
     assert model.model.config._attn_implementation == before == "sdpa"
+
+
+def test_the_mask_ab_example_exports_transformers_mask_as_a_larger_graph_and_restores_ours(
+    classifier_dir, exported, tmp_path
+):
+    """examples/routed_mask_ab.py: the `old/` export really has transformers' [batch, 1, k, k] mask (more nodes),
+    passes the export's check against PyTorch, and the binding's own mask is back afterwards."""
+    from coda_adapters.bindings import bert
+
+    example, ours = load_example("routed_mask_ab"), bert.selected_keys_mask
+    with example.transformers_mask():
+        assert bert.selected_keys_mask is not ours
+        export_onnx(classifier_dir, tmp_path / "old")
+    assert bert.selected_keys_mask is ours
+    old_nodes = len(onnx.load(str(tmp_path / "old" / "model.onnx")).graph.node)
+    assert old_nodes > len(onnx.load(str(exported[0] / "model.onnx")).graph.node)
