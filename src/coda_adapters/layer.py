@@ -37,7 +37,8 @@ class RoutingState:
     computed once and shared by all layers. ``selections`` keeps each layer's last selection for
     :meth:`CodaModel.routing_trace`; ``layer_io`` keeps full-length layer inputs and outputs when the
     caller asks for hidden states. With ``record_dense_targets`` (layer-wise CoDA pretraining), each
-    routed layer also stores what its frozen layer computes densely on the same input, without gradient.
+    layer stores in ``dense_targets`` its output and what its frozen layer computes densely on the same input
+    (that one without gradient), both ``[batch, seq, hidden]``.
     """
 
     reduction: float | torch.Tensor  # a float64 tensor [batch]: one r per example (a stacked model's forward)
@@ -52,7 +53,7 @@ class RoutingState:
     record_layer_io: bool = False
     layer_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     record_dense_targets: bool = False
-    dense_targets: dict[int, torch.Tensor] = field(default_factory=dict)
+    dense_targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     disabled: bool = False
     route: bool = True
 
@@ -143,7 +144,7 @@ class ConditionalLayer(nn.Module):
         if self.state.record_dense_targets:
             with torch.no_grad():
                 dense = self.binding.layer_hidden_states(self.layer(hidden_states, *args, **kwargs))
-            self.state.dense_targets[self.layer_index] = dense
+            self.state.dense_targets[self.layer_index] = (output_states, dense)
         return output
 
     def _routed_forward(self, hidden_states: torch.Tensor, budget: TokenBudget, args: tuple, kwargs: dict) -> Any:

@@ -23,6 +23,7 @@ from coda_adapters.app.experiment import (
     row_coda_config,
     row_directory,
     row_max_length,
+    row_pretrain_config,
     row_train_config,
     run_experiment,
     select_rows,
@@ -487,3 +488,37 @@ def test_the_z_loss_preset_trains_its_two_z_loss_rows_with_their_weights_and_eve
         "coda-r-5-random-router": 0.0,
     }
     assert {row_coda_config(preset, row).reduction for row in preset.rows if "z-loss" in row.slug} == {5}
+
+
+def test_the_pretraining_preset_pretrains_only_its_pretraining_rows_with_its_own_settings():
+    preset = PRESETS["needle-pretrain"]
+    pretrained = {row.slug: row_pretrain_config(preset, row, seed=2) for row in experiment_rows(preset) if row.pretrain}
+    assert sorted(pretrained) == [f"coda-r-{r}-layer-wise-pretraining" for r in (16, 3, 5)]
+    for config in pretrained.values():
+        assert (config.objective, config.reduction_warmup, config.seed, config.max_length) == ("layerwise", 0.5, 2, 128)
+    # each pretrained row has its plain twin and the baselines of its reduction; one recipe for every row
+    names = {row.name for row in experiment_rows(preset)}
+    for r, budget in ((3, 43), (5, 26), (16, 8)):
+        assert {f"CoDA r={r}", f"CoDA r={r}, random router", f"Dense adapter, first {budget} tokens"} <= names
+    assert len({asdict(row_train_config(preset, row, seed=0))["epochs"] for row in experiment_rows(preset)}) == 1
+    # a row's own pretraining settings override the preset's
+    row = Row("CoDA r=3 + pooled pretraining", {"reduction": 3}, pretrain={"objective": "pooled", "steps": 7})
+    config = row_pretrain_config(preset, row, seed=1)
+    assert (config.objective, config.steps, config.reduction_warmup, config.seed) == ("pooled", 7, 0.5, 1)
+
+
+def test_a_kept_run_pretrained_otherwise_is_refused_and_names_the_pretraining_setting(tmp_path):
+    preset = PRESETS["needle-pretrain"]
+    [row] = [row for row in preset.rows if row.pretrain and row.coda["reduction"] == 3]
+    directory = tmp_path / row.slug
+    (directory / "pretrain").mkdir(parents=True)
+    trained = asdict(row_train_config(preset, row, seed=0))
+    (directory / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "train_config": trained}))
+    pretrained = {**asdict(row_pretrain_config(preset, row, seed=0)), "objective": "distill"}
+    (directory / "pretrain" / "pretrain_metrics.json").write_text(json.dumps({"pretrain_config": pretrained}))
+    check_kept_run(directory, row_train_config(preset, row, seed=0))  # no pretraining asked for: not compared
+    with pytest.raises(ValueError, match=r"pretraining objective 'distill' \(this preset: 'layerwise'\)"):
+        check_kept_run(directory, row_train_config(preset, row, seed=0), row_pretrain_config(preset, row, seed=0))
+    pretrained["objective"] = "layerwise"
+    (directory / "pretrain" / "pretrain_metrics.json").write_text(json.dumps({"pretrain_config": pretrained}))
+    check_kept_run(directory, row_train_config(preset, row, seed=0), row_pretrain_config(preset, row, seed=0))

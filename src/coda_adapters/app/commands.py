@@ -46,6 +46,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle-straight-through",
             "bbc-straight-through",
             "needle-z-loss",
+            "needle-pretrain",
             "prior",
             "prior-r5",
             "prior-r5-anneal",

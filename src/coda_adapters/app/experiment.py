@@ -35,7 +35,7 @@ from .classify import (
     train_classifier,
 )
 from .data import ClassificationData, subsample
-from .pretrain import PretrainConfig, build_pretraining_model, pretrain
+from .pretrain import PRETRAIN_METRICS_NAME, PretrainConfig, build_pretraining_model, pretrain
 
 
 @dataclass
@@ -44,7 +44,8 @@ class Row:
 
     name: str
     coda: dict[str, Any]
-    pretrain: bool = False
+    # CoDA pretraining first: True for the preset's PretrainConfig, or the settings that differ for this row
+    pretrain: bool | dict[str, Any] = False
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig settings that differ for this row
     truncation: bool = False  # a compute-matched baseline: the dense adapter on a prefix of the tokens
     teacher: str | None = None  # the name of the row whose run of the same seed it distils (TrainConfig.teacher)
@@ -332,6 +333,27 @@ PRESETS = {
         "routers fitted to attention", train=ATTENTION_INIT, reductions=(8, 16), speed_matched={8: 24, 16: 18}
     ),
     # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
+    # CoDA pretraining before fine-tuning (method section 4) at r = 3, 5 and 16 on bbc-needle, over seeds: every
+    # routed layer learns to reproduce its dense output (layer-wise targets, which do not shrink the hidden states
+    # as the final-state distillation did: README "CoDA pretraining"), routers and adapters, on the training
+    # texts, with the reduction warm-up that made the decoder's pretraining work ("SmolLM2 prefill")
+    "needle-pretrain": Preset(
+        rows=[Row(DENSE, {"reduction": 1})]
+        + [
+            row
+            for r in (3, 5, 16)
+            for row in (
+                Row(f"CoDA r={r}", {"reduction": r}),
+                Row(f"CoDA r={r} + layer-wise pretraining", {"reduction": r}, pretrain=True),
+            )
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
+        pretrain=PretrainConfig(
+            objective="layerwise", steps=200, batch_size=16, lr=1e-3, max_length=128, reduction_warmup=0.5
+        ),
+        baselines=True,
+        data="bbc-needle",
+    ),
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
         train=TrainConfig(**ROUTING_RECIPE, max_length=128),
@@ -417,7 +439,8 @@ def run_experiment(
             directory = row_directory(out_dir, row, seed, seeds)
             what = row.name if seeds == (0,) else f"{row.name}, seed {seed}"
             if finished(directory):
-                check_kept_run(directory, row_train_config(preset, row, seed))
+                pretraining = row_pretrain_config(preset, row, seed) if row.pretrain else None
+                check_kept_run(directory, row_train_config(preset, row, seed), pretraining)
                 print(f"== {what}: done before, kept ({directory})")
                 continue
             print(f"== {what}")
@@ -544,8 +567,8 @@ def train_row(
     extra: dict[str, Any] = {"row": row.name, "seed": seed}
     if row.pretrain:
         pretrain_dir = directory / "pretrain"
-        model, tokenizer = build_pretraining_model(model_name, config, preset.pretrain.objective)
-        pretrain_config = replace(preset.pretrain, seed=seed)
+        pretrain_config = row_pretrain_config(preset, row, seed)
+        model, tokenizer = build_pretraining_model(model_name, config, pretrain_config.objective)
         metrics = pretrain(model, tokenizer, data.train.texts, pretrain_config, pretrain_dir, model_name=model_name)
         extra["pretrain"] = {k: metrics[k] for k in ("objective", "first_loss", "final_loss", "pretrain_seconds")}
         torch.manual_seed(seed)
@@ -563,19 +586,24 @@ def row_train_config(preset: Preset, row: Row, seed: int) -> TrainConfig:
     return TrainConfig(**{**asdict(preset.train), **row.train, "seed": seed})
 
 
-def check_kept_run(directory: Path, expected: TrainConfig) -> None:
-    """Refuse a finished run in ``directory`` that was trained with another recipe than ``expected``.
+def row_pretrain_config(preset: Preset, row: Row, seed: int) -> PretrainConfig:
+    """The CoDA pretraining of a ``pretrain`` row: the preset's, with the row's own settings and ``seed``."""
+    changes = row.pretrain if isinstance(row.pretrain, dict) else {}
+    return PretrainConfig(**{**asdict(preset.pretrain), **changes, "seed": seed})
+
+
+def check_kept_run(directory: Path, expected: TrainConfig, pretraining: PretrainConfig | None = None) -> None:
+    """Refuse a finished run in ``directory`` that was trained with another recipe than ``expected`` (and, for a
+    row with CoDA pretraining, pretrained otherwise than ``pretraining``).
 
     Rows are reused by directory name, and presets of different recipes have rows of the same names (the
     5-epoch ``prior-r5-lead39-long`` and the 3-epoch ``prior-r5-lead39``): without this check a shared ``--out``
     would put another recipe's run in the table. The distillation teacher's path is not compared (it names
-    where ``--out`` was when the run was trained)."""
-    stored = read_json_object(directory / METRICS_NAME).get("train_config", {})
-    differ = {
-        key: (stored[key], value)
-        for key, value in asdict(expected).items()
-        if key in stored and key != "teacher" and stored[key] != value
-    }
+    where ``--out`` was when the run was trained). Settings a run does not record (added later) are not compared."""
+    differ = recipe_differences(read_json_object(directory / METRICS_NAME).get("train_config", {}), expected)
+    if pretraining is not None:
+        stored = read_json_object(directory / "pretrain" / PRETRAIN_METRICS_NAME).get("pretrain_config", {})
+        differ |= {f"pretraining {key}": values for key, values in recipe_differences(stored, pretraining).items()}
     if differ:
         settings = ", ".join(
             f"{key} {setting(was)} (this preset: {setting(now)})" for key, (was, now) in differ.items()
@@ -584,6 +612,15 @@ def check_kept_run(directory: Path, expected: TrainConfig) -> None:
             f"--out holds a finished run in {directory} trained with another recipe: {settings}. Use another --out "
             "for this preset, or --fresh to train its rows again (which deletes those runs)"
         )
+
+
+def recipe_differences(stored: dict[str, Any], expected: TrainConfig | PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (stored, expected)}`` for the settings of ``expected`` that ``stored`` records otherwise."""
+    return {
+        key: (stored[key], value)
+        for key, value in asdict(expected).items()
+        if key in stored and key != "teacher" and stored[key] != value
+    }
 
 
 def setting(value: Any) -> str:

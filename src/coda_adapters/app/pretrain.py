@@ -7,7 +7,8 @@ Objectives (``--objective``):
 - ``pooled``: the mean-pooled sentence embedding matches the dense one (cosine distance).
 - ``mlm``: the backbone's own masked-language-model objective, where the checkpoint has an MLM head.
 
-With ``routers_only`` only the routers learn; the adapters keep their zero-initialised output.
+With ``routers_only`` only the routers learn; the adapters keep their zero-initialised output. With
+``reduction_warmup`` the routed layers keep every token at first and reach r after that share of the steps.
 
 Which of these helps task accuracy is an open question (README, "CoDA pretraining"); all are kept so
 that the measurement can be repeated.
@@ -26,7 +27,7 @@ from ..config import CodaConfig, check_choice, check_int, check_number, option
 from ..files import write_json
 from ..model import CodaModel, get_coda_model
 from .classify import Encoded, library_versions
-from .loop import Optimization, OptimizerConfig, batches_for_steps, run_epoch
+from .loop import Optimization, OptimizerConfig, batches_for_steps, run_epoch, warmed_up_reduction
 from .options import flag
 
 OBJECTIVES = ("distill", "layerwise", "pooled", "mlm")
@@ -46,12 +47,17 @@ class PretrainConfig(OptimizerConfig):
     steps: int = option(200, "optimizer steps")
     mask_probability: float = option(0.15, "share of tokens masked for --objective mlm")
     routers_only: bool = option(False, "train only the routers; the adapters keep their zero output")
+    reduction_warmup: float = option(
+        0.0,
+        "share of the steps over which the kept share of tokens falls from all to 1/r (0: at r from the first step)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(flag("objective"), self.objective, OBJECTIVES)
         check_int(flag("steps"), self.steps, low=1)
         check_number(flag("mask_probability"), self.mask_probability, above=0, below=1)
+        check_number(flag("reduction_warmup"), self.reduction_warmup, low=0, high=1)
 
 
 def build_pretraining_model(model: str, coda_config: CodaConfig, objective: str) -> tuple[CodaModel, Any]:
@@ -84,13 +90,12 @@ def pretraining_loss(
         return masked_lm_loss(model, batch, config.mask_probability, tokenizer)
     if config.objective == "layerwise":
         model.routing_state.record_dense_targets = True
-        model(**batch, output_hidden_states=True)
-        model.routing_state.record_dense_targets = False
-        state = model.routing_state
-        losses = [
-            F.mse_loss(state.layer_io[index][1][valid], target[valid]) for index, target in state.dense_targets.items()
-        ]
-        return torch.stack(losses).mean()
+        try:
+            model(**batch)
+        finally:
+            model.routing_state.record_dense_targets = False
+        layers = model.routing_state.dense_targets.values()
+        return torch.stack([F.mse_loss(output[valid], dense[valid]) for output, dense in layers]).mean()
     with torch.no_grad(), model.disable_adapters():
         teacher = model(**batch).last_hidden_state
     student = model(**batch).last_hidden_state
@@ -137,15 +142,25 @@ def pretrain(
             if ".router." not in name:
                 parameter.requires_grad_(False)
     optimization = Optimization(model, config, config.steps)
+    target_reduction = model.coda_config.reduction
+
+    def loss_of(indices: list[int]) -> torch.Tensor:
+        # the reduction warm-up that lets a decoder's pretraining work (README, "SmolLM2 prefill")
+        model.reduction = warmed_up_reduction(
+            target_reduction, optimization.steps_taken, config.steps, config.reduction_warmup
+        )
+        return pretraining_loss(model, encoded.batch(indices), config, tokenizer)
+
     model.train()
     result = run_epoch(
         batches_for_steps(len(encoded), config.batch_size, config.steps, config.seed),
-        lambda indices: pretraining_loss(model, encoded.batch(indices), config, tokenizer),
+        loss_of,
         optimization,
         desc=f"pretrain ({config.objective})",
         total=config.steps,
         show_progress=show_progress,
     )
+    model.reduction = target_reduction
     metrics = {
         "objective": config.objective,
         "first_loss": result.step_losses[0],

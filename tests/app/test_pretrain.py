@@ -1,0 +1,66 @@
+"""CoDA pretraining (`coda pretrain`): the objectives against independent references, and its reduction warm-up."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coda_adapters import CodaConfig, get_coda_model
+from coda_adapters.app import pretrain as pretraining
+from coda_adapters.app.pretrain import PretrainConfig, pretrain, pretraining_loss
+
+from helpers import random_ids, randomize_trainable, tiny_model
+
+
+def frozen_layer_output(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The frozen BERT layer run densely on ``x`` [batch, seq, hidden] (no padding, so no mask)."""
+    output = layer(x)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def test_layerwise_loss_is_each_layers_distance_to_its_frozen_layer_on_the_same_input():
+    """Every routed layer's output against what its frozen layer computes densely on the layer's own input,
+    rebuilt here from the model's hidden states and the bare transformers layers."""
+    model = get_coda_model(tiny_model("bert"), CodaConfig(reduction=3, bottleneck=8))
+    randomize_trainable(model)  # adapters with a non-zero output, routers that prefer some tokens
+    ids = random_ids(3, 12)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    loss = pretraining_loss(model, batch, PretrainConfig(objective="layerwise"), tokenizer=None)
+
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+    layers = model.conditional_layers()
+    want = torch.stack(
+        [F.mse_loss(states[i + 1], frozen_layer_output(layers[i].layer, states[i])) for i in model.layer_indices]
+    ).mean()
+    assert want > 1e-3  # routing and the adapters move the layers away from the frozen ones
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-7)
+    loss.backward()
+    for layer in layers.values():  # the routers learn from it through the soft top-k weights
+        assert layer.router.weight.grad.abs().sum() > 0
+    assert not model.routing_state.record_dense_targets
+
+
+def test_pretraining_warms_the_reduction_up_and_saves_the_target(tmp_path, minilm_tokenizer, monkeypatch):
+    base = tiny_model("bert", vocab_size=minilm_tokenizer.vocab_size)
+    model = get_coda_model(base, CodaConfig(reduction=3, bottleneck=8))
+    seen = []
+
+    def recording_loss(model, batch, config, tokenizer):
+        seen.append(model.reduction)
+        return pretraining_loss(model, batch, config, tokenizer)
+
+    monkeypatch.setattr(pretraining, "pretraining_loss", recording_loss)
+    config = PretrainConfig(objective="layerwise", steps=4, batch_size=2, max_length=16, reduction_warmup=0.5)
+    texts = ["the market rose", "the team won the match", "a new phone", "the vote was close"]
+    pretrain(model, minilm_tokenizer, texts, config, tmp_path, model_name="tiny", show_progress=False)
+    # the kept share of tokens falls linearly from all to 1/3 over the first two steps: 1, 2/3, then 1/3
+    assert seen == pytest.approx([1.0, 1.5, 3.0, 3.0])
+    assert model.reduction == 3.0
+    assert json.loads((tmp_path / "coda_config.json").read_text())["coda_config"]["reduction"] == 3
+
+
+def test_a_reduction_warmup_outside_zero_to_one_is_an_error_naming_the_flag():
+    with pytest.raises(ValueError, match="--reduction-warmup"):
+        PretrainConfig(reduction_warmup=1.5)
