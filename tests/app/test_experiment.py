@@ -490,10 +490,15 @@ def test_the_z_loss_preset_trains_its_two_z_loss_rows_with_their_weights_and_eve
     assert {row_coda_config(preset, row).reduction for row in preset.rows if "z-loss" in row.slug} == {5}
 
 
-def test_the_pretraining_preset_pretrains_only_its_pretraining_rows_with_its_own_settings():
+def test_the_pretraining_preset_pretrains_only_its_pretraining_rows_with_their_settings():
     preset = PRESETS["needle-pretrain"]
     pretrained = {row.slug: row_pretrain_config(preset, row, seed=2) for row in experiment_rows(preset) if row.pretrain}
-    assert sorted(pretrained) == [f"coda-r-{r}-layer-wise-pretraining" for r in (16, 3, 5)]
+    assert {slug: config.routers_only for slug, config in pretrained.items()} == {
+        "coda-r-3-layer-wise-pretraining-routers": True,
+        "coda-r-5-layer-wise-pretraining-routers": True,
+        "coda-r-16-layer-wise-pretraining-routers": True,
+        "coda-r-3-layer-wise-pretraining-routers-and-adapters": False,
+    }
     for config in pretrained.values():
         assert (config.objective, config.reduction_warmup, config.seed, config.max_length) == ("layerwise", 0.5, 2, 128)
     # each pretrained row has its plain twin and the baselines of its reduction; one recipe for every row
@@ -509,7 +514,7 @@ def test_the_pretraining_preset_pretrains_only_its_pretraining_rows_with_its_own
 
 def test_a_kept_run_pretrained_otherwise_is_refused_and_names_the_pretraining_setting(tmp_path):
     preset = PRESETS["needle-pretrain"]
-    [row] = [row for row in preset.rows if row.pretrain and row.coda["reduction"] == 3]
+    [row] = [row for row in preset.rows if row.slug == "coda-r-3-layer-wise-pretraining-routers"]
     directory = tmp_path / row.slug
     (directory / "pretrain").mkdir(parents=True)
     trained = asdict(row_train_config(preset, row, seed=0))

@@ -8,7 +8,8 @@ Objectives (``--objective``):
 - ``mlm``: the backbone's own masked-language-model objective, where the checkpoint has an MLM head.
 
 With ``routers_only`` only the routers learn; the adapters keep their zero-initialised output. With
-``reduction_warmup`` the routed layers keep every token at first and reach r after that share of the steps.
+``reduction_warmup`` the share of tokens the routed layers keep falls linearly from all (just below, so that the
+first step routes) to 1/r over that share of the steps.
 
 Which of these helps task accuracy is an open question (README, "CoDA pretraining"); all are kept so
 that the measurement can be repeated.
@@ -145,9 +146,10 @@ def pretrain(
     target_reduction = model.coda_config.reduction
 
     def loss_of(indices: list[int]) -> torch.Tensor:
-        # the reduction warm-up that lets a decoder's pretraining work (README, "SmolLM2 prefill")
+        # the reduction warm-up that lets a decoder's pretraining work (README, "SmolLM2 prefill"), one step
+        # ahead: at r = 1 every layer is its frozen self plus a zero-initialised adapter, nothing left to learn
         model.reduction = warmed_up_reduction(
-            target_reduction, optimization.steps_taken, config.steps, config.reduction_warmup
+            target_reduction, optimization.steps_taken + 1, config.steps, config.reduction_warmup
         )
         return pretraining_loss(model, encoded.batch(indices), config, tokenizer)
 
