@@ -337,7 +337,8 @@ PRESETS = {
     # routed layer learns to reproduce what its frozen layer computes densely on the same input (layer-wise
     # targets, not the final-state distillation that shrank the hidden states: README "CoDA pretraining"), on the
     # training texts, with the reduction warm-up that made the decoder's pretraining work ("SmolLM2 prefill").
-    # Routers only: with the adapters too, the layers' inputs drift to where matching is easy (r = 3's row)
+    # Routers only: with the adapters too, the layers' inputs drift to where matching is easy (r = 3's row).
+    # At r = 16, beside the routers fitted to attention that needle-aggressive found best there
     "needle-pretrain": Preset(
         rows=[Row(DENSE, {"reduction": 1})]
         + [
@@ -353,7 +354,9 @@ PRESETS = {
                 "CoDA r=3 + layer-wise pretraining (routers and adapters)",
                 {"reduction": 3},
                 pretrain={"routers_only": False},
-            )
+            ),
+            # the other way to start routers from the frozen model (needle-router-init, needle-aggressive)
+            Row("CoDA r=16, routers fitted to attention", {"reduction": 16}, train=ATTENTION_INIT),
         ],
         train=TrainConfig(**ROUTING_RECIPE, max_length=128),
         pretrain=PretrainConfig(
