@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
 
 from coda_adapters import CodaConfig, get_coda_model
 from coda_adapters.app import pretrain as pretraining
 from coda_adapters.app.pretrain import PretrainConfig, pretrain, pretraining_loss
 
-from helpers import random_ids, randomize_trainable, tiny_model
+from helpers import load_example, random_ids, randomize_trainable, save_tiny_base, tiny_model
 
 
 def frozen_layer_output(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -67,3 +68,42 @@ def test_pretraining_warms_the_reduction_up_and_saves_the_target(tmp_path, minil
 def test_a_reduction_warmup_outside_zero_to_one_is_an_error_naming_the_flag():
     with pytest.raises(ValueError, match="--reduction-warmup"):
         PretrainConfig(reduction_warmup=1.5)
+
+
+def test_the_spread_example_pools_each_text_as_if_alone(minilm_tokenizer):
+    """examples/pretrained_spread.py: padding stays out of the pooled embeddings, and equal texts have no spread."""
+    spread_of = load_example("pretrained_spread").pooled_spread
+    model = tiny_model("bert", vocab_size=minilm_tokenizer.vocab_size)
+    texts = ["the market rose", "the team won the match in the last minute", "a new phone"]
+    alone = []
+    for text in texts:
+        batch = minilm_tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            alone.append(model(**batch).last_hidden_state[0].mean(0))
+    pooled = torch.stack(alone)
+    unit = F.normalize(pooled, dim=-1)
+    cosines = [float(unit[i] @ unit[j]) for i in range(3) for j in range(3) if i != j]
+    spread, cosine = spread_of(model, minilm_tokenizer, texts, max_length=32)
+    assert spread == pytest.approx(float(pooled.std(0).mean()), rel=1e-5)
+    assert cosine == pytest.approx(sum(cosines) / len(cosines), rel=1e-5)
+    spread, cosine = spread_of(model, minilm_tokenizer, [texts[1]] * 3, max_length=32)
+    assert spread == pytest.approx(0, abs=1e-6) and cosine == pytest.approx(1, abs=1e-6)
+
+
+def test_the_spread_example_loads_routers_only_pretraining_with_zero_adapters(tmp_path):
+    base = save_tiny_base(tmp_path / "base", head=False)
+    model = get_coda_model(AutoModel.from_pretrained(base), CodaConfig(reduction=3, bottleneck=8))
+    config = PretrainConfig(steps=2, batch_size=2, max_length=16, routers_only=True, lr=0.1)
+    texts = ["the market rose", "the team won the match", "a new phone", "the vote was close"]
+    pretrain(model, AutoTokenizer.from_pretrained(base), texts, config, tmp_path / "pre", model_name="tiny")
+    example = load_example("pretrained_spread")
+    after, before = (
+        example.pretrained_backbone(base, tmp_path / "pre"),
+        example.pretrained_backbone(base, tmp_path / "pre", False),
+    )
+    layers = [m.conditional_layers().values() for m in (after, before, model)]
+    for trained, fresh, saved in zip(*layers, strict=True):
+        torch.testing.assert_close(trained.router.weight, saved.router.weight)
+        assert not torch.equal(fresh.router.weight, saved.router.weight)
+        assert trained.adapter.up.weight.abs().max() == 0  # routers only: the adapters keep their zero output
+    assert after.reduction == 3 and not after.training
