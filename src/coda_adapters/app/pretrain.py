@@ -3,7 +3,10 @@
 Objectives (``--objective``):
 - ``distill`` (default): the routed model reproduces the frozen dense model's final hidden states
   (mean squared error over real tokens). The teacher is the same frozen weights run densely.
-- ``layerwise``: every routed layer reproduces what its frozen layer computes densely on the same input.
+- ``layerwise``: every routed layer reproduces what its frozen layer computes densely on the same input. Use it
+  with ``routers_only``: when the adapters learn too, each layer's input is the layer below's output, free to
+  drift, and it drifts to where the targets are easy to match, every text onto nearly one point (README,
+  "CoDA pretraining on bbc-needle"; ``examples/pretrained_spread.py`` measures it).
 - ``pooled``: the mean-pooled sentence embedding matches the dense one (cosine distance).
 - ``mlm``: the backbone's own masked-language-model objective, where the checkpoint has an MLM head.
 
@@ -42,7 +45,8 @@ class PretrainConfig(OptimizerConfig):
     objective: str = option(
         "distill",
         "what the routed model learns: the dense final hidden states (distill), each dense layer's output "
-        "(layerwise), the dense mean-pooled embedding (pooled), or masked-LM (mlm)",
+        "(layerwise; with --routers-only, as with adapters it collapses the texts), the dense mean-pooled "
+        "embedding (pooled), or masked-LM (mlm)",
         choices=OBJECTIVES,
     )
     steps: int = option(200, "optimizer steps")
