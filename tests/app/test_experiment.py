@@ -29,6 +29,7 @@ from coda_adapters.app.experiment import (
     select_rows,
     speed_matched_row,
     token_budget,
+    train_row,
 )
 from coda_adapters.app.pretrain import PretrainConfig
 
@@ -527,3 +528,10 @@ def test_a_kept_run_pretrained_otherwise_is_refused_and_names_the_pretraining_se
     pretrained["objective"] = "layerwise"
     (directory / "pretrain" / "pretrain_metrics.json").write_text(json.dumps({"pretrain_config": pretrained}))
     check_kept_run(directory, row_train_config(preset, row, seed=0), row_pretrain_config(preset, row, seed=0))
+
+
+def test_a_pretrained_row_whose_routers_would_be_fitted_again_is_refused_before_training(tmp_path):
+    row = Row("CoDA r=3 + pretraining, fitted", {"reduction": 3}, pretrain=True, train={"router_init": "attention"})
+    with pytest.raises(ValueError, match=r"--router-init attention fits the routers .* use one of the two"):
+        train_row(row, tiny_preset([row]), synthetic_data(), tmp_path / row.slug, "no-model-needed")
+    assert not (tmp_path / row.slug).exists()  # nothing pretrained, nothing written

@@ -87,3 +87,10 @@ def test_max_length_that_leaves_no_room_for_text_is_rejected(minilm_tokenizer):
 def test_a_directory_given_as_data_is_named_as_a_directory(tmp_path, capsys, command):
     code, err = run_main(capsys, command[0], command[1], tmp_path, "--out", tmp_path / "run")
     assert code == 2 and f"{tmp_path}: is a directory" in err and "no such file" not in err
+
+
+def test_train_refuses_to_fit_routers_over_the_ones_init_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(capsys, "train", "--init", tmp_path / "pre", "--router-init", "attention", "--out", out)
+    assert code == 2 and "--router-init attention fits the routers" in err and f"--init {tmp_path / 'pre'}" in err
+    assert not out.exists()

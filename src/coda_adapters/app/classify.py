@@ -466,6 +466,16 @@ def train_classifier(
     return metrics
 
 
+def check_router_start(init: str | Path | None, router_init: str) -> None:
+    """Refuse two starts for the routers: ``--router-init`` fits them when training starts, after ``--init``
+    loaded the pretrained ones, so the fit would silently replace them."""
+    if init is not None and router_init != "random":
+        raise ValueError(
+            f"--router-init {router_init} fits the routers when training starts and would replace the routers "
+            f"that --init {init} loaded: use one of the two"
+        )
+
+
 def fit_routers(model: CodaModel, tokenizer: Any, encoded: Encoded, text_only: bool = False) -> dict[str, float]:
     """Fit the learned routers to the frozen model's attention (``init_routers_from_attention``) on the first
     ``CALIBRATION_EXAMPLES`` training examples, over every real token or (``text_only``) over all but the

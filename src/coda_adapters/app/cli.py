@@ -169,10 +169,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .classify import TrainConfig, build_classifier, load_backbone_adapter, train_classifier
+    from .classify import TrainConfig, build_classifier, check_router_start, load_backbone_adapter, train_classifier
     from .data import subsample
 
     config = dataclass_from_args(TrainConfig, args)
+    check_router_start(args.init, config.router_init)
     output_directory(args.out)
     data = load_data_from(args, args.model, config.max_length)
     if args.max_train_examples is not None:

@@ -30,6 +30,7 @@ from .classify import (
     METRICS_NAME,
     TrainConfig,
     build_classifier,
+    check_router_start,
     load_backbone_adapter,
     load_classifier,
     train_classifier,
@@ -580,6 +581,9 @@ def train_row(
     teacher: Path | None = None,
 ) -> None:
     config = row_coda_config(preset, row)
+    train_config = row_train_config(preset, row, seed)
+    if row.pretrain:
+        check_router_start(directory / "pretrain", train_config.router_init)
     torch.manual_seed(seed)
     extra: dict[str, Any] = {"row": row.name, "seed": seed}
     if row.pretrain:
@@ -592,7 +596,6 @@ def train_row(
     model, tokenizer = build_classifier(model_name, config, data.label_names)
     if row.pretrain:
         load_backbone_adapter(model, directory / "pretrain")
-    train_config = row_train_config(preset, row, seed)
     if teacher is not None:
         train_config = replace(train_config, teacher=str(teacher))
     train_classifier(model, tokenizer, data, train_config, directory, model_name=model_name, extra_metrics=extra)
