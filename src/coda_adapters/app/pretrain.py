@@ -14,8 +14,8 @@ With ``routers_only`` only the routers learn; the adapters keep their zero-initi
 ``reduction_warmup`` the share of tokens the routed layers keep falls linearly from all (just below, so that the
 first step routes) to 1/r over that share of the steps.
 
-Which of these helps task accuracy is an open question (README, "CoDA pretraining"); all are kept so
-that the measurement can be repeated.
+Which of these helps task accuracy is measured in the README ("CoDA pretraining: what was tried" and the
+section after it); all are kept so that the measurements can be repeated.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class PretrainConfig(OptimizerConfig):
     objective: str = option(
         "distill",
         "what the routed model learns: the dense final hidden states (distill), each dense layer's output "
-        "(layerwise; with --routers-only, as with adapters it collapses the texts), the dense mean-pooled "
-        "embedding (pooled), or masked-LM (mlm)",
+        "(layerwise; use it with --routers-only: with the adapters it collapses the texts), the dense "
+        "mean-pooled embedding (pooled), or masked-LM (mlm)",
         choices=OBJECTIVES,
     )
     steps: int = option(200, "optimizer steps")
