@@ -333,7 +333,6 @@ PRESETS = {
     "needle-aggressive": change_preset(
         "routers fitted to attention", train=ATTENTION_INIT, reductions=(8, 16), speed_matched={8: 24, 16: 18}
     ),
-    # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     # CoDA pretraining before fine-tuning (method section 4) at r = 3, 5 and 16 on bbc-needle, over seeds: each
     # routed layer learns to reproduce what its frozen layer computes densely on the same input (layer-wise
     # targets, not the final-state distillation that shrank the hidden states: README "CoDA pretraining"), on the
@@ -372,6 +371,7 @@ PRESETS = {
         baselines=True,
         data="bbc-needle",
     ),
+    # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
         train=TrainConfig(**ROUTING_RECIPE, max_length=128),
@@ -582,12 +582,11 @@ def train_row(
 ) -> None:
     config = row_coda_config(preset, row)
     train_config = row_train_config(preset, row, seed)
-    if row.pretrain:
-        check_router_start(directory / "pretrain", train_config.router_init)
+    pretrain_dir = directory / "pretrain"
     torch.manual_seed(seed)
     extra: dict[str, Any] = {"row": row.name, "seed": seed}
     if row.pretrain:
-        pretrain_dir = directory / "pretrain"
+        check_router_start(pretrain_dir, train_config.router_init)
         pretrain_config = row_pretrain_config(preset, row, seed)
         model, tokenizer = build_pretraining_model(model_name, config, pretrain_config.objective)
         metrics = pretrain(model, tokenizer, data.train.texts, pretrain_config, pretrain_dir, model_name=model_name)
@@ -595,7 +594,7 @@ def train_row(
         torch.manual_seed(seed)
     model, tokenizer = build_classifier(model_name, config, data.label_names)
     if row.pretrain:
-        load_backbone_adapter(model, directory / "pretrain")
+        load_backbone_adapter(model, pretrain_dir)
     if teacher is not None:
         train_config = replace(train_config, teacher=str(teacher))
     train_classifier(model, tokenizer, data, train_config, directory, model_name=model_name, extra_metrics=extra)
