@@ -25,6 +25,7 @@ from coda_adapters.app.assets import resolve_model_path
 from coda_adapters.app.classify import load_backbone_adapter
 from coda_adapters.app.data import builtin_dataset
 from coda_adapters.checkpoint import read_coda_config
+from coda_adapters.pooling import weighted_mean
 
 
 def pooled_spread(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int) -> tuple[float, float]:
@@ -32,8 +33,7 @@ def pooled_spread(model: torch.nn.Module, tokenizer, texts: list[str], max_lengt
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         states = model(**batch).last_hidden_state  # [texts, seq, hidden]
-    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-    pooled = (states * mask).sum(1) / mask.sum(1)  # [texts, hidden]; padding left out
+    pooled = weighted_mean(states, batch["attention_mask"])  # [texts, hidden]; padding left out
     unit = F.normalize(pooled, dim=-1)
     cosines = unit @ unit.T
     off_diagonal = ~torch.eye(len(texts), dtype=torch.bool)

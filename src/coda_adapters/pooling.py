@@ -13,6 +13,13 @@ from torch import nn
 from .routing import Selection
 
 
+def weighted_mean(hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq, hidden] -> [batch, hidden]``: the mean over tokens weighted by ``weights`` ``[batch, seq]``
+    (a padding mask leaves padding out)."""
+    weights = weights.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
+
+
 class PoolingSource(Protocol):
     """What the pooler reads the padding mask and the selections from: the model's ``RoutingState``,
     filled at each forward."""
@@ -45,11 +52,7 @@ class MeanPooler(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights = self.token_weights(hidden_states)
-        if weights is None:
-            pooled = hidden_states.mean(dim=1)
-        else:
-            weights = weights.to(hidden_states.dtype).unsqueeze(-1)
-            pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
+        pooled = hidden_states.mean(dim=1) if weights is None else weighted_mean(hidden_states, weights)
         return F.layer_norm(pooled, pooled.shape[-1:])
 
     def token_weights(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

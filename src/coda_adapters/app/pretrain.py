@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..config import CodaConfig, check_choice, check_int, check_number, option
 from ..files import write_json
 from ..model import CodaModel, get_coda_model
+from ..pooling import weighted_mean
 from .classify import Encoded, library_versions
 from .loop import Optimization, OptimizerConfig, batches_for_steps, run_epoch, warmed_up_reduction
 from .options import flag
@@ -106,9 +107,7 @@ def pretraining_loss(
     student = model(**batch).last_hidden_state
     if config.objective == "distill":
         return F.mse_loss(student[valid], teacher[valid])
-    weights = valid.unsqueeze(-1).to(student.dtype)
-    pooled_student = (student * weights).sum(1) / weights.sum(1)
-    pooled_teacher = (teacher * weights).sum(1) / weights.sum(1)
+    pooled_student, pooled_teacher = weighted_mean(student, valid), weighted_mean(teacher, valid)
     return (1 - F.cosine_similarity(pooled_student, pooled_teacher, dim=-1)).mean()
 
 
