@@ -3,7 +3,7 @@
 import json
 import math
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -511,6 +511,29 @@ def test_the_pretraining_preset_pretrains_only_its_pretraining_rows_with_their_s
     row = Row("CoDA r=3 + pooled pretraining", {"reduction": 3}, pretrain={"objective": "pooled", "steps": 7})
     config = row_pretrain_config(preset, row, seed=1)
     assert (config.objective, config.steps, config.reduction_warmup, config.seed) == ("pooled", 7, 0.5, 1)
+
+
+def test_the_router_learning_rate_preset_reuses_the_pretraining_presets_runs_and_changes_only_the_router_rate():
+    # its comment says: copy needle-pretrain's directories in. That is only sound if the shared rows have the same
+    # names and the same recipes (check_kept_run would refuse them otherwise)
+    shared, faster = PRESETS["needle-pretrain"], PRESETS["needle-pretrain-router-lr"]
+    shared_rows = {row.slug: row for row in experiment_rows(shared)}
+    new_rows = []
+    for row in experiment_rows(faster):
+        if row.slug in shared_rows:
+            twin = shared_rows[row.slug]
+            assert row_train_config(faster, row, seed=1) == row_train_config(shared, twin, seed=1)
+            assert bool(row.pretrain) == bool(twin.pretrain)
+            if row.pretrain:
+                assert row_pretrain_config(faster, row, seed=1) == row_pretrain_config(shared, twin, seed=1)
+        else:
+            new_rows.append(row)
+    assert len(new_rows) == 6  # r = 3, 5, 16, each plain and pretrained
+    for row in new_rows:
+        plain = shared_rows[row.slug.replace("-routers-at-10x-the-learning-rate", "")]
+        assert row.coda == plain.coda and bool(row.pretrain) == bool(plain.pretrain)
+        expected = replace(row_train_config(shared, plain, seed=1), router_lr_scale=10.0)
+        assert row_train_config(faster, row, seed=1) == expected
 
 
 def test_a_kept_run_pretrained_otherwise_is_refused_and_names_the_pretraining_setting(tmp_path):

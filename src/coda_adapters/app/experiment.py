@@ -161,6 +161,12 @@ def with_rows(preset: Preset, *rows: Row) -> Preset:
 
 
 ATTENTION_INIT = {"router_init": "attention"}
+ROUTER_LR_10 = {"router_lr_scale": 10.0}
+# CoDA pretraining of the routers on bbc-needle: each routed layer learns to reproduce its frozen layer's dense
+# output on the same input (needle-pretrain)
+NEEDLE_PRETRAINING = PretrainConfig(
+    objective="layerwise", steps=100, batch_size=16, lr=1e-3, max_length=128, routers_only=True, reduction_warmup=0.5
+)
 TEXT_ATTENTION_INIT = {"router_init": "attention-text"}
 # BBC News at 256 tokens and r = 5, with the input cut to the 68 tokens that run as fast (measured for prior-r5)
 BBC_R5: dict[str, Any] = {"data": "bbc-news", "max_length": 256, "reductions": (5,), "speed_matched": {5: 68}}
@@ -220,7 +226,7 @@ PRESETS = {
                 train={"dense_start": 0.0, "reduction_warmup": 2 / 3},
             ),
             Row("CoDA r=3, no reduction warm-up", {"reduction": 3}, train=NO_WARMUP),
-            Row("CoDA r=3, routers at 10x the learning rate", {"reduction": 3}, train={"router_lr_scale": 10.0}),
+            Row("CoDA r=3, routers at 10x the learning rate", {"reduction": 3}, train=ROUTER_LR_10),
         ],
         train=TrainConfig(**ROUTING_RECIPE, max_length=128),
         pretrain=PretrainConfig(steps=1, max_length=128),  # unused
@@ -359,15 +365,24 @@ PRESETS = {
             Row("CoDA r=16, routers fitted to attention", {"reduction": 16}, train=ATTENTION_INIT),
         ],
         train=TrainConfig(**ROUTING_RECIPE, max_length=128),
-        pretrain=PretrainConfig(
-            objective="layerwise",
-            steps=100,
-            batch_size=16,
-            lr=1e-3,
-            max_length=128,
-            routers_only=True,
-            reduction_warmup=0.5,
-        ),
+        pretrain=NEEDLE_PRETRAINING,
+        baselines=True,
+        data="bbc-needle",
+    ),
+    # Pretrained routers barely move in fine-tuning (cosine 0.99 to where they started, as plain ones) and score
+    # the frozen hidden states with a wider spread, so the adapters cannot steer them to the needle: the same rows
+    # with the routers at 10x the learning rate in fine-tuning, with and without pretraining. The rows shared with
+    # needle-pretrain are the same runs (copy its directories in)
+    "needle-pretrain-router-lr": Preset(
+        rows=[Row(DENSE, {"reduction": 1})]
+        + [
+            Row(f"CoDA r={r}{pretrained}{faster}", {"reduction": r}, pretrain=bool(pretrained), train=train)
+            for r in (3, 5, 16)
+            for pretrained in ("", " + layer-wise pretraining (routers)")
+            for faster, train in (("", {}), (", routers at 10x the learning rate", ROUTER_LR_10))
+        ],
+        train=TrainConfig(**ROUTING_RECIPE, max_length=128),
+        pretrain=NEEDLE_PRETRAINING,
         baselines=True,
         data="bbc-needle",
     ),
