@@ -65,6 +65,41 @@ def test_pretraining_warms_the_reduction_up_and_saves_the_target(tmp_path, minil
     assert json.loads((tmp_path / "coda_config.json").read_text())["coda_config"]["reduction"] == 3
 
 
+def test_routers_only_pretraining_saves_the_routers_and_leaves_the_model_as_it_was_also_when_it_stops(
+    tmp_path, minilm_tokenizer, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    model = get_coda_model(tiny_model("bert", vocab_size=minilm_tokenizer.vocab_size), CodaConfig(reduction=3))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert any(".router." not in name for name in trainable)  # the adapters too
+    config = PretrainConfig(
+        objective="layerwise", steps=3, batch_size=2, max_length=16, reduction_warmup=1.0, routers_only=True
+    )
+    texts = ["the market rose", "the team won the match", "a new phone", "the vote was close"]
+
+    pretrain(model, minilm_tokenizer, texts, config, tmp_path / "done", model_name="tiny", show_progress=False)
+    saved = load_file(tmp_path / "done" / "coda_model.safetensors")
+    assert saved and all(".router." in name for name in saved)
+    assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == trainable
+
+    steps = []
+
+    def failing_loss(model, batch, config, tokenizer):
+        steps.append(model.reduction)
+        if len(steps) == 2:
+            raise RuntimeError("out of memory")
+        return pretraining_loss(model, batch, config, tokenizer)
+
+    monkeypatch.setattr(pretraining, "pretraining_loss", failing_loss)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pretrain(model, minilm_tokenizer, texts, config, tmp_path / "stopped", model_name="tiny", show_progress=False)
+    assert steps[1] < 3  # it stopped inside the warm-up
+    assert model.reduction == 3.0
+    assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == trainable
+    assert not (tmp_path / "stopped" / "pretrain_metrics.json").exists()
+
+
 def test_a_reduction_warmup_outside_zero_to_one_is_an_error_naming_the_flag():
     with pytest.raises(ValueError, match="--reduction-warmup"):
         PretrainConfig(reduction_warmup=1.5)

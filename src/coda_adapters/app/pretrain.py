@@ -32,7 +32,7 @@ from ..files import write_json
 from ..model import CodaModel, get_coda_model
 from ..pooling import weighted_mean
 from .classify import Encoded, library_versions
-from .loop import Optimization, OptimizerConfig, batches_for_steps, run_epoch, warmed_up_reduction
+from .loop import EpochResult, Optimization, OptimizerConfig, batches_for_steps, run_epoch, warmed_up_reduction
 from .options import flag
 
 OBJECTIVES = ("distill", "layerwise", "pooled", "mlm")
@@ -137,10 +137,40 @@ def pretrain(
     model_name: str,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Train routers and adapters for ``config.steps`` steps on ``texts`` and save them in ``out_dir``."""
+    """Train routers and adapters for ``config.steps`` steps on ``texts`` and save them in ``out_dir``.
+
+    The model leaves at its own reduction with its own trainable parameters, also when pretraining stops midway
+    (the warm-up changes the one, ``routers_only`` the other)."""
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
     encoded = Encoded(tokenizer, texts, None, config.max_length)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    target_reduction = model.coda_config.reduction
+    try:
+        result = _pretraining_steps(model, tokenizer, encoded, config, show_progress)
+        metrics = {
+            "objective": config.objective,
+            "first_loss": result.step_losses[0],
+            "final_loss": sum(result.step_losses[-20:]) / len(result.step_losses[-20:]),
+            "pretrain_seconds": result.seconds,
+            "documents": len(texts),
+            "pretrain_config": asdict(config),
+            "coda_config": model.coda_config.to_dict(),
+            "versions": library_versions(model_name),
+        }
+        model.save_pretrained(out_dir)  # the trainable weights: with routers_only, the routers alone
+        write_json(out_dir / PRETRAIN_METRICS_NAME, metrics)
+    finally:
+        model.reduction = target_reduction
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    return metrics
+
+
+def _pretraining_steps(
+    model: CodaModel, tokenizer: Any, encoded: Encoded, config: PretrainConfig, show_progress: bool
+) -> EpochResult:
+    """The optimizer steps of :func:`pretrain`, which leaves the model's reduction and trainable flags changed."""
     if config.routers_only:  # the adapters stay at their initial zero output; fine-tuning trains them
         for name, parameter in model.named_parameters():
             if ".router." not in name:
@@ -157,7 +187,7 @@ def pretrain(
         return pretraining_loss(model, encoded.batch(indices), config, tokenizer)
 
     model.train()
-    result = run_epoch(
+    return run_epoch(
         batches_for_steps(len(encoded), config.batch_size, config.steps, config.seed),
         loss_of,
         optimization,
@@ -165,17 +195,3 @@ def pretrain(
         total=config.steps,
         show_progress=show_progress,
     )
-    model.reduction = target_reduction
-    metrics = {
-        "objective": config.objective,
-        "first_loss": result.step_losses[0],
-        "final_loss": sum(result.step_losses[-20:]) / len(result.step_losses[-20:]),
-        "pretrain_seconds": result.seconds,
-        "documents": len(texts),
-        "pretrain_config": asdict(config),
-        "coda_config": model.coda_config.to_dict(),
-        "versions": library_versions(model_name),
-    }
-    model.save_pretrained(out_dir)
-    write_json(out_dir / PRETRAIN_METRICS_NAME, metrics)
-    return metrics
