@@ -13,7 +13,7 @@ For each run of `coda experiment` (or `coda train` with the default ``--router-i
 
 A router scores ``w · h``, where ``h`` carries the adapters' outputs from the layers below; a router that barely
 moves still routes what the adapters make it score highly, easily when the frozen states alone give it a
-narrow spread of scores. Used in the README's "CoDA pretraining on bbc-needle" (why pretrained routers cost r = 3).
+narrow spread of scores. Used in the README's "Why pretrained routers cost r = 3".
 """
 
 from __future__ import annotations
@@ -92,14 +92,27 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (with metrics.json)")
     parser.add_argument("--texts", type=int, default=64, help="test texts whose tokens the scores are taken over")
     args = parser.parse_args()
+    reports = []
     for run in args.runs:
         task = read_json_object(run / "coda_task.json")
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(task["model"]))
         data = builtin_dataset(read_json_object(run / "metrics.json")["data"], tokenizer, task["max_length"])
-        report = drift_report(run, data.test.texts[: args.texts])
-        print(f"{run}  (layers 0 to {len(report) - 1})")
-        for key in ("cosine", "spread_start", "spread_end", "spread_tuned"):
-            print(f"  {key:<13}" + " ".join(f"{layer[key]:6.3f}" for layer in report))
+        reports.append(drift_report(run, data.test.texts[: args.texts]))
+        print_report(f"{run}  (layers 0 to {len(reports[-1]) - 1})", reports[-1])
+    if len(reports) > 1:
+        means = [mean_layer(layers) for layers in zip(*reports, strict=True)]  # runs of one model: the same layers
+        print_report(f"mean over the {len(reports)} runs", means)
+
+
+def mean_layer(layers: tuple[dict[str, float], ...]) -> dict[str, float]:
+    """One layer's figures averaged over runs."""
+    return {key: sum(layer[key] for layer in layers) / len(layers) for key in layers[0]}
+
+
+def print_report(title: str, report: list[dict[str, float]]) -> None:
+    print(title)
+    for key in report[0]:
+        print(f"  {key:<13}" + " ".join(f"{layer[key]:6.3f}" for layer in report))
 
 
 if __name__ == "__main__":

@@ -158,7 +158,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser)
     group = parser.add_argument_group("training (TrainConfig)")
     group.add_argument("--out", required=True, help="directory for the adapter, checkpoints and metrics.json")
-    group.add_argument("--init", help="start from a `coda pretrain` output")
+    group.add_argument(
+        "--init",
+        help="start from a `coda pretrain` output (its routers barely move at the default --router-lr-scale 1; "
+        "10 let the task move them: README, 'Why pretrained routers cost r = 3')",
+    )
     group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     group.add_argument(
         "--max-train-examples", type=int, help="use only this many training examples, for quick runs (None: all)"
