@@ -369,10 +369,10 @@ PRESETS = {
         baselines=True,
         data="bbc-needle",
     ),
-    # Pretrained routers barely move in fine-tuning (cosine 0.99 to where they started, as plain ones) and score
-    # the frozen hidden states with a wider spread, so the adapters cannot steer them to the needle: the same rows
-    # with the routers at 10x the learning rate in fine-tuning, with and without pretraining. The rows shared with
-    # needle-pretrain are the same runs (copy its directories in)
+    # Routers barely move in fine-tuning (cosine 0.99 to where they started, plain or pretrained), and pretrained
+    # ones start where the frozen states' scores spread widely, which the adapters steer less easily (README "Why
+    # pretrained routers cost r = 3"): the same rows with the routers at 10x the learning rate in fine-tuning, with
+    # and without pretraining. The rows shared with needle-pretrain are the same runs (copy its directories in)
     "needle-pretrain-router-lr": Preset(
         rows=[Row(DENSE, {"reduction": 1})]
         + [
