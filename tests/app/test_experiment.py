@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 from dataclasses import asdict, replace
 
 import pytest
@@ -528,11 +529,13 @@ def test_the_router_learning_rate_preset_reuses_the_pretraining_presets_runs_and
                 assert row_pretrain_config(faster, row, seed=1) == row_pretrain_config(shared, twin, seed=1)
         else:
             new_rows.append(row)
-    assert len(new_rows) == 6  # r = 3, 5, 16, each plain and pretrained
+    # r = 3, 5, 16 at 10x, each plain and pretrained; r = 5 and 16 pretrained at 30x
+    assert len(new_rows) == 8
     for row in new_rows:
-        plain = shared_rows[row.slug.replace("-routers-at-10x-the-learning-rate", "")]
+        scale = 10.0 if row.slug.endswith("-10x-the-learning-rate") else 30.0
+        plain = shared_rows[re.sub(r"-routers-at-\d+x-the-learning-rate$", "", row.slug)]
         assert row.coda == plain.coda and bool(row.pretrain) == bool(plain.pretrain)
-        expected = replace(row_train_config(shared, plain, seed=1), router_lr_scale=10.0)
+        expected = replace(row_train_config(shared, plain, seed=1), router_lr_scale=scale)
         assert row_train_config(faster, row, seed=1) == expected
 
 

@@ -380,6 +380,15 @@ PRESETS = {
             for r in (3, 5, 16)
             for pretrained in ("", " + layer-wise pretraining (routers)")
             for faster, train in (("", {}), (", routers at 10x the learning rate", ROUTER_LR_10))
+        ]
+        + [  # is 10x the rate? A faster one where pretraining helps
+            Row(
+                f"CoDA r={r} + layer-wise pretraining (routers), routers at 30x the learning rate",
+                {"reduction": r},
+                pretrain=True,
+                train={"router_lr_scale": 30.0},
+            )
+            for r in (5, 16)
         ],
         train=TrainConfig(**ROUTING_RECIPE, max_length=128),
         pretrain=NEEDLE_PRETRAINING,
