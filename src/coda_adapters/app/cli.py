@@ -161,7 +161,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--init",
         help="start from a `coda pretrain` output (its routers barely move at the default --router-lr-scale 1; "
-        "10 let the task move them: README, 'Why pretrained routers cost r = 3')",
+        "10 or 30 let the task move them: README, 'Why pretrained routers cost r = 3')",
     )
     group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     group.add_argument(
