@@ -529,14 +529,33 @@ def test_the_router_learning_rate_preset_reuses_the_pretraining_presets_runs_and
                 assert row_pretrain_config(faster, row, seed=1) == row_pretrain_config(shared, twin, seed=1)
         else:
             new_rows.append(row)
-    # r = 3, 5, 16 at 10x, each plain and pretrained; r = 5 and 16 pretrained at 30x
-    assert len(new_rows) == 8
+    # r = 3, 5, 16 at 10x, each plain and pretrained, and pretrained at 30x
+    assert len(new_rows) == 9
     for row in new_rows:
         scale = 10.0 if row.slug.endswith("-10x-the-learning-rate") else 30.0
         plain = shared_rows[re.sub(r"-routers-at-\d+x-the-learning-rate$", "", row.slug)]
         assert row.coda == plain.coda and bool(row.pretrain) == bool(plain.pretrain)
         expected = replace(row_train_config(shared, plain, seed=1), router_lr_scale=scale)
         assert row_train_config(faster, row, seed=1) == expected
+
+
+def test_the_bbc_router_learning_rate_preset_shares_the_kept_lead_presets_rows_and_pretrains_as_on_bbc_needle():
+    # its rows without pretraining are prior-r5-lead39's (same names and recipes, so their runs can be reused);
+    # each pretrained row is a plain row's twin with the needle pretraining at BBC's length and routers at 30x
+    shared, bbc = PRESETS["prior-r5-lead39"], PRESETS["bbc-pretrain-router-lr"]
+    shared_rows = {row.slug: row for row in experiment_rows(shared)}
+    pretrained = [row for row in experiment_rows(bbc) if row.pretrain]
+    for row in experiment_rows(bbc):
+        if not row.pretrain:
+            assert row_train_config(bbc, row, seed=2) == row_train_config(shared, shared_rows[row.slug], seed=2)
+    assert [row.coda for row in pretrained] == [{"reduction": 5}, {"reduction": 5, "keep_first": 39}]
+    for row in pretrained:
+        plain = shared_rows[re.sub(r"-layer-wise-pretraining-routers-routers-at-30x-the-learning-rate$", "", row.slug)]
+        assert row.coda == plain.coda
+        expected = replace(row_train_config(shared, plain, seed=2), router_lr_scale=30.0)
+        assert row_train_config(bbc, row, seed=2) == expected
+        needle = replace(row_pretrain_config(PRESETS["needle-pretrain"], row, seed=2), max_length=256)
+        assert row_pretrain_config(bbc, row, seed=2) == needle
 
 
 def test_a_kept_run_pretrained_otherwise_is_refused_and_names_the_pretraining_setting(tmp_path):

@@ -48,6 +48,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle-z-loss",
             "needle-pretrain",
             "needle-pretrain-router-lr",
+            "bbc-pretrain-router-lr",
             "prior",
             "prior-r5",
             "prior-r5-anneal",
@@ -71,7 +72,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         "of r = 3's (or r = 5's) budget kept for the first tokens, on BBC News and bbc-needle (at r = 5 also with "
         "the annealed soft top-k, and three quarters or all of the budget; three quarters with 5 epochs); r = 8 "
         "and 16 without warm-up; r = 8 and 16 on bbc-needle (plain and fitted routers); CoDA pretraining of the "
-        "routers on bbc-needle (r = 3, 5, 16), also with routers at 10x (and 30x) the learning rate; the short demo; "
+        "routers on bbc-needle (r = 3, 5, 16), also with routers at 10x (and 30x) the learning rate, and "
+        "pretrained routers at 30x on BBC News (r = 5); the short demo; "
         "the MPNet point; the adapter-kinds table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
