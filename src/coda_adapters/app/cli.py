@@ -148,6 +148,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
         f"pretrained on {len(texts)} documents: loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} "
         f"in {metrics['pretrain_seconds']:.0f} s; saved to {args.out}"
     )
+    # at the default router rate, pretrained routers barely move in fine-tuning (README, "Why pretrained routers...")
+    print(f"fine-tune with: coda train --init {args.out} --router-lr-scale 30 (and the same --reduction)")
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
