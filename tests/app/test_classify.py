@@ -15,6 +15,7 @@ from coda_adapters.app.classify import (
     distillation_loss,
     load_classifier,
     predict_probabilities,
+    pretrained_start_notes,
     teacher_logits,
     train_classifier,
 )
@@ -301,3 +302,17 @@ def test_the_z_loss_example_reads_each_layers_router_scores_of_a_saved_classifie
             for i, layer in model.conditional_layers().items()
         ]
     assert got == pytest.approx(float(torch.stack(per_layer).mean()), rel=1e-5) and got > 0
+
+
+def test_starting_from_pretrained_routers_notes_another_budget_and_the_default_router_rate():
+    pretrained = CodaConfig(reduction=5)
+    assert pretrained_start_notes(pretrained, CodaConfig(reduction=5), router_lr_scale=30.0) == []
+    [budget, rate] = pretrained_start_notes(pretrained, CodaConfig(reduction=3, keep_first=0), router_lr_scale=1.0)
+    assert budget.startswith("--init was pretrained with --reduction 5, this model has 3")
+    assert "--router-lr-scale 1" in rate and "30" in rate
+    [kept] = pretrained_start_notes(pretrained, CodaConfig(reduction=5, keep_first=39), router_lr_scale=10.0)
+    assert kept.startswith("--init was pretrained with --keep-first 0, this model has 39")
+    # nothing to say about the rate where nothing is routed, or the router is not learned
+    assert pretrained_start_notes(CodaConfig(reduction=1), CodaConfig(reduction=1), router_lr_scale=1.0) == []
+    random_router = CodaConfig(reduction=5, router="random")
+    assert pretrained_start_notes(random_router, random_router, router_lr_scale=1.0) == []

@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     pretrained = coda("pretrain", "--steps", "4", "--batch-size", "4", "--max-length", "32", "--out", root / "pre")
     (root / "pretrain-stdout.txt").write_text(pretrained.stdout)
-    coda("train", *QUICK, "--init", root / "pre", "--out", root / "clf")
+    trained = coda("train", *QUICK, "--init", root / "pre", "--out", root / "clf")
+    (root / "train-stdout.txt").write_text(trained.stdout)
     return root
 
 
@@ -50,6 +51,8 @@ def test_pretrain_by_default_pretrains_the_routers_layer_wise_and_says_how_to_fi
     config = json.loads((trained / "pre" / "pretrain_metrics.json").read_text())["pretrain_config"]
     assert (config["objective"], config["routers_only"], config["reduction_warmup"]) == ("layerwise", True, 0.5)
     assert f"coda train --init {trained / 'pre'} --router-lr-scale 30" in (trained / "pretrain-stdout.txt").read_text()
+    # fine-tuned at the default rate (the fixture's `coda train --init`), which says what the README recommends
+    assert "note: pretrained routers barely move at --router-lr-scale 1" in (trained / "train-stdout.txt").read_text()
 
 
 @pytest.mark.slow

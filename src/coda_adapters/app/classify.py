@@ -204,6 +204,25 @@ def load_backbone_adapter(model: CodaModel, directory: str | Path) -> CodaConfig
     return config
 
 
+def pretrained_start_notes(pretrained: CodaConfig, config: CodaConfig, router_lr_scale: float) -> list[str]:
+    """What to tell a user who fine-tunes ``config`` from routers pretrained with ``pretrained`` (``coda train
+    --init``): the routing settings that differ from the pretraining's (allowed: the routers still score tokens,
+    but learned for another budget), and the default router rate, at which pretrained routers barely move in
+    fine-tuning (cosine 0.98-0.99 to their start on bbc-needle: README, "Why pretrained routers cost r = 3")."""
+    notes = [
+        f"--init was pretrained with {flag(name)} {getattr(pretrained, name):g}, this model has "
+        f"{getattr(config, name):g}: its routers learned another budget"
+        for name in ("reduction", "keep_first")
+        if getattr(pretrained, name) != getattr(config, name)
+    ]
+    if config.reduction > 1 and config.router == "learned" and router_lr_scale == 1.0:
+        notes.append(
+            "pretrained routers barely move at --router-lr-scale 1; at r >= 5 the README recommends 30 "
+            "('Why pretrained routers cost r = 3')"
+        )
+    return notes
+
+
 # --------------------------------------------------------------------------------------------------
 # Batching
 # --------------------------------------------------------------------------------------------------

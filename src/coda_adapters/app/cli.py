@@ -175,7 +175,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .classify import TrainConfig, build_classifier, check_router_start, load_backbone_adapter, train_classifier
+    from .classify import (
+        TrainConfig,
+        build_classifier,
+        check_router_start,
+        load_backbone_adapter,
+        pretrained_start_notes,
+        train_classifier,
+    )
     from .data import subsample
 
     config = dataclass_from_args(TrainConfig, args)
@@ -185,13 +192,17 @@ def run_train(args: argparse.Namespace) -> None:
     if args.max_train_examples is not None:
         data.train = subsample(data.train, args.max_train_examples, args.seed)
     torch_seed(args.seed)
-    model, tokenizer = build_classifier(args.model, coda_config_from(args), data.label_names, dropout=args.dropout)
-    extra = {}
+    coda_config = coda_config_from(args)
+    model, tokenizer = build_classifier(args.model, coda_config, data.label_names, dropout=args.dropout)
+    extra, notes = {}, []
     if args.init:
         pretrained = load_backbone_adapter(model, args.init)
         extra["init"] = {"directory": args.init, "coda_config": pretrained.to_dict()}
+        notes = pretrained_start_notes(pretrained, coda_config, config.router_lr_scale)
     if int(os.environ.get("RANK", "0")) == 0:  # once under `accelerate launch`
         model.print_trainable_parameters()
+        for note in notes:
+            print(f"note: {note}")
     metrics = train_classifier(
         model, tokenizer, data, config, args.out, model_name=args.model, resume=args.resume, extra_metrics=extra
     )
