@@ -217,8 +217,8 @@ def pretrained_start_notes(pretrained: CodaConfig, config: CodaConfig, router_lr
     ]
     if config.reduction > 1 and config.router == "learned" and router_lr_scale == 1.0:
         notes.append(
-            "pretrained routers barely move at --router-lr-scale 1; at r >= 5 the README recommends 30 "
-            "('Why pretrained routers cost r = 3')"
+            "pretrained routers barely move at --router-lr-scale 1; 30 lets the task move them (README, 'Why "
+            "pretrained routers cost r = 3')"
         )
     return notes
 
