@@ -174,7 +174,8 @@ TEXT_ATTENTION_INIT = {"router_init": "attention-text"}
 def pretrained_fast_router_row(reduction: int, keep_first: int = 0) -> Row:
     """CoDA at ``reduction`` (``keep_first`` tokens kept for the text's first ones) with the preset's CoDA
     pretraining of the routers, then fine-tuned with the routers at 30x the learning rate: the recipe the README
-    recommends at r >= 5 ("Why pretrained routers cost r = 3")."""
+    recommends at r >= 5 where the evidence can be anywhere ("Why pretrained routers cost r = 3"; on BBC News
+    topics it does not help: "The same recipe on BBC News at r = 5")."""
     kept = f", first {keep_first} tokens kept" if keep_first else ""
     return Row(
         f"CoDA r={reduction}{kept} + layer-wise pretraining (routers), routers at 30x the learning rate",
@@ -408,7 +409,8 @@ PRESETS = {
     # missed: pretrained routers at 30x the learning rate, plain and with 39 of the 52 budget tokens kept for the
     # lead (the best routed row there, prior-r5-lead39), beside the cut that runs as fast (68 tokens). The rows
     # without pretraining have the names and recipes of prior-r5-lead39's (`coda experiment --preset
-    # bbc-pretrain-router-lr --seeds 0 1 2`)
+    # bbc-pretrain-router-lr --seeds 0 1 2`, about 3.5 hours of one core; the README's figures come from the rows
+    # the pretraining adds and the 39-kept row, trained with --rows)
     "bbc-pretrain-router-lr": Preset(
         rows=[
             Row(DENSE, {"reduction": 1}),
