@@ -167,7 +167,7 @@ ROUTER_LR_30 = {"router_lr_scale": 30.0}
 # output on the same input (needle-pretrain)
 NEEDLE_PRETRAINING = PretrainConfig(
     objective="layerwise", steps=100, batch_size=16, lr=1e-3, max_length=128, routers_only=True, reduction_warmup=0.5
-)  # the settings of `coda pretrain`'s defaults, spelled out so that a change of defaults leaves this table's recipe
+)  # `coda pretrain`'s defaults but for max_length, spelled out so that a change of defaults leaves this recipe
 TEXT_ATTENTION_INIT = {"router_init": "attention-text"}
 
 
