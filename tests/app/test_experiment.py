@@ -290,6 +290,9 @@ def test_one_seed_keeps_the_single_run_layout(tmp_path):
     assert row_directory(tmp_path, row, 1, (0, 1)) == tmp_path / "coda-r-3" / "seed-1"
     with pytest.raises(ValueError, match="--seeds"):
         run_experiment(tiny_preset([row]), synthetic_data(), tmp_path, seeds=(1, 1))
+    (tmp_path / "coda-r-3" / "seed-0").mkdir(parents=True)
+    (tmp_path / "coda-r-3" / "seed-0" / "metrics.json").write_text("{}")
+    assert row_directory(tmp_path, row, 0, (0,)) == tmp_path / "coda-r-3" / "seed-0"  # a look after several seeds
 
 
 def test_a_finished_run_of_seed_0_alone_is_seed_0_of_several(tmp_path):
@@ -302,6 +305,56 @@ def test_a_finished_run_of_seed_0_alone_is_seed_0_of_several(tmp_path):
     (single / "seed-0").mkdir()
     (single / "seed-0" / "metrics.json").write_text("{}")
     assert row_directory(tmp_path, row, 0, (0, 1)) == single / "seed-0"  # a finished seed-0/ comes first
+
+
+def write_finished_runs(out_dir, preset, seeds, layout=lambda row, seed: f"{row.slug}/seed-{seed}"):
+    """Stand-ins for finished runs of every row: metrics.json with the recipe ``check_kept_run`` compares."""
+    for row in experiment_rows(preset):
+        for seed in seeds:
+            directory = out_dir / layout(row, seed)
+            directory.mkdir(parents=True, exist_ok=True)
+            trained = asdict(row_train_config(preset, row, seed))
+            (directory / "metrics.json").write_text(json.dumps({"accuracy": seed / 10, "train_config": trained}))
+
+
+def test_a_run_given_part_of_the_seeds_keeps_the_table_of_every_seed(tmp_path, capsys):
+    """Seeds split over processes (--seeds 0 1 in one, --seeds 2 in another) must not overwrite the 3-seed table."""
+    preset = tiny_preset([Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})])
+    write_finished_runs(tmp_path, preset, (0, 1, 2))
+    (tmp_path / "results.md").write_text("the table of seeds 0, 1 and 2")
+    rows = len(experiment_rows(preset))
+    for seeds in ((2,), (0, 1), (0,)):  # seed 0 alone finds its run in seed-0/ and trains nothing
+        assert run_experiment(preset, synthetic_data(), tmp_path, seeds=seeds) == []
+        printed = capsys.readouterr().out
+        assert printed.count("done before, kept") == rows * len(seeds)
+        assert f"no table written for seeds {list(seeds)} alone" in printed and "with --seeds 0 1 2" in printed
+    assert (tmp_path / "results.md").read_text() == "the table of seeds 0, 1 and 2"
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_fresh_retrains_the_given_seeds_and_keeps_the_runs_of_the_others(tmp_path, monkeypatch):
+    preset = tiny_preset([Row("CoDA r=3", {"reduction": 3})], baselines=False)
+    [row] = preset.rows
+    # seed 0 in the single-seed layout (OUT/<row>/, holding seed-1/ and seed-2/), seeds 1 and 2 in theirs
+    write_finished_runs(tmp_path, preset, (0,), layout=lambda row, seed: row.slug)
+    write_finished_runs(tmp_path, preset, (1, 2))
+    (tmp_path / row.slug / "adapter.safetensors").write_text("seed 0's weights")
+    (tmp_path / row.slug / "seed-2" / "adapter.safetensors").write_text("seed 2's weights")
+    retrained = []
+
+    def fake_train_row(row, preset, data, directory, model_name, seed, teacher):
+        retrained.append(seed)  # the old run is gone before its seed is trained again
+        assert not (directory / "metrics.json").exists() and not (directory / "adapter.safetensors").exists()
+        (directory / "metrics.json").write_text(json.dumps({"accuracy": 1.0}))
+
+    monkeypatch.setattr("coda_adapters.app.experiment.train_row", fake_train_row)
+    run_experiment(preset, synthetic_data(), tmp_path, seeds=(2,), fresh=True)
+    assert retrained == [2] and not (tmp_path / row.slug / "seed-2" / "adapter.safetensors").exists()
+    assert (tmp_path / row.slug / "adapter.safetensors").read_text() == "seed 0's weights"
+    assert metrics_of(tmp_path / row.slug / "seed-1")["accuracy"] == 0.1
+    run_experiment(preset, synthetic_data(), tmp_path, seeds=(0,), fresh=True)
+    assert retrained == [2, 0] and not (tmp_path / row.slug / "adapter.safetensors").exists()
+    assert [metrics_of(tmp_path / row.slug / f"seed-{s}")["accuracy"] for s in (1, 2)] == [0.1, 1.0]
 
 
 def test_a_kept_run_of_another_recipe_is_refused_and_names_the_settings(tmp_path):

@@ -78,7 +78,11 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")
-    parser.add_argument("--fresh", action="store_true", help="retrain every row (default: keep finished rows)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="retrain every row (of --rows) for --seeds; runs of other seeds stay (default: keep finished runs)",
+    )
     parser.add_argument(
         "--seeds",
         type=int,
@@ -87,7 +91,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SEED",
         help="train every row once per seed; the table gives mean ± std and paired differences against the "
         "dense adapter and the truncated input (seed 0 alone keeps the layout OUT/<row>/, and counts as seed 0 "
-        "of a later run of several)",
+        "of a later run of several); the table is written only by a run given every seed OUT holds",
     )
     parser.add_argument(
         "--rows",

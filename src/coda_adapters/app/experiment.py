@@ -499,13 +499,15 @@ def run_experiment(
     """Train every row once per seed (skipping finished runs unless ``fresh``), then time all rows side by side.
 
     ``only`` (row slugs, ``coda experiment --rows``) trains those rows and nothing else, so that a preset can be
-    split over processes or machines sharing ``out_dir``; the table is written once every row has finished.
-    Returns the table's rows, or [] while some are missing."""
+    split over processes or machines sharing ``out_dir``; the table is written once every row has finished, and
+    only by a run given every seed that ``out_dir`` holds (a process given ``--seeds 2`` must not replace the table
+    of seeds 0, 1 and 2 by one of seed 2). Returns the table's rows, or [] when no table was written."""
     out_dir, seeds, rows = Path(out_dir), check_seeds(seeds), experiment_rows(preset)
     trained = rows if only is None else select_rows(rows, only)
-    if fresh:
+    if fresh:  # the runs of these seeds only: another process's seeds in a shared --out stay
         for row in trained:
-            shutil.rmtree(out_dir / row.slug, ignore_errors=True)
+            for seed in seeds:
+                remove_run(row_directory(out_dir, row, seed, seeds))
     if preset.max_train_examples is not None:  # one subsample for every seed: the seeds vary the runs, not the data
         data = replace(data, train=subsample(data.train, preset.max_train_examples, preset.train.seed))
     for seed in seeds:  # seed by seed, so that an interrupted run has every row for the seeds it finished
@@ -523,6 +525,14 @@ def run_experiment(
     missing = [row.slug for row in rows if not all(finished(row_directory(out_dir, row, s, seeds)) for s in seeds)]
     if missing:
         print(f"== not every row has finished yet ({', '.join(missing)}): no table written; run without --rows")
+        return []
+    other_seeds = sorted(set().union(*(finished_seeds(out_dir, row) for row in rows)) - set(seeds))
+    if other_seeds:  # a process given part of the seeds must not replace the table of them all
+        every = " ".join(str(seed) for seed in sorted({*seeds, *other_seeds}))
+        print(
+            f"== --out also holds finished runs of seeds {other_seeds}: no table written for seeds {list(seeds)} "
+            f"alone; write the table of every seed with --seeds {every}"
+        )
         return []
     results = [summarize_row(row, [row_directory(out_dir, row, seed, seeds) for seed in seeds], seeds) for row in rows]
     add_paired_differences(results, rows, preset)
@@ -563,11 +573,38 @@ def finished(directory: Path) -> bool:
 def row_directory(out_dir: Path, row: Row, seed: int, seeds: tuple[int, ...]) -> Path:
     """``OUT/<row>/seed-<s>/``; a run of seed 0 alone keeps the single-seed layout ``OUT/<row>/``, and such a
     finished run is seed 0 of a run of several seeds too (unless ``seed-0/`` holds one), so that a first look
-    with one seed is not trained again, and seeds split over processes (``--seeds 0`` in one) meet."""
+    with one seed is not trained again, and seeds split over processes (``--seeds 0`` in one) meet; the other way
+    round, seed 0 alone reuses a finished ``seed-0/`` when ``OUT/<row>/`` holds no run of its own."""
     single = out_dir / row.slug
+    if tuple(seeds) == (0,) and finished(single / "seed-0") and not finished(single):
+        return single / "seed-0"
     if tuple(seeds) == (0,) or (seed == 0 and finished(single) and not finished(single / "seed-0")):
         return single
     return single / f"seed-{seed}"
+
+
+def remove_run(directory: Path) -> None:
+    """Delete the run in ``directory``, but not the ``seed-*`` runs that a row's single-seed directory holds."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.is_dir() and re.fullmatch(r"seed-\d+", path.name):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def finished_seeds(out_dir: Path, row: Row) -> set[int]:
+    """The seeds of ``row`` with a finished run under ``out_dir``, in either layout of ``row_directory``."""
+    single = out_dir / row.slug
+    seeds = {0} if finished(single) else set()
+    for directory in single.glob("seed-*"):
+        number = directory.name.removeprefix("seed-")
+        if number.isdigit() and finished(directory):
+            seeds.add(int(number))
+    return seeds
 
 
 # --------------------------------------------------------------------------------------------------
