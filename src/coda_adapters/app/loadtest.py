@@ -41,8 +41,7 @@ from typing import Any
 
 from ..config import check_choice, check_number
 from ..files import atomic_write, read_json_object, write_json
-from .options import add_subcommand, flag, output_directory
-from .serve import SERVE_QUANTIZE_CHOICES
+from .options import SERVE_QUANTIZE_CHOICES, add_subcommand, flag, output_directory
 
 BASELINE = 1.0  # the dense parallel adapter: ratios are against it
 TEXT_SEED = 0  # the order BBC News texts are taken in

@@ -15,6 +15,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+# `coda serve --quantize`, here because the server (serve.py), the models it serves (serving.py) and the load test
+# all check it. int8 is served from `coda export --int8` on ONNX Runtime (PyTorch's dynamic int8 would give each
+# adapter its own quantised copy of the shared frozen layers)
+SERVE_QUANTIZE_CHOICES = ("none", "bf16")
+
 
 class CommandError(Exception):
     """A problem with the user's input: printed as one line, without a traceback."""

@@ -28,6 +28,8 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .options import SERVE_QUANTIZE_CHOICES
+
 # serving.py imports torch and the model: loaded when a server starts, not whenever `coda` builds its parser
 if TYPE_CHECKING:
     from .serving import OnnxServedAdapter, ServedAdapter, ServeSettings
@@ -37,9 +39,6 @@ logger = logging.getLogger("coda.serve")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RETRY_AFTER_SECONDS = "1"
-# --quantize: int8 is served from `coda export --int8` on ONNX Runtime (PyTorch's dynamic int8 would give each
-# adapter its own quantised copy of the shared frozen layers)
-SERVE_QUANTIZE_CHOICES = ("none", "bf16")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,8 +26,7 @@ from ..model import CodaModel
 from ..stacking import StackedCodaModel, check_stackable
 from .bench import lower_precision
 from .classify import Encoded, length_sorted_batches, predict_probabilities, read_task
-from .options import flag
-from .serve import SERVE_QUANTIZE_CHOICES
+from .options import SERVE_QUANTIZE_CHOICES, flag
 
 logger = logging.getLogger("coda.serve")
 
