@@ -409,8 +409,7 @@ PRESETS = {
     # missed: pretrained routers at 30x the learning rate, plain and with 39 of the 52 budget tokens kept for the
     # lead (the best routed row there, prior-r5-lead39), beside the cut that runs as fast (68 tokens). The rows
     # without pretraining have the names and recipes of prior-r5-lead39's (`coda experiment --preset
-    # bbc-pretrain-router-lr --seeds 0 1 2`, about 3.5 hours of one core; the README's figures come from the rows
-    # the pretraining adds and the 39-kept row, trained with --rows)
+    # bbc-pretrain-router-lr --seeds 0 1 2`, about 3.5 hours of one core)
     "bbc-pretrain-router-lr": Preset(
         rows=[
             Row(DENSE, {"reduction": 1}),
