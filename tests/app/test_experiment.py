@@ -611,6 +611,15 @@ def test_the_bbc_router_learning_rate_preset_shares_the_kept_lead_presets_rows_a
         assert row_pretrain_config(bbc, row, seed=2) == needle
 
 
+def test_the_bbc_r5_lead_preset_is_the_bbc_router_learning_rate_preset_without_its_pretrained_rows():
+    plain, bbc = PRESETS["bbc-r5-lead39"], PRESETS["bbc-pretrain-router-lr"]
+    without_pretraining = [row for row in experiment_rows(bbc) if not row.pretrain]
+    assert [row.slug for row in experiment_rows(plain)] == [row.slug for row in without_pretraining]
+    for mine, theirs in zip(experiment_rows(plain), without_pretraining, strict=True):
+        assert row_coda_config(plain, mine) == row_coda_config(bbc, theirs)
+        assert row_train_config(plain, mine, seed=3) == row_train_config(bbc, theirs, seed=3)
+
+
 def test_a_kept_run_pretrained_otherwise_is_refused_and_names_the_pretraining_setting(tmp_path):
     preset = PRESETS["needle-pretrain"]
     [row] = [row for row in preset.rows if row.slug == "coda-r-3-layer-wise-pretraining-routers"]

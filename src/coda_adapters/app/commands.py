@@ -49,6 +49,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
             "needle-pretrain",
             "needle-pretrain-router-lr",
             "bbc-pretrain-router-lr",
+            "bbc-r5-lead39",
             "prior",
             "prior-r5",
             "prior-r5-anneal",
@@ -73,8 +74,8 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         "the annealed soft top-k, and three quarters or all of the budget; three quarters with 5 epochs); r = 8 "
         "and 16 without warm-up; r = 8 and 16 on bbc-needle (plain and fitted routers); CoDA pretraining of the "
         "routers on bbc-needle (r = 3, 5, 16), also with routers at 10x (and 30x) the learning rate, and "
-        "pretrained routers at 30x on BBC News (r = 5); the short demo; "
-        "the MPNet point; the adapter-kinds table; a smoke test",
+        "pretrained routers at 30x on BBC News (r = 5), and that table's other rows alone (for more seeds); the "
+        "short demo; the MPNet point; the adapter-kinds table; a smoke test",
     )
     parser.add_argument("--model", default="minilm", help="bundled model name or local model directory")
     parser.add_argument("--out", required=True, help="directory for every row's outputs and the results table")

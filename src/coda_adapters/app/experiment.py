@@ -423,6 +423,10 @@ PRESETS = {
         pretrain=replace(NEEDLE_PRETRAINING, max_length=256),
         baselines=True,  # + the dense adapter on the first 52 tokens, + a random router at r = 5
     ),
+    # bbc-pretrain-router-lr's rows without pretraining (the same runs in a shared --out), so that they can have
+    # more seeds than the pretrained rows: `coda experiment --preset bbc-r5-lead39 --seeds 0 1 2 3 4 --out
+    # runs/bbc-lr` adds seeds 3 and 4 to that table's (about 45 minutes of one core per seed)
+    "bbc-r5-lead39": prior_preset("bbc-news", max_length=256, reduction=5, speed_matched=68, kept_share=0.75),
     # `make demo`: the needle preset's first rows, one seed (15 to 25 minutes on 2 cores)
     "demo": Preset(
         rows=[Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})],
