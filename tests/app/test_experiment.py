@@ -21,6 +21,7 @@ from coda_adapters.app.experiment import (
     check_kept_run,
     experiment_rows,
     format_results,
+    other_finished_seeds,
     row_coda_config,
     row_directory,
     row_max_length,
@@ -322,14 +323,21 @@ def test_a_run_given_part_of_the_seeds_keeps_the_table_of_every_seed(tmp_path, c
     preset = tiny_preset([Row(DENSE, {"reduction": 1}), Row("CoDA r=3", {"reduction": 3})])
     write_finished_runs(tmp_path, preset, (0, 1, 2))
     (tmp_path / "results.md").write_text("the table of seeds 0, 1 and 2")
-    rows = len(experiment_rows(preset))
     for seeds in ((2,), (0, 1), (0,)):  # seed 0 alone finds its run in seed-0/ and trains nothing
         assert run_experiment(preset, synthetic_data(), tmp_path, seeds=seeds) == []
         printed = capsys.readouterr().out
-        assert printed.count("done before, kept") == rows * len(seeds)
+        assert printed.count("done before, kept") == len(experiment_rows(preset)) * len(seeds)
         assert f"no table written for seeds {list(seeds)} alone" in printed and "with --seeds 0 1 2" in printed
     assert (tmp_path / "results.md").read_text() == "the table of seeds 0, 1 and 2"
     assert not (tmp_path / "results.json").exists()
+    # seeds that only some rows have (another preset's, sharing those rows) leave the table to the seeds given
+    rows = experiment_rows(preset)
+    assert other_finished_seeds(tmp_path, rows, (0, 1, 2)) == [] and other_finished_seeds(tmp_path, rows, (2,)) == [
+        0,
+        1,
+    ]
+    write_finished_runs(tmp_path, tiny_preset(preset.rows[:1], baselines=False), (3,))
+    assert other_finished_seeds(tmp_path, rows, (0, 1, 2)) == []
 
 
 def test_fresh_retrains_the_given_seeds_and_keeps_the_runs_of_the_others(tmp_path, monkeypatch):

@@ -92,7 +92,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SEED",
         help="train every row once per seed; the table gives mean ± std and paired differences against the "
         "dense adapter and the truncated input (seed 0 alone keeps the layout OUT/<row>/, and counts as seed 0 "
-        "of a later run of several); the table is written only by a run given every seed OUT holds",
+        "of a later run of several); no table is written while OUT holds every row's runs of other seeds too",
     )
     parser.add_argument(
         "--rows",

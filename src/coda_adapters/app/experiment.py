@@ -503,8 +503,8 @@ def run_experiment(
 
     ``only`` (row slugs, ``coda experiment --rows``) trains those rows and nothing else, so that a preset can be
     split over processes or machines sharing ``out_dir``; the table is written once every row has finished, and
-    only by a run given every seed that ``out_dir`` holds (a process given ``--seeds 2`` must not replace the table
-    of seeds 0, 1 and 2 by one of seed 2). Returns the table's rows, or [] when no table was written."""
+    not while ``out_dir`` holds every row's runs of other seeds too (a process given ``--seeds 2`` must not replace
+    the table of seeds 0, 1 and 2 by one of seed 2). Returns the table's rows, or [] when no table was written."""
     out_dir, seeds, rows = Path(out_dir), check_seeds(seeds), experiment_rows(preset)
     trained = rows if only is None else select_rows(rows, only)
     if fresh:  # the runs of these seeds only: another process's seeds in a shared --out stay
@@ -529,12 +529,12 @@ def run_experiment(
     if missing:
         print(f"== not every row has finished yet ({', '.join(missing)}): no table written; run without --rows")
         return []
-    other_seeds = sorted(set().union(*(finished_seeds(out_dir, row) for row in rows)) - set(seeds))
+    other_seeds = other_finished_seeds(out_dir, rows, seeds)
     if other_seeds:  # a process given part of the seeds must not replace the table of them all
         every = " ".join(str(seed) for seed in sorted({*seeds, *other_seeds}))
         print(
-            f"== --out also holds finished runs of seeds {other_seeds}: no table written for seeds {list(seeds)} "
-            f"alone; write the table of every seed with --seeds {every}"
+            f"== --out also holds every row's finished runs of seeds {other_seeds}: no table written for seeds "
+            f"{list(seeds)} alone; write the table of every seed with --seeds {every}"
         )
         return []
     results = [summarize_row(row, [row_directory(out_dir, row, seed, seeds) for seed in seeds], seeds) for row in rows]
@@ -597,6 +597,12 @@ def remove_run(directory: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def other_finished_seeds(out_dir: Path, rows: list[Row], seeds: tuple[int, ...]) -> list[int]:
+    """The seeds outside ``seeds`` with a finished run of every row in ``out_dir``: a table of more seeds can be
+    written. (Seeds that only some rows have, say from another preset sharing those rows, do not count.)"""
+    return sorted(set.intersection(*(finished_seeds(out_dir, row) for row in rows)) - set(seeds))
 
 
 def finished_seeds(out_dir: Path, row: Row) -> set[int]:
