@@ -586,12 +586,15 @@ def row_directory(out_dir: Path, row: Row, seed: int, seeds: tuple[int, ...]) ->
     return single / f"seed-{seed}"
 
 
+SEED_DIRECTORY = re.compile(r"seed-(\d+)")  # OUT/<row>/seed-<s>/, as row_directory names it
+
+
 def remove_run(directory: Path) -> None:
     """Delete the run in ``directory``, but not the ``seed-*`` runs that a row's single-seed directory holds."""
     if not directory.is_dir():
         return
     for path in directory.iterdir():
-        if path.is_dir() and re.fullmatch(r"seed-\d+", path.name):
+        if SEED_DIRECTORY.fullmatch(path.name):
             continue
         if path.is_dir():
             shutil.rmtree(path)
@@ -610,9 +613,9 @@ def finished_seeds(out_dir: Path, row: Row) -> set[int]:
     single = out_dir / row.slug
     seeds = {0} if finished(single) else set()
     for directory in single.glob("seed-*"):
-        number = directory.name.removeprefix("seed-")
-        if number.isdigit() and finished(directory):
-            seeds.add(int(number))
+        match = SEED_DIRECTORY.fullmatch(directory.name)
+        if match and finished(directory):
+            seeds.add(int(match.group(1)))
     return seeds
 
 
